@@ -1,0 +1,246 @@
+"""Typed, frozen view of a RatatouilleRun spec: validated once at the boundary, no dict digging after.
+
+`RunSpec.from_dict` expects a spec that already passed the CRD schema with its defaults applied
+(see `validation.load_run`); it still raises `SpecError` naming the field for anything it cannot
+turn into the typed form. Pure: no kopf, kubernetes, boto3 or torch here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+API_GROUP = "ratatouille.dev"
+API_VERSION = "v1alpha1"
+KIND = "RatatouilleRun"
+PLURAL = "ratatouilleruns"
+
+
+class SpecError(ValueError):
+    """An invalid RatatouilleRun; `field` is the dotted path of the offending field."""
+
+    def __init__(self, field_path: str, message: str):
+        self.field = field_path
+        self.message = message
+        super().__init__(f"{field_path}: {message}")
+
+
+@dataclass(frozen=True)
+class Foundation:
+    model: str
+    weights: str | None
+    input_size: int
+
+
+@dataclass(frozen=True)
+class Target:
+    dataset: str
+    test_domains: tuple[str, ...]
+    holdout_fraction: float
+
+
+@dataclass(frozen=True)
+class Auxiliary:
+    name: str
+    dataset: str | None
+    weights: str | None
+    runs: int
+
+    @property
+    def recycled(self) -> bool:
+        return self.weights is not None
+
+
+@dataclass(frozen=True)
+class Hyperparameter:
+    default: str
+    choices: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class StageBudget:
+    steps: int
+    batch_size: int
+    lr: str
+
+
+@dataclass(frozen=True)
+class Finetune:
+    runs: int
+    steps: int
+    batch_size: int
+    head_warmup_steps: int
+    eval_every: int
+    hyperparameters: Mapping[str, Hyperparameter]
+
+
+@dataclass(frozen=True)
+class Storage:
+    uri: str
+    endpoint: str | None
+    credentials_secret: str | None
+
+
+@dataclass(frozen=True)
+class PodTemplate:
+    image: str | None
+    resources: Mapping[str, Any]
+    node_selector: Mapping[str, str]
+    tolerations: tuple[Mapping[str, Any], ...]
+    affinity: Mapping[str, Any] | None
+    priority_class_name: str | None
+
+
+@dataclass(frozen=True)
+class FailurePolicy:
+    backoff_limit: int
+    max_attempts: int
+    min_succeeded: int
+    retry_backoff_seconds: int
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    foundation: Foundation
+    target: Target
+    auxiliaries: tuple[Auxiliary, ...]
+    include_foundation: bool
+    linear_probe: StageBudget
+    auxiliary_finetune: StageBudget
+    finetune: Finetune
+    selection: str
+    seed: int
+    storage: Storage
+    template: PodTemplate
+    parallelism: int
+    failure_policy: FailurePolicy
+    suspend: bool
+    queue_name: str
+    active_deadline_seconds: int
+    raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @staticmethod
+    def from_dict(spec: Mapping[str, Any]) -> "RunSpec":
+        return _parse(spec)
+
+
+def _get(d: Mapping[str, Any], key: str, path: str, default: Any = ...):
+    if key in d and d[key] is not None:
+        return d[key]
+    if default is ...:
+        raise SpecError(f"{path}.{key}" if path else key, "is required")
+    return default
+
+
+def _int(value: Any, path: str, minimum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SpecError(path, f"must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise SpecError(path, f"must be >= {minimum}, got {value}")
+    return value
+
+
+def _float_str(value: Any, path: str) -> str:
+    """Numbers that matter are strings in the API; accept numbers too but normalise to str."""
+    text = str(value)
+    try:
+        float(text)
+    except ValueError:
+        raise SpecError(path, f"must be a number (as a string), got {value!r}") from None
+    return text
+
+
+def _parse(spec: Mapping[str, Any]) -> RunSpec:
+    if not isinstance(spec, Mapping):
+        raise SpecError("spec", "must be an object")
+    f = _get(spec, "foundation", "spec")
+    foundation = Foundation(
+        model=str(_get(f, "model", "spec.foundation")),
+        weights=f.get("weights") or None,
+        input_size=_int(_get(f, "inputSize", "spec.foundation", 224), "spec.foundation.inputSize", 8),
+    )
+    t = _get(spec, "target", "spec")
+    frac = float(_float_str(_get(t, "holdoutFraction", "spec.target", "0.2"), "spec.target.holdoutFraction"))
+    if not 0.0 < frac < 1.0:
+        raise SpecError("spec.target.holdoutFraction", f"must be between 0 and 1 exclusive, got {frac}")
+    target = Target(
+        dataset=str(_get(t, "dataset", "spec.target")),
+        test_domains=tuple(str(x) for x in _get(t, "testDomains", "spec.target")),
+        holdout_fraction=frac,
+    )
+    auxiliaries = []
+    for i, a in enumerate(spec.get("auxiliaries") or []):
+        p = f"spec.auxiliaries[{i}]"
+        auxiliaries.append(Auxiliary(
+            name=str(_get(a, "name", p)),
+            dataset=a.get("dataset") or None,
+            weights=a.get("weights") or None,
+            runs=_int(a.get("runs", 1), f"{p}.runs", 1),
+        ))
+
+    def budget(key: str, steps: int, lr: str) -> StageBudget:
+        b = spec.get(key) or {}
+        p = f"spec.{key}"
+        return StageBudget(
+            steps=_int(b.get("steps", steps), f"{p}.steps", 1),
+            batch_size=_int(b.get("batchSize", 32), f"{p}.batchSize", 1),
+            lr=_float_str(b.get("lr", lr), f"{p}.lr"),
+        )
+
+    ft = spec.get("finetune") or {}
+    hps = {}
+    for name, hp in (ft.get("hyperparameters") or {}).items():
+        p = f"spec.finetune.hyperparameters.{name}"
+        default = _float_str(_get(hp, "default", p), f"{p}.default")
+        choices = tuple(_float_str(c, f"{p}.choices[{j}]") for j, c in enumerate(hp.get("choices") or []))
+        hps[name] = Hyperparameter(default=default, choices=choices or (default,))
+    finetune = Finetune(
+        runs=_int(ft.get("runs", 20), "spec.finetune.runs", 1),
+        steps=_int(ft.get("steps", 5000), "spec.finetune.steps", 1),
+        batch_size=_int(ft.get("batchSize", 32), "spec.finetune.batchSize", 1),
+        head_warmup_steps=_int(ft.get("headWarmupSteps", 200), "spec.finetune.headWarmupSteps", 0),
+        eval_every=_int(ft.get("evalEvery", 100), "spec.finetune.evalEvery", 1),
+        hyperparameters=hps,
+    )
+    s = _get(spec, "storage", "spec")
+    storage = Storage(
+        uri=str(_get(s, "uri", "spec.storage")).rstrip("/"),
+        endpoint=s.get("endpoint") or None,
+        credentials_secret=s.get("credentialsSecret") or None,
+    )
+    tp = spec.get("template") or {}
+    template = PodTemplate(
+        image=tp.get("image") or None,
+        resources=dict(tp.get("resources") or {}),
+        node_selector=dict(tp.get("nodeSelector") or {}),
+        tolerations=tuple(tp.get("tolerations") or ()),
+        affinity=tp.get("affinity") or None,
+        priority_class_name=tp.get("priorityClassName") or None,
+    )
+    fp = spec.get("failurePolicy") or {}
+    failure_policy = FailurePolicy(
+        backoff_limit=_int(fp.get("backoffLimit", 1), "spec.failurePolicy.backoffLimit", 0),
+        max_attempts=_int(fp.get("maxAttempts", 2), "spec.failurePolicy.maxAttempts", 1),
+        min_succeeded=_int(fp.get("minSucceeded", 1), "spec.failurePolicy.minSucceeded", 1),
+        retry_backoff_seconds=_int(fp.get("retryBackoffSeconds", 10), "spec.failurePolicy.retryBackoffSeconds", 0),
+    )
+    averaging = spec.get("averaging") or {}
+    selection = str(averaging.get("selection", "uniform"))
+    return RunSpec(
+        foundation=foundation,
+        target=target,
+        auxiliaries=tuple(auxiliaries),
+        include_foundation=bool(spec.get("includeFoundation", True)),
+        linear_probe=budget("linearProbe", 5000, "1e-3"),
+        auxiliary_finetune=budget("auxiliaryFinetune", 5000, "5e-5"),
+        finetune=finetune,
+        selection=selection,
+        seed=_int(spec.get("seed", 0), "spec.seed", 0),
+        storage=storage,
+        template=template,
+        parallelism=_int(spec.get("parallelism", 8), "spec.parallelism", 1),
+        failure_policy=failure_policy,
+        suspend=bool(spec.get("suspend", False)),
+        queue_name=str(spec.get("queueName") or ""),
+        active_deadline_seconds=_int(spec.get("activeDeadlineSeconds", 0), "spec.activeDeadlineSeconds", 0),
+        raw=dict(spec),
+    )

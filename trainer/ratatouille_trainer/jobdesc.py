@@ -1,0 +1,165 @@
+"""The job description: the self-contained JSON that tells one child Job what to do.
+
+It is the whole contract between the planner (which writes it) and the trainer (which reads it);
+see ARCHITECTURE.md. Pure standard library, so the planner can build descriptions with it.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping
+
+VERSION = 1
+STAGES = ("aux", "linear-probe", "target", "average")
+
+
+class JobDescriptionError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class RunRef:
+    namespace: str
+    name: str
+    uid: str
+
+
+@dataclass(frozen=True)
+class FoundationRef:
+    model: str
+    weights: str | None
+    inputSize: int
+
+
+@dataclass(frozen=True)
+class DataRef:
+    dataset: str
+    testDomains: tuple[str, ...]
+    holdoutFraction: float
+    splitSeed: int
+
+
+@dataclass(frozen=True)
+class Training:
+    steps: int
+    batchSize: int
+    lr: str
+    weightDecay: str = "0"
+    dropout: str = "0"
+    headWarmupSteps: int = 0
+    evalEvery: int = 100
+    lpSteps: int = 0
+    lpLr: str = "1e-3"
+
+
+@dataclass(frozen=True)
+class Init:
+    source: str                 # "foundation" or the auxiliary member name it starts from
+    featurizer: str | None      # URI of the source's model.safetensors (None = foundation)
+    head: str | None            # URI of the linear probe's model.safetensors
+
+
+@dataclass(frozen=True)
+class MemberRef:
+    member: str
+    uri: str                    # the member's output prefix
+    source: str
+
+
+@dataclass(frozen=True)
+class JobDescription:
+    stage: str
+    run: RunRef
+    member: str
+    output: str
+    seed: int
+    foundation: FoundationRef
+    data: DataRef
+    storage_endpoint: str | None = None
+    training: Training | None = None
+    init: Init | None = None
+    hyperparameters: Mapping[str, str] = field(default_factory=dict)
+    members: tuple[MemberRef, ...] = ()
+    selection: str = "uniform"
+    version: int = VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "version": self.version,
+            "stage": self.stage,
+            "run": asdict(self.run),
+            "member": self.member,
+            "output": self.output,
+            "storage": {"endpoint": self.storage_endpoint},
+            "seed": self.seed,
+            "foundation": asdict(self.foundation),
+            "data": {**asdict(self.data), "testDomains": list(self.data.testDomains)},
+        }
+        if self.training is not None:
+            d["training"] = asdict(self.training)
+        if self.init is not None:
+            d["init"] = asdict(self.init)
+        if self.hyperparameters:
+            d["hyperparameters"] = dict(self.hyperparameters)
+        if self.stage == "average":
+            d["members"] = [asdict(m) for m in self.members]
+            d["selection"] = self.selection
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @staticmethod
+    def from_dict(d: Mapping[str, Any]) -> "JobDescription":
+        try:
+            version = int(d.get("version", VERSION))
+            if version != VERSION:
+                raise JobDescriptionError(f"unsupported job description version {version} (this trainer reads {VERSION})")
+            stage = d["stage"]
+            if stage not in STAGES:
+                raise JobDescriptionError(f"stage: unknown stage {stage!r} (expected one of {', '.join(STAGES)})")
+            data = d["data"]
+            training = d.get("training")
+            init = d.get("init")
+            return JobDescription(
+                version=version,
+                stage=stage,
+                run=RunRef(**d["run"]),
+                member=str(d["member"]),
+                output=str(d["output"]).rstrip("/"),
+                storage_endpoint=(d.get("storage") or {}).get("endpoint"),
+                seed=int(d.get("seed", 0)),
+                foundation=FoundationRef(**d["foundation"]),
+                data=DataRef(
+                    dataset=data["dataset"],
+                    testDomains=tuple(data.get("testDomains") or ()),
+                    holdoutFraction=float(data.get("holdoutFraction", 0.2)),
+                    splitSeed=int(data.get("splitSeed", 0)),
+                ),
+                training=Training(**training) if training else None,
+                init=Init(**init) if init else None,
+                hyperparameters=dict(d.get("hyperparameters") or {}),
+                members=tuple(MemberRef(**m) for m in d.get("members") or ()),
+                selection=str(d.get("selection", "uniform")),
+            )
+        except JobDescriptionError:
+            raise
+        except KeyError as e:
+            raise JobDescriptionError(f"job description is missing field {e.args[0]!r}") from None
+        except TypeError as e:
+            raise JobDescriptionError(f"job description has a malformed field: {e}") from None
+
+    @staticmethod
+    def from_json(text: str) -> "JobDescription":
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise JobDescriptionError(f"job description is not valid JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise JobDescriptionError("job description must be a JSON object")
+        return JobDescription.from_dict(d)
+
+
+def trainer_argv(desc: JobDescription) -> list[str]:
+    """The container command of a Job (and the local executor's argv, after the executable)."""
+    return ["ratatouille-trainer", desc.stage, "--job-json", desc.to_json()]
