@@ -1,0 +1,498 @@
+"""Weight averaging of fine-tuned members (PAPER.md stage 4), streaming.
+
+Members are read one at a time: a member is a ``(name, load)`` pair where ``load()`` returns a
+state dict (``dict[str, torch.Tensor]``). Where the weights come from (a local file, a storage
+URI) is the loader's business, so storage is only an adapter around these functions.
+
+Memory stays near one model however many members are averaged: a :class:`RunningSum` holds one
+float64 accumulator per floating tensor (plus the first member's integer buffers) and never keeps
+a reference to the state dicts it is given. Greedy selection keeps the running sum of the kept
+members, so every member is loaded exactly once (O(N) loads, not the reference's O(N^2)).
+
+Weights are untrusted input: only safetensors is read, never pickles (:func:`refuse_pickle`).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import struct
+import tempfile
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping, NamedTuple, Sequence
+
+import torch
+
+StateDict = dict[str, torch.Tensor]
+Loader = Callable[[], Mapping[str, torch.Tensor]]
+
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
+
+__all__ = [
+    "AveragingError",
+    "UnsafeWeightsError",
+    "RunningSum",
+    "GreedyResult",
+    "GreedyStep",
+    "uniform_average",
+    "greedy_select",
+    "interpolate",
+    "average_files",
+    "load_safetensors_file",
+    "load_safetensors_bytes",
+    "refuse_pickle",
+    "save_state_dict",
+    "sha256_file",
+]
+
+
+class AveragingError(ValueError):
+    """Members cannot be averaged; the message names the member and the tensor."""
+
+
+class UnsafeWeightsError(ValueError):
+    """A weights file is (or may be) a pickle: refused, never loaded."""
+
+
+# --------------------------------------------------------------------------------------------
+# Reading weights safely
+# --------------------------------------------------------------------------------------------
+
+def _describe_head(head: bytes, size: int | None) -> str | None:
+    """Why ``head`` (the first bytes of a file) is not safetensors, or None if it looks fine."""
+    if head[:4] == b"PK\x03\x04":
+        return "a zip archive (torch.save format)"
+    if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
+        return "a pickle"
+    if len(head) < 9:
+        return "not a safetensors file (too short)"
+    (n,) = struct.unpack("<Q", head[:8])
+    if n < 2 or head[8:9] != b"{" or (size is not None and 8 + n > size):
+        return "not a safetensors file (bad header)"
+    return None
+
+
+def refuse_pickle(path_or_uri: str | os.PathLike, head: bytes | None = None) -> None:
+    """Raise :class:`UnsafeWeightsError` unless ``path_or_uri`` may be read as safetensors.
+
+    Refused: names ending in a pickle suffix (.pt .pth .bin .ckpt .pkl .pickle), and content
+    whose first bytes are a pickle, a zip (torch.save) or anything else than a safetensors header
+    (8-byte little-endian header length, then ``{``). The content is checked from ``head`` when
+    given (e.g. the first bytes a storage adapter fetched), otherwise from the file when
+    ``path_or_uri`` is an existing local path (``file://`` URIs included).
+    """
+    name = os.fspath(path_or_uri)
+    if name.lower().endswith(PICKLE_SUFFIXES):
+        raise UnsafeWeightsError(f"refusing {name}: pickle-format weights are never loaded; "
+                                 "convert them to safetensors")
+    size = None
+    if head is None:
+        local = name[len("file://"):] if name.startswith("file://") else name
+        if "://" in local or not os.path.isfile(local):
+            return
+        size = os.path.getsize(local)
+        with open(local, "rb") as f:
+            head = f.read(16)
+    why = _describe_head(bytes(head[:16]), size)
+    if why is not None:
+        raise UnsafeWeightsError(f"refusing {name}: {why}; only safetensors weights are loaded")
+
+
+def load_safetensors_file(path: str | os.PathLike) -> StateDict:
+    """Load a local safetensors file onto the CPU (after :func:`refuse_pickle`)."""
+    from safetensors.torch import load_file
+
+    refuse_pickle(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such weights file: {os.fspath(path)}")
+    try:
+        return load_file(os.fspath(path), device="cpu")
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise UnsafeWeightsError(f"cannot read {os.fspath(path)} as safetensors: {e}") from e
+
+
+def load_safetensors_bytes(data: bytes, name: str = "<bytes>") -> StateDict:
+    """Load safetensors content already in memory (e.g. ``Storage.read_bytes``)."""
+    from safetensors.torch import load
+
+    refuse_pickle(name, head=bytes(data[:16]) if len(data) >= 16 else bytes(data))
+    if len(data) >= 8:
+        (n,) = struct.unpack("<Q", bytes(data[:8]))
+        if 8 + n > len(data):
+            raise UnsafeWeightsError(f"refusing {name}: not a safetensors file (truncated)")
+    try:
+        return load(bytes(data))
+    except Exception as e:
+        raise UnsafeWeightsError(f"cannot read {name} as safetensors: {e}") from e
+
+
+# --------------------------------------------------------------------------------------------
+# Running sum
+# --------------------------------------------------------------------------------------------
+
+def _shape(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(int(d) for d in t.shape)
+
+
+def _fmt_shape(shape: tuple[int, ...]) -> str:
+    return "(" + ", ".join(str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def _is_averaged(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point
+
+
+class RunningSum:
+    """Sum of members' state dicts, float tensors accumulated in float64.
+
+    The first member fixes the keys, shapes and dtypes; every later member must match them
+    exactly. Floating tensors (parameters and float buffers such as BatchNorm running stats)
+    are summed; integer and bool buffers (e.g. ``num_batches_tracked``) are kept from the first
+    member. Non-finite values are refused. ``add`` validates the whole member before changing
+    anything, so a refused member leaves the sum as it was, and keeps no reference to it.
+    """
+
+    def __init__(self) -> None:
+        self._spec: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        self._data: dict[str, torch.Tensor] = {}
+        self._names: list[str] = []
+
+    @property
+    def count(self) -> int:
+        return len(self._names)
+
+    @property
+    def names(self) -> list[str]:
+        """Members added so far, in order."""
+        return list(self._names)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def copy(self) -> "RunningSum":
+        other = RunningSum()
+        other._spec = dict(self._spec)
+        other._data = {k: v.clone() for k, v in self._data.items()}
+        other._names = list(self._names)
+        return other
+
+    # -- validation ---------------------------------------------------------------------------
+
+    def validate(self, name: str, state: Mapping[str, torch.Tensor]) -> None:
+        """Raise :class:`AveragingError` if ``state`` cannot join this sum."""
+        if not isinstance(state, Mapping):
+            raise AveragingError(f"member {name!r}: loader returned {type(state).__name__}, "
+                                 "expected a state dict")
+        if not state:
+            raise AveragingError(f"member {name!r}: state dict is empty")
+        for key, t in state.items():
+            if not isinstance(t, torch.Tensor):
+                raise AveragingError(f"member {name!r}: tensor {key!r} is a "
+                                     f"{type(t).__name__}, not a tensor")
+            if t.is_complex():
+                raise AveragingError(f"member {name!r}: tensor {key!r} has complex dtype "
+                                     f"{t.dtype}, which is not supported")
+        if self._spec:
+            missing = [k for k in self._spec if k not in state]
+            if missing:
+                more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+                raise AveragingError(f"member {name!r}: tensor {missing[0]!r} is missing"
+                                     f"{more}; member {self._names[0]!r} has it")
+            extra = [k for k in state if k not in self._spec]
+            if extra:
+                more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+                raise AveragingError(f"member {name!r}: unexpected tensor {extra[0]!r}{more}; "
+                                     f"member {self._names[0]!r} has no such tensor")
+            for key, (shape, dtype) in self._spec.items():
+                t = state[key]
+                if _shape(t) != shape:
+                    raise AveragingError(f"member {name!r}: tensor {key!r} has shape "
+                                         f"{_fmt_shape(_shape(t))}, expected {_fmt_shape(shape)}")
+                if t.dtype != dtype:
+                    raise AveragingError(f"member {name!r}: tensor {key!r} has dtype "
+                                         f"{t.dtype}, expected {dtype}")
+        for key, t in state.items():
+            if _is_averaged(t.dtype) and t.numel() and not bool(torch.isfinite(t).all()):
+                raise AveragingError(f"member {name!r}: tensor {key!r} contains NaN or Inf")
+
+    # -- accumulation -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def add(self, name: str, state: Mapping[str, torch.Tensor]) -> None:
+        """Validate ``state`` and add it to the sum (keeps no reference to it)."""
+        self.validate(name, state)
+        if not self._spec:
+            for key, t in state.items():
+                t = t.detach()
+                self._spec[key] = (_shape(t), t.dtype)
+                if _is_averaged(t.dtype):
+                    self._data[key] = t.to(device="cpu", dtype=torch.float64, copy=True)
+                else:
+                    self._data[key] = t.to(device="cpu", copy=True)
+        else:
+            for key in self._spec:
+                acc = self._data[key]
+                if _is_averaged(acc.dtype):
+                    acc.add_(state[key].detach().to(device="cpu", dtype=torch.float64))
+        self._names.append(name)
+
+    def _require(self) -> None:
+        if not self._names:
+            raise AveragingError("no members to average")
+
+    @torch.no_grad()
+    def mean(self) -> StateDict:
+        """The average so far, each tensor in its original dtype (fresh tensors)."""
+        self._require()
+        out: StateDict = {}
+        n = float(self.count)
+        for key, (_shape_, dtype) in self._spec.items():
+            acc = self._data[key]
+            if _is_averaged(dtype):
+                out[key] = (acc / n).to(dtype)
+            else:
+                out[key] = acc.clone()
+        return out
+
+    @torch.no_grad()
+    def mean_with(self, name: str, state: Mapping[str, torch.Tensor]) -> StateDict:
+        """``(sum + state) / (count + 1)`` without changing the sum (the greedy candidate).
+
+        The result is bit-identical to ``add(name, state)`` followed by ``mean()``.
+        """
+        self._require()
+        self.validate(name, state)
+        out: StateDict = {}
+        n = float(self.count + 1)
+        for key, (_shape_, dtype) in self._spec.items():
+            acc = self._data[key]
+            if _is_averaged(dtype):
+                s = acc + state[key].detach().to(device="cpu", dtype=torch.float64)
+                s.div_(n)
+                out[key] = s.to(dtype)
+                del s
+            else:
+                out[key] = acc.clone()
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# Uniform and greedy averaging
+# --------------------------------------------------------------------------------------------
+
+def uniform_average(members: Iterable[tuple[str, Loader]]) -> tuple[StateDict, int]:
+    """Arithmetic mean of all members, each loaded once, one at a time."""
+    rs = RunningSum()
+    for name, load in members:
+        state = load()
+        rs.add(name, state)
+        del state  # drop it before the next load: at most one member alive at a time
+    if rs.count == 0:
+        raise AveragingError("no members to average")
+    return rs.mean(), rs.count
+
+
+class GreedyStep(NamedTuple):
+    name: str
+    candidate_acc: float
+    kept: bool
+
+
+@dataclass
+class GreedyResult:
+    selected: list[str]
+    state_dict: StateDict
+    val_accuracy: float
+    trace: list[GreedyStep] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        return len(self.selected)
+
+
+def _sort_key(item: tuple[int, tuple]) -> tuple:
+    _, (name, _load, acc) = item
+    try:
+        acc = float(acc)
+    except (TypeError, ValueError):
+        acc = math.nan
+    return (0 if not math.isnan(acc) else 1, -acc if not math.isnan(acc) else 0.0, str(name))
+
+
+def _checked_acc(acc: float, name: str) -> float:
+    try:
+        value = float(acc)
+    except (TypeError, ValueError):
+        raise AveragingError(f"member {name!r}: evaluate returned {acc!r}, not a number") from None
+    if not math.isfinite(value):
+        raise AveragingError(f"member {name!r}: evaluate returned {value} for the candidate soup")
+    return value
+
+
+def greedy_select(ranked: Sequence[tuple[str, Loader, float]],
+                  evaluate: Callable[[StateDict], float]) -> GreedyResult:
+    """Greedy soup (PAPER.md stage 4).
+
+    Members are sorted by their own validation accuracy, descending (stable; ties by name;
+    missing/NaN accuracies last). The first is always kept; each next member is kept if the
+    average with it scores ``>=`` the best so far on ``evaluate`` (the pooled training-domain
+    validation accuracy). Each member is loaded exactly once: the candidate is
+    ``(sum + member) / (k + 1)`` from a running sum of the kept members.
+    """
+    order = [m for _, m in sorted(enumerate(ranked), key=_sort_key)]
+    if not order:
+        raise AveragingError("no members to average")
+    rs = RunningSum()
+    trace: list[GreedyStep] = []
+    best = -math.inf
+    for i, (name, load, _own_acc) in enumerate(order):
+        state = load()
+        if i == 0:
+            rs.add(name, state)
+            del state
+            candidate = rs.mean()
+            acc = _checked_acc(evaluate(candidate), name)
+            del candidate
+            best = acc
+            trace.append(GreedyStep(name, acc, True))
+            continue
+        candidate = rs.mean_with(name, state)
+        acc = _checked_acc(evaluate(candidate), name)
+        del candidate
+        kept = acc >= best
+        if kept:
+            rs.add(name, state)
+            best = acc
+        del state
+        trace.append(GreedyStep(name, acc, kept))
+    return GreedyResult(selected=rs.names, state_dict=rs.mean(), val_accuracy=best, trace=trace)
+
+
+@torch.no_grad()
+def interpolate(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], alpha: float,
+                names: tuple[str, str] = ("a", "b")) -> StateDict:
+    """``(1 - alpha) * a + alpha * b`` for floating tensors (in float64, cast back to a's
+    dtype); integer/bool buffers are taken from ``a``. ``alpha`` 0 gives ``a``, 1 gives ``b``."""
+    alpha = float(alpha)
+    if not math.isfinite(alpha):
+        raise AveragingError(f"interpolation alpha must be finite, got {alpha}")
+    check = RunningSum()
+    check.add(names[0], a)  # cheap way to fix the spec; validates a too
+    check.validate(names[1], b)
+    del check
+    out: StateDict = {}
+    for key, ta in a.items():
+        ta = ta.detach()
+        if _is_averaged(ta.dtype):
+            x = ta.to(device="cpu", dtype=torch.float64) * (1.0 - alpha)
+            x.add_(b[key].detach().to(device="cpu", dtype=torch.float64), alpha=alpha)
+            out[key] = x.to(ta.dtype)
+        else:
+            out[key] = ta.to(device="cpu", copy=True)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------------
+
+def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(chunk_size)
+            if not chunk:
+                break
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _independent_tensors(state: Mapping[str, torch.Tensor]) -> StateDict:
+    """Contiguous CPU tensors, none sharing storage with another (what safetensors requires)."""
+    seen: set[int] = set()
+    out: StateDict = {}
+    for key, t in state.items():
+        if not isinstance(key, str):
+            raise TypeError(f"state dict key {key!r} is not a string")
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"tensor {key!r} is a {type(t).__name__}, not a tensor")
+        t = t.detach().to("cpu")
+        ptr = t.untyped_storage().data_ptr() if t.numel() else None
+        shared = ptr is not None and ptr in seen
+        partial = t.numel() and t.untyped_storage().nbytes() != t.numel() * t.element_size()
+        if shared or partial or not t.is_contiguous():
+            t = t.contiguous().clone()
+            ptr = t.untyped_storage().data_ptr() if t.numel() else None
+        if ptr is not None:
+            seen.add(ptr)
+        out[key] = t
+    return out
+
+
+def save_state_dict(state: Mapping[str, torch.Tensor], path: str | os.PathLike,
+                    metadata: Mapping[str, str] | None = None) -> None:
+    """Write ``state`` as safetensors atomically: a temporary file in the same folder, renamed
+    over ``path`` only once complete, so a failure never leaves a half-written file."""
+    from safetensors.torch import save_file
+
+    meta = None
+    if metadata:
+        meta = {}
+        for k, v in metadata.items():
+            if not isinstance(k, str) or not isinstance(v, str):
+                raise TypeError(f"safetensors metadata must map str to str; got {k!r}: {v!r}")
+            meta[k] = v
+    tensors = _independent_tensors(state)
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
+                               dir=folder)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def average_files(out_path: str | os.PathLike, in_paths: Sequence[str | os.PathLike],
+                  metadata: Mapping[str, str] | None = None) -> dict:
+    """Uniformly average local safetensors files into ``out_path`` (``ratatouille average``).
+
+    Every input is checked for pickle content before anything is loaded; mismatched keys,
+    shapes, dtypes or non-finite values raise :class:`AveragingError` naming the file and
+    tensor. ``out_path`` is written atomically and only after all inputs were averaged, so on
+    any error no (new or half-written) output is left. Returns a summary dict.
+    """
+    paths = [os.fspath(p) for p in in_paths]
+    if not paths:
+        raise AveragingError("no input checkpoints to average")
+    for p in paths:
+        refuse_pickle(p)
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"no such weights file: {p}")
+
+    def loader(p: str) -> Loader:
+        return lambda: load_safetensors_file(p)
+
+    state, count = uniform_average((p, loader(p)) for p in paths)
+    meta = {"format": "pt", "ratatouille.averaged": str(count),
+            "ratatouille.selection": "uniform"}
+    meta.update(metadata or {})
+    save_state_dict(state, out_path, meta)
+    summary = {
+        "path": os.fspath(out_path),
+        "count": count,
+        "members": paths,
+        "sha256": sha256_file(out_path),
+        "tensors": len(state),
+        "parameters": int(sum(t.numel() for t in state.values())),
+    }
+    return summary

@@ -1,0 +1,329 @@
+"""Provenance of an averaged model: ``lineage.json`` and the Markdown model card.
+
+Pure functions (no I/O, no clock, no randomness): the same inputs give byte-identical output,
+so a re-run of the averaging Job rewrites the same files. Standard library only.
+
+``write_lineage(members, result)`` takes
+
+* ``members``: one dict per target member, as found in its ``metrics.json`` plus where it came
+  from: ``member`` (required), ``uri`` (required: the member's weights or output prefix),
+  ``sha256``, ``source`` (initialization source: ``foundation`` or an auxiliary name),
+  ``init`` (optional ``{source, featurizer, head}``), ``hyperparameters``, ``valAccuracy``,
+  ``testAccuracy`` (``{domain: acc}``), ``selected`` (bool; defaults from ``result``).
+* ``result``: ``sha256`` (of the averaged ``model.safetensors``), ``selection`` (``uniform`` or
+  ``greedy``), and optionally ``uri``, ``selected`` (member names), ``valAccuracy``,
+  ``testAccuracy``, ``run`` (``{namespace, name, uid}``), ``foundation`` (``{model, weights,
+  inputSize}``), ``data`` (``{dataset, testDomains}``), ``uniform``, ``interpolation``,
+  ``greedyTrace``, ``trainerVersion``, ``createdAt`` (passed in, never read from a clock).
+
+Accuracies are fractions in [0, 1] (as in ``metrics.json``); the card shows them as percents.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any, Mapping, Sequence
+
+LINEAGE_VERSION = 1
+LINEAGE_KIND = "ratatouille.dev/lineage"
+
+__all__ = ["write_lineage", "model_card", "lineage_json", "LINEAGE_VERSION"]
+
+
+def _natural_key(name: str) -> tuple:
+    parts = re.split(r"(\d+)", str(name))
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts)
+
+
+def _acc(v: Any) -> float | None:
+    if v is None or isinstance(v, bool):
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _test_map(v: Any) -> dict[str, float | None]:
+    if not isinstance(v, Mapping):
+        return {}
+    return {str(k): _acc(v[k]) for k in sorted(v, key=str)}
+
+
+def _mean_test(test: Mapping[str, float | None]) -> float | None:
+    vals = [v for v in test.values() if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _plain(v: Any) -> Any:
+    """A JSON-safe deep copy with sorted mapping keys."""
+    if isinstance(v, Mapping):
+        return {str(k): _plain(v[k]) for k in sorted(v, key=str)}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if v is None or isinstance(v, (str, int, float, bool)):
+        return v
+    return str(v)
+
+
+def _best_single(members: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    scored = [m for m in members if m["valAccuracy"] is not None]
+    if not scored:
+        return None
+    best = min(scored, key=lambda m: (-m["valAccuracy"], _natural_key(m["member"])))
+    return {"member": best["member"], "source": best["source"],
+            "valAccuracy": best["valAccuracy"], "testAccuracy": dict(best["testAccuracy"])}
+
+
+def write_lineage(members: list[dict], result: dict) -> dict:
+    """The content of ``average/lineage.json`` (see the module docstring)."""
+    if not isinstance(result, Mapping):
+        raise ValueError("result must be a mapping")
+    selection = str(result.get("selection", "uniform"))
+    if selection not in ("uniform", "greedy"):
+        raise ValueError(f"result.selection must be 'uniform' or 'greedy', got {selection!r}")
+    selected_names = result.get("selected")
+    selected_set = None if selected_names is None else {str(s) for s in selected_names}
+
+    out_members: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for i, m in enumerate(members):
+        if not isinstance(m, Mapping):
+            raise ValueError(f"members[{i}] must be a mapping")
+        for req in ("member", "uri"):
+            if not m.get(req):
+                raise ValueError(f"members[{i}].{req} is required")
+        name = str(m["member"])
+        if name in seen:
+            raise ValueError(f"members[{i}].member {name!r} is listed twice")
+        seen.add(name)
+        init = dict(m.get("init") or {})
+        source = m.get("source") or init.get("source") or "foundation"
+        init.setdefault("source", source)
+        if "selected" in m and m["selected"] is not None:
+            selected = bool(m["selected"])
+        elif selected_set is not None:
+            selected = name in selected_set
+        else:
+            selected = selection == "uniform"
+        out_members.append({
+            "member": name,
+            "uri": str(m["uri"]),
+            "sha256": m.get("sha256"),
+            "source": str(source),
+            "init": _plain(init),
+            "hyperparameters": _plain(m.get("hyperparameters") or {}),
+            "valAccuracy": _acc(m.get("valAccuracy")),
+            "testAccuracy": _test_map(m.get("testAccuracy")),
+            "bestStep": m.get("bestStep"),
+            "selected": selected,
+        })
+    out_members.sort(key=lambda m: _natural_key(m["member"]))
+    if selected_set is not None:
+        unknown = sorted(selected_set - seen, key=_natural_key)
+        if unknown:
+            raise ValueError(f"result.selected names unknown member {unknown[0]!r}")
+
+    chosen = [m["member"] for m in out_members if m["selected"]]
+    if selected_names is not None:
+        # keep the order the selection happened in (greedy: ranking order)
+        chosen = [str(s) for s in selected_names]
+
+    best_single = _plain(result["bestSingle"]) if result.get("bestSingle") else \
+        _best_single(out_members)
+
+    lineage: dict[str, Any] = {
+        "kind": LINEAGE_KIND,
+        "version": LINEAGE_VERSION,
+        "run": _plain(result.get("run") or {}),
+        "foundation": _plain(result.get("foundation") or {}),
+        "data": _plain(result.get("data") or {}),
+        "selection": selection,
+        "result": {
+            "uri": result.get("uri"),
+            "sha256": result.get("sha256"),
+            "membersAveraged": len(chosen),
+            "selected": chosen,
+            "valAccuracy": _acc(result.get("valAccuracy")),
+            "testAccuracy": _test_map(result.get("testAccuracy")),
+        },
+        "bestSingle": best_single,
+        "members": out_members,
+    }
+    for extra in ("uniform", "interpolation", "greedyTrace", "trainerVersion", "createdAt"):
+        if result.get(extra) is not None:
+            lineage[extra] = _plain(result[extra])
+    return lineage
+
+
+def lineage_json(lineage: Mapping[str, Any]) -> str:
+    """Canonical text of ``lineage.json`` (sorted keys, two-space indent, final newline)."""
+    return json.dumps(_plain(lineage), indent=2, sort_keys=True) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# Model card
+# --------------------------------------------------------------------------------------------
+
+def _pct(v: Any) -> str:
+    v = _acc(v)
+    return "n/a" if v is None else f"{100.0 * v:.2f}"
+
+
+def _cell(v: Any) -> str:
+    s = "n/a" if v is None or v == "" else str(v)
+    return s.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+
+
+def _short(sha: Any) -> str:
+    return "n/a" if not sha else f"`{str(sha)[:12]}`"
+
+
+def model_card(lineage: dict) -> str:
+    """A Markdown model card for the averaged model described by ``lineage``."""
+    run = lineage.get("run") or {}
+    foundation = lineage.get("foundation") or {}
+    data = lineage.get("data") or {}
+    res = lineage.get("result") or {}
+    members = lineage.get("members") or []
+    best = lineage.get("bestSingle") or None
+    selection = lineage.get("selection", "uniform")
+    n_avg = res.get("membersAveraged", 0)
+    n_all = len(members)
+    model_name = foundation.get("model") or "unknown foundation"
+    dataset = data.get("dataset") or "the target dataset"
+    test_domains = list(data.get("testDomains") or [])
+    sources = sorted({m.get("source", "foundation") for m in members if m.get("selected")},
+                     key=lambda s: (s != "foundation", s))
+    title = run.get("name") or "averaged model"
+
+    L: list[str] = []
+    L.append(f"# {title}: Model Ratatouille average of {n_avg} fine-tuned "
+             f"{'member' if n_avg == 1 else 'members'}")
+    L.append("")
+    L.append("## What this model is")
+    L.append("")
+    L.append(f"A weight average (\"Model Ratatouille\") of {n_avg} of {n_all} fine-tunings of "
+             f"the foundation model `{model_name}` on `{dataset}`. Every member started from the "
+             "same linear-probe head; their featurizers were initialized from "
+             f"{len(sources)} source{'' if len(sources) == 1 else 's'} "
+             f"({', '.join(f'`{s}`' for s in sources) or 'n/a'}), and their weights (featurizer "
+             "and head, float buffers included) were averaged into one network of the same "
+             "size and inference cost as a single member.")
+    L.append("")
+    L.append("| | |")
+    L.append("|---|---|")
+    L.append(f"| Foundation | `{_cell(model_name)}` |")
+    L.append(f"| Foundation weights | {_cell(foundation.get('weights') or 'random initialization')} |")
+    if foundation.get("inputSize"):
+        L.append(f"| Input size | {_cell(foundation.get('inputSize'))} |")
+    L.append(f"| Dataset | {_cell(dataset)} |")
+    L.append(f"| Test domains (never trained on) | {_cell(', '.join(map(str, test_domains)) or 'none')} |")
+    L.append(f"| Selection | {_cell(selection)} |")
+    L.append(f"| Members averaged | {n_avg} of {n_all} |")
+    L.append(f"| Weights sha256 | {_cell(res.get('sha256'))} |")
+    if run:
+        L.append(f"| Run | {_cell(run.get('namespace'))}/{_cell(run.get('name'))} "
+                 f"(uid {_cell(run.get('uid'))}) |")
+    if lineage.get("trainerVersion"):
+        L.append(f"| Trainer version | {_cell(lineage['trainerVersion'])} |")
+    L.append("")
+
+    L.append("## Selection")
+    L.append("")
+    if selection == "greedy":
+        L.append("Greedy: members were ranked by their own training-domain validation accuracy; "
+                 "the best was kept, and each next member was kept only if the average's "
+                 "accuracy on the pooled training-domain validation splits stayed at least as "
+                 "high as the best so far. By construction the result's validation accuracy is "
+                 "never below the best single member's.")
+    else:
+        L.append("Uniform: the arithmetic mean of every member's weights.")
+    if res.get("selected"):
+        L.append("")
+        L.append("Averaged members: " + ", ".join(f"`{s}`" for s in res["selected"]) + ".")
+    L.append("")
+
+    L.append("## Accuracy (%)")
+    L.append("")
+    L.append("Validation is the pooled training-domain validation split (used for selection); "
+             "test is each held-out test domain.")
+    L.append("")
+    domains = list(test_domains) or sorted(set(res.get("testAccuracy") or {}) |
+                                           set((best or {}).get("testAccuracy") or {}))
+    head = ["model", "validation"] + [f"test: {_cell(d)}" for d in domains]
+    L.append("| " + " | ".join(head) + " |")
+    L.append("|" + "---|" * len(head))
+
+    def row(label: str, val: Any, test: Mapping[str, Any]) -> str:
+        test = test or {}
+        return "| " + " | ".join([label, _pct(val)] + [_pct(test.get(d)) for d in domains]) + " |"
+
+    L.append(row(f"this model ({selection}, {n_avg} members)", res.get("valAccuracy"),
+                 res.get("testAccuracy") or {}))
+    uni = lineage.get("uniform")
+    if selection != "uniform" and isinstance(uni, Mapping):
+        L.append(row("uniform average (all members)", uni.get("valAccuracy"),
+                     uni.get("testAccuracy") or {}))
+    if best:
+        L.append(row(f"best single member (`{_cell(best.get('member'))}`)",
+                     best.get("valAccuracy"), best.get("testAccuracy") or {}))
+    L.append("")
+
+    L.append("## Intended use")
+    L.append("")
+    L.append(f"Image classification on the classes of `{dataset}`, in particular under "
+             "distribution shift to domains like the held-out test domains. The accuracies "
+             "above are measured on those domains only; check it on your own data before "
+             "relying on it. It inherits the biases and licenses of the foundation model and "
+             "of every dataset its members (and their auxiliary initializations) were trained "
+             "on, listed below.")
+    L.append("")
+
+    L.append("## How to load")
+    L.append("")
+    L.append("The weights are a single safetensors file (no pickle): the full network state "
+             "dict, featurizer under `featurizer.*`, classification head under `head.*`, "
+             "buffers included.")
+    L.append("")
+    L.append("```python")
+    L.append("from safetensors.torch import load_file")
+    L.append("")
+    L.append('state = load_file("model.safetensors")  # dict of tensor name -> tensor')
+    L.append(f"# build the same network (`{model_name}` featurizer + linear head), then:")
+    L.append("# model.load_state_dict(state)")
+    L.append("```")
+    L.append("")
+    if res.get("sha256"):
+        L.append(f"Check the file first: `sha256sum model.safetensors` must print "
+                 f"`{res['sha256']}`.")
+        L.append("")
+
+    L.append("## Lineage")
+    L.append("")
+    L.append("Every fine-tuned member, whether it was averaged, and where it came from "
+             "(full details in `lineage.json`).")
+    L.append("")
+    L.append("| member | averaged | init source | lr | weight decay | dropout | validation | "
+             "mean test | sha256 | uri |")
+    L.append("|---|---|---|---|---|---|---|---|---|---|")
+    for m in members:
+        hp = m.get("hyperparameters") or {}
+        L.append("| " + " | ".join([
+            f"`{_cell(m.get('member'))}`",
+            "yes" if m.get("selected") else "no",
+            _cell(m.get("source")),
+            _cell(hp.get("lr")),
+            _cell(hp.get("weightDecay")),
+            _cell(hp.get("dropout")),
+            _pct(m.get("valAccuracy")),
+            _pct(_mean_test(_test_map(m.get("testAccuracy")))),
+            _short(m.get("sha256")),
+            _cell(m.get("uri")),
+        ]) + " |")
+    L.append("")
+    return "\n".join(L)
