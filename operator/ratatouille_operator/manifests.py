@@ -1,0 +1,178 @@
+"""batch/v1 Job manifests for the planner's CreateJob actions, and the way back (Job -> ObservedJob).
+
+The operator creates exactly these objects; the local executor renders them too and runs their
+container command, so both modes execute the same thing. Pure: no kopf or kubernetes client here.
+Credentials never appear in a manifest: they are references to `spec.storage.credentialsSecret`.
+"""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any, Mapping
+
+from ratatouille_trainer.jobdesc import trainer_argv
+
+from . import planner
+from .spec import API_GROUP, API_VERSION, KIND, RunSpec
+
+CONTAINER_NAME = "trainer"
+CACHE_DIR = "/tmp/ratatouille-cache"
+ANNOTATION_MEMBER = "ratatouille.dev/member"
+
+
+def render_job(run: planner.RunRef, spec: RunSpec, action: planner.CreateJob, *, default_image: str,
+               owner: Mapping | None = None, service_account: str | None = None,
+               metrics_port: int | None = 9400) -> dict:
+    """The batch/v1 Job for one CreateJob action."""
+    labels = dict(action.labels)
+    env: list[dict[str, Any]] = [
+        {"name": "HF_HUB_OFFLINE", "value": "1"},
+        {"name": "RATATOUILLE_RUN", "value": run.name},
+        {"name": "RATATOUILLE_STAGE", "value": action.stage},
+        {"name": "RATATOUILLE_MEMBER", "value": action.member},
+        {"name": "RATATOUILLE_ATTEMPT", "value": str(action.attempt)},
+        {"name": "RATATOUILLE_CACHE_DIR", "value": CACHE_DIR},
+    ]
+    if metrics_port is not None:
+        env.append({"name": "RATATOUILLE_METRICS_PORT", "value": str(metrics_port)})
+    if spec.storage.endpoint:
+        env.append({"name": "AWS_ENDPOINT_URL", "value": spec.storage.endpoint})
+    secret = spec.storage.credentials_secret
+    if secret:
+        for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            env.append({"name": var, "valueFrom": {"secretKeyRef": {"name": secret, "key": var,
+                                                                     "optional": True}}})
+
+    container: dict[str, Any] = {
+        "name": CONTAINER_NAME,
+        "image": spec.template.image or default_image,
+        "command": trainer_argv(action.description),
+        "env": env,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+        "securityContext": {
+            "runAsNonRoot": True,
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+    if metrics_port is not None:
+        container["ports"] = [{"name": "metrics", "containerPort": int(metrics_port), "protocol": "TCP"}]
+    if spec.template.resources:
+        container["resources"] = _plain(spec.template.resources)
+
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "containers": [container],
+        "volumes": [{"name": "tmp", "emptyDir": {}}],
+        "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+    }
+    if spec.template.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.template.node_selector)
+    if spec.template.tolerations:
+        pod_spec["tolerations"] = [_plain(t) for t in spec.template.tolerations]
+    if spec.template.affinity:
+        pod_spec["affinity"] = _plain(spec.template.affinity)
+    if spec.template.priority_class_name:
+        pod_spec["priorityClassName"] = spec.template.priority_class_name
+    if service_account:
+        pod_spec["serviceAccountName"] = service_account
+
+    metadata: dict[str, Any] = {
+        "name": action.name,
+        "namespace": run.namespace,
+        "labels": labels,
+        # Label values are capped at 63 characters; the annotation keeps the exact member.
+        "annotations": {ANNOTATION_MEMBER: action.member},
+    }
+    if owner is not None:
+        meta = owner.get("metadata") if isinstance(owner.get("metadata"), Mapping) else owner
+        metadata["ownerReferences"] = [{
+            "apiVersion": owner.get("apiVersion") or f"{API_GROUP}/{API_VERSION}",
+            "kind": owner.get("kind") or KIND,
+            "name": meta.get("name") or run.name,
+            "uid": meta.get("uid") or run.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }]
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": metadata,
+        "spec": {
+            "backoffLimit": spec.failure_policy.backoff_limit,
+            "completions": 1,
+            "parallelism": 1,
+            "suspend": bool(spec.suspend),
+            "template": {"metadata": {"labels": dict(labels)}, "spec": pod_spec},
+        },
+    }
+
+
+def _plain(value: Any) -> Any:
+    """Deep copy into plain dicts/lists (Mappings and tuples from the frozen spec)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def parse_time(value: Any) -> float | None:
+    """RFC3339 (as Kubernetes writes it, `Z` or an offset, optional fraction) -> epoch seconds."""
+    if not value:
+        return None
+    if isinstance(value, datetime):
+        dt = value
+    else:
+        try:
+            dt = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+        except ValueError:
+            return None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return dt.timestamp()
+
+
+def format_time(t: float) -> str:
+    return datetime.fromtimestamp(t, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_job(job: Mapping) -> planner.ObservedJob | None:
+    """A batch/v1 Job (dict) -> ObservedJob, or None when it is not one of ours."""
+    meta = job.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    stage = labels.get(planner.LABEL_STAGE)
+    member = (meta.get("annotations") or {}).get(ANNOTATION_MEMBER) or labels.get(planner.LABEL_MEMBER)
+    attempt_text = labels.get(planner.LABEL_ATTEMPT)
+    name = meta.get("name")
+    if not (name and stage and member and attempt_text) or planner.LABEL_RUN_UID not in labels:
+        return None
+    try:
+        attempt = int(attempt_text)
+    except (TypeError, ValueError):
+        return None
+    spec = job.get("spec") or {}
+    status = job.get("status") or {}
+    conditions = {c.get("type"): c for c in status.get("conditions") or []
+                  if isinstance(c, Mapping) and c.get("status") == "True"}
+    start = parse_time(status.get("startTime"))
+    finish = None
+    reason = None
+    if "Complete" in conditions:
+        state = planner.SUCCEEDED
+        finish = parse_time(status.get("completionTime")) or parse_time(conditions["Complete"].get("lastTransitionTime"))
+    elif "Failed" in conditions:
+        state = planner.FAILED
+        finish = parse_time(conditions["Failed"].get("lastTransitionTime"))
+        reason = conditions["Failed"].get("reason") or "Failed"
+    elif "Suspended" in conditions or spec.get("suspend"):
+        state = planner.SUSPENDED
+        reason = (conditions.get("Suspended") or {}).get("reason")
+    else:
+        # `active` counts pending and running pods; `ready` (when reported) only running ones.
+        ready = status.get("ready")
+        active = status.get("active") or 0
+        running = (ready or 0) > 0 if ready is not None else active > 0
+        state = planner.ACTIVE if running else planner.PENDING
+    return planner.ObservedJob(name=name, stage=stage, member=str(member), attempt=attempt, state=state,
+                               start_time=start, finish_time=finish, reason=reason)

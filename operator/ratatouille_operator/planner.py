@@ -1,0 +1,828 @@
+"""The planner: one pure function from (run, spec, observed child Jobs, now) to (actions, status).
+
+Level-based, like kubernetes-sigs/jobset: every call recomputes the whole job graph from what it
+is given and walks a short ladder (terminal -> failures -> success -> suspend -> create what is
+missing). Child names are deterministic, so "should I create it" is a set-membership test and
+planning twice on the same input yields the same actions. The kopf operator and the local
+executor are adapters around `plan()`; nothing here reads a clock, touches the network or keeps
+state between calls. Pure: stdlib, `spec`, and the trainer's pure `jobdesc`/`hparams` only.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence
+
+from ratatouille_trainer import hparams as _hparams
+from ratatouille_trainer import jobdesc as _jd
+
+from .spec import Auxiliary, RunSpec
+
+# -- vocabulary ----------------------------------------------------------------------------
+STAGE_AUX = "aux"
+STAGE_LP = "linear-probe"
+STAGE_TARGET = "target"
+STAGE_AVERAGE = "average"
+STAGES = (STAGE_LP, STAGE_AUX, STAGE_TARGET, STAGE_AVERAGE)  # graph (creation) order
+SHORT = {STAGE_AUX: "aux", STAGE_LP: "lp", STAGE_TARGET: "target", STAGE_AVERAGE: "avg"}
+LP_MEMBER = "0"
+AVERAGE_MEMBER = "0"
+FOUNDATION = "foundation"
+
+PENDING, ACTIVE, SUCCEEDED, FAILED, SUSPENDED = "Pending", "Active", "Succeeded", "Failed", "Suspended"
+JOB_STATES = (PENDING, ACTIVE, SUCCEEDED, FAILED, SUSPENDED)
+IN_FLIGHT = frozenset({PENDING, ACTIVE, SUSPENDED})
+
+PHASE_PENDING, PHASE_AUX, PHASE_TARGET, PHASE_AVERAGING = "Pending", "Auxiliary", "Target", "Averaging"
+PHASE_SUCCEEDED, PHASE_FAILED, PHASE_SUSPENDED = "Succeeded", "Failed", "Suspended"
+TERMINAL_PHASES = frozenset({PHASE_SUCCEEDED, PHASE_FAILED})
+
+LABEL_RUN = "ratatouille.dev/run"
+LABEL_RUN_UID = "ratatouille.dev/run-uid"
+LABEL_STAGE = "ratatouille.dev/stage"
+LABEL_MEMBER = "ratatouille.dev/member"
+LABEL_ATTEMPT = "ratatouille.dev/attempt"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGED_BY = "ratatouille-operator"
+LABEL_KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
+
+# Auxiliary fine-tunings are target-agnostic, so they must not depend on the target's split:
+# they always hold out the DomainBed default (and the constant is part of the cache key).
+AUX_HOLDOUT_FRACTION = 0.2
+MAX_STATUS_JOBS = 100
+_SEED_STRIDE = 1000
+
+# Failure reasons (condition Failed, Events).
+REASON_MIN_SUCCEEDED = "MinSucceededNotMet"
+REASON_LP_FAILED = "LinearProbeFailed"
+REASON_AVG_FAILED = "AveragingFailed"
+REASON_DEADLINE = "DeadlineExceeded"
+
+
+# -- inputs and outputs ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class RunRef:
+    """Identity of one RatatouilleRun object (not its spec)."""
+    namespace: str
+    name: str
+    uid: str
+    generation: int = 1
+    creation_time: float = 0.0  # epoch seconds
+
+
+@dataclass(frozen=True)
+class ObservedJob:
+    name: str
+    stage: str
+    member: str
+    attempt: int
+    state: str  # Pending | Active | Succeeded | Failed | Suspended
+    start_time: float | None = None
+    finish_time: float | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Observed:
+    jobs: tuple[ObservedJob, ...] = ()
+    cache_hits: frozenset[str] = frozenset()  # aux cache keys whose DONE exists in storage
+    member_metrics: Mapping[str, Mapping] = field(default_factory=dict)  # "<stage>/<member>" -> metrics.json
+
+
+@dataclass(frozen=True)
+class CreateJob:
+    name: str
+    stage: str
+    member: str
+    attempt: int
+    labels: Mapping[str, str]
+    description: _jd.JobDescription
+
+
+@dataclass(frozen=True)
+class DeleteJob:
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class SetSuspend:
+    name: str
+    suspend: bool
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    actions: tuple[CreateJob | DeleteJob | SetSuspend, ...]
+    status: dict
+    events: tuple[Event, ...]
+    requeue_after: float | None
+
+
+# -- names ----------------------------------------------------------------------------------
+_NOT_DNS = re.compile(r"[^a-z0-9-]")
+_NOT_LABEL = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def _hash6(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:6]
+
+
+def _dns(text: str) -> str:
+    return _NOT_DNS.sub("-", text.lower()).strip("-")
+
+
+def job_name(run_name: str, stage: str, member: str, attempt: int) -> str:
+    """`<run>-<short>-<member>-a<attempt>`, a lowercase DNS-1123 label of at most 63 characters.
+
+    Longer names keep their stage/member/attempt suffix whole, shorten the run part and insert a
+    hash of the full name, so distinct children never collide and the result is deterministic.
+    """
+    short = SHORT.get(stage, stage)
+    full = f"{run_name}-{short}-{member}-a{attempt}"
+    name = _dns(full)
+    if len(name) <= 63:
+        return name
+    digest = _hash6(full)
+    suffix = "-" + _dns(f"{short}-{member}-a{attempt}")
+    room = 63 - len(suffix) - len(digest) - 1
+    prefix = _dns(run_name)[:max(room, 0)].rstrip("-")
+    if prefix:
+        return f"{prefix}-{digest}{suffix}"
+    # The member alone is too long: keep what fits, the hash keeps it unique.
+    return name[:63 - len(digest) - 1].rstrip("-") + "-" + digest
+
+
+def label_value(value: str) -> str:
+    """A valid label value (<= 63 chars, alphanumeric ends); long values keep a hash suffix."""
+    text = _NOT_LABEL.sub("-", str(value))
+    if len(text) > 63:
+        text = text[:56].rstrip("-._") + "-" + _hash6(str(value))
+    return text.strip("-._")
+
+
+def job_labels(spec: RunSpec, run: RunRef, stage: str, member: str, attempt: int) -> dict[str, str]:
+    labels = {
+        LABEL_RUN: label_value(run.name),
+        LABEL_RUN_UID: label_value(run.uid),
+        LABEL_STAGE: stage,
+        LABEL_MEMBER: label_value(member),
+        LABEL_ATTEMPT: str(attempt),
+        LABEL_MANAGED_BY: MANAGED_BY,
+    }
+    if spec.queue_name:
+        labels[LABEL_KUEUE_QUEUE] = spec.queue_name
+    return labels
+
+
+# -- storage keys ----------------------------------------------------------------------------
+def run_prefix(spec: RunSpec, run: RunRef) -> str:
+    return f"{spec.storage.uri}/{run.namespace}/{run.name}/{run.uid}"
+
+
+def _auxiliary(spec: RunSpec, aux: Auxiliary | str) -> Auxiliary:
+    if isinstance(aux, Auxiliary):
+        return aux
+    for a in spec.auxiliaries:
+        if a.name == aux:
+            return a
+    raise KeyError(f"no auxiliary named {aux!r}")
+
+
+def aux_cache_key(spec: RunSpec, aux: Auxiliary | str, k: int) -> str:
+    """Identity of one auxiliary fine-tuning, shared by every run in the same storage."""
+    a = _auxiliary(spec, aux)
+    material = {
+        "foundation": {"model": spec.foundation.model, "weights": spec.foundation.weights,
+                       "inputSize": spec.foundation.input_size},
+        "dataset": a.dataset,
+        "holdoutFraction": AUX_HOLDOUT_FRACTION,
+        "auxiliaryFinetune": {"steps": spec.auxiliary_finetune.steps,
+                              "batchSize": spec.auxiliary_finetune.batch_size,
+                              "lr": spec.auxiliary_finetune.lr},
+        "linearProbe": {"steps": spec.linear_probe.steps, "lr": spec.linear_probe.lr},
+        "seed": spec.seed,
+        "k": int(k),
+    }
+    canonical = json.dumps(material, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def aux_cache_uri(spec: RunSpec, key: str) -> str:
+    return f"{spec.storage.uri}/cache/aux/{key}"
+
+
+def aux_member(aux_name: str, k: int) -> str:
+    return f"{aux_name}-{k}"
+
+
+def _split_aux_member(member: str) -> tuple[str, int]:
+    name, _, k = member.rpartition("-")
+    if not name or not k.isdigit():
+        raise ValueError(f"not an auxiliary member name: {member!r}")
+    return name, int(k)
+
+
+def member_output(spec: RunSpec, run: RunRef, stage: str, member: str) -> str:
+    """Where a member's results live (no trailing slash); aux members live in the shared cache."""
+    if stage == STAGE_AUX:
+        name, k = _split_aux_member(member)
+        return aux_cache_uri(spec, aux_cache_key(spec, name, k))
+    prefix = run_prefix(spec, run)
+    if stage == STAGE_LP:
+        return f"{prefix}/linear-probe"
+    if stage == STAGE_TARGET:
+        return f"{prefix}/target/{member}"
+    if stage == STAGE_AVERAGE:
+        return f"{prefix}/average"
+    raise ValueError(f"unknown stage {stage!r}")
+
+
+# -- source assignment (PAPER.md stage 3) -----------------------------------------------------
+class Source(NamedTuple):
+    name: str                      # "foundation" or the auxiliary's name
+    auxiliary: Auxiliary | None    # None for the foundation
+
+
+def initialization_sources(spec: RunSpec) -> list[Source]:
+    """The foundation (if included), then the auxiliaries sorted by name."""
+    sources = [Source(FOUNDATION, None)] if spec.include_foundation else []
+    sources += [Source(a.name, a) for a in sorted(spec.auxiliaries, key=lambda a: a.name)]
+    return sources
+
+
+def _target_source(spec: RunSpec, sources: Sequence[Source], i: int) -> tuple[str, str | None, str | None]:
+    if not sources:
+        raise ValueError("no initialization source: includeFoundation is false and there are no auxiliaries")
+    src = sources[i % len(sources)]
+    aux = src.auxiliary
+    if aux is None:
+        return FOUNDATION, None, None
+    if aux.recycled:
+        return aux.name, aux.weights, None
+    # Several fine-tunings of one auxiliary: each is used in turn, so all are used once before
+    # any is used twice.
+    k = (i // len(sources)) % aux.runs
+    key = aux_cache_key(spec, aux, k)
+    return aux_member(aux.name, k), f"{aux_cache_uri(spec, key)}/model.safetensors", key
+
+
+def target_source(spec: RunSpec, i: int) -> tuple[str, str | None, str | None]:
+    """(source name, featurizer weights URI or None for the foundation, aux cache key or None)."""
+    return _target_source(spec, initialization_sources(spec), i)
+
+
+# -- job descriptions -------------------------------------------------------------------------
+def _hparam_table(spec: RunSpec) -> dict[str, tuple[str, tuple[str, ...]]]:
+    table = dict(_hparams.DEFAULT_TABLE)
+    for name, hp in spec.finetune.hyperparameters.items():
+        table[name] = (hp.default, tuple(hp.choices))
+    return table
+
+
+def target_hyperparameters(spec: RunSpec, i: int) -> dict[str, str]:
+    return _hparams.draw_all(spec.seed, i, _hparam_table(spec))
+
+
+def _base(spec: RunSpec, run: RunRef, stage: str, member: str, seed: int, data: _jd.DataRef,
+          **kw: Any) -> _jd.JobDescription:
+    return _jd.JobDescription(
+        stage=stage,
+        run=_jd.RunRef(namespace=run.namespace, name=run.name, uid=run.uid),
+        member=member,
+        output=member_output(spec, run, stage, member),
+        seed=seed,
+        foundation=_jd.FoundationRef(model=spec.foundation.model, weights=spec.foundation.weights,
+                                     inputSize=spec.foundation.input_size),
+        data=data,
+        storage_endpoint=spec.storage.endpoint,
+        **kw,
+    )
+
+
+def _target_data(spec: RunSpec) -> _jd.DataRef:
+    return _jd.DataRef(dataset=spec.target.dataset, testDomains=tuple(spec.target.test_domains),
+                       holdoutFraction=spec.target.holdout_fraction, splitSeed=spec.seed)
+
+
+def describe(spec: RunSpec, run: RunRef, stage: str, member: str,
+             succeeded_targets: Sequence[int] = (), *, _sources: Sequence[Source] | None = None) -> _jd.JobDescription:
+    """The self-contained job description of one member (see ARCHITECTURE.md)."""
+    if stage == STAGE_AUX:
+        name, k = _split_aux_member(member)
+        aux = _auxiliary(spec, name)
+        af, lp = spec.auxiliary_finetune, spec.linear_probe
+        return _base(spec, run, stage, member, seed=spec.seed * _SEED_STRIDE + k,
+                     data=_jd.DataRef(dataset=str(aux.dataset), testDomains=(),
+                                      holdoutFraction=AUX_HOLDOUT_FRACTION, splitSeed=spec.seed),
+                     training=_jd.Training(steps=af.steps, batchSize=af.batch_size, lr=af.lr,
+                                           evalEvery=spec.finetune.eval_every,
+                                           lpSteps=lp.steps, lpLr=lp.lr))
+    if stage == STAGE_LP:
+        lp = spec.linear_probe
+        return _base(spec, run, stage, member, seed=spec.seed, data=_target_data(spec),
+                     training=_jd.Training(steps=lp.steps, batchSize=lp.batch_size, lr=lp.lr,
+                                           evalEvery=spec.finetune.eval_every,
+                                           lpSteps=lp.steps, lpLr=lp.lr))
+    sources = initialization_sources(spec) if _sources is None else _sources
+    if stage == STAGE_TARGET:
+        i = int(member)
+        ft = spec.finetune
+        source, featurizer, _key = _target_source(spec, sources, i)
+        hp = target_hyperparameters(spec, i)
+        return _base(spec, run, stage, member, seed=spec.seed * _SEED_STRIDE + i, data=_target_data(spec),
+                     training=_jd.Training(steps=ft.steps, batchSize=ft.batch_size, lr=hp["lr"],
+                                           weightDecay=hp.get("weightDecay", "0"),
+                                           dropout=hp.get("dropout", "0"),
+                                           # The head-only warm-up exists for auxiliary featurizers
+                                           # (PAPER.md stage 3); from the foundation the LP head
+                                           # already matches the featurizer.
+                                           headWarmupSteps=0 if source == FOUNDATION else ft.head_warmup_steps,
+                                           evalEvery=ft.eval_every,
+                                           lpSteps=spec.linear_probe.steps, lpLr=spec.linear_probe.lr),
+                     init=_jd.Init(source=source, featurizer=featurizer,
+                                   head=f"{run_prefix(spec, run)}/linear-probe/model.safetensors"),
+                     hyperparameters=hp)
+    if stage == STAGE_AVERAGE:
+        members = tuple(
+            _jd.MemberRef(member=str(i), uri=member_output(spec, run, STAGE_TARGET, str(i)),
+                          source=_target_source(spec, sources, i)[0])
+            for i in sorted(succeeded_targets))
+        return _base(spec, run, stage, member, seed=spec.seed, data=_target_data(spec),
+                     members=members, selection=spec.selection)
+    raise ValueError(f"unknown stage {stage!r}")
+
+
+# -- the static job graph (for `ratatouille plan`) ------------------------------------------------
+def job_graph(spec: RunSpec, run: RunRef) -> list[dict[str, Any]]:
+    """Every member of the run's graph with what it needs: JSON-ready, in creation order."""
+    nodes: list[dict[str, Any]] = [{"stage": STAGE_LP, "member": LP_MEMBER, "needs": [],
+                                    "output": member_output(spec, run, STAGE_LP, LP_MEMBER)}]
+    for aux in sorted(spec.auxiliaries, key=lambda a: a.name):
+        if aux.recycled:
+            nodes.append({"stage": STAGE_AUX, "member": aux.name, "needs": [], "job": False,
+                          "note": f"recycled weights {aux.weights}: no Job", "output": aux.weights})
+            continue
+        for k in range(aux.runs):
+            m = aux_member(aux.name, k)
+            key = aux_cache_key(spec, aux, k)
+            nodes.append({"stage": STAGE_AUX, "member": m, "needs": [], "cacheKey": key,
+                          "note": f"cache {key}", "output": aux_cache_uri(spec, key)})
+    sources = initialization_sources(spec)
+    for i in range(spec.finetune.runs):
+        source, _f, key = _target_source(spec, sources, i)
+        needs = [f"{STAGE_LP}/{LP_MEMBER}"] + ([f"{STAGE_AUX}/{source}"] if key else [])
+        hp = target_hyperparameters(spec, i)
+        nodes.append({"stage": STAGE_TARGET, "member": str(i), "needs": needs, "source": source,
+                      "hyperparameters": hp,
+                      "note": f"from {source}; " + " ".join(f"{k}={v}" for k, v in hp.items()),
+                      "output": member_output(spec, run, STAGE_TARGET, str(i))})
+    nodes.append({"stage": STAGE_AVERAGE, "member": AVERAGE_MEMBER,
+                  "needs": [f"{STAGE_TARGET}/*"],
+                  "note": f"{spec.selection}, needs >= {spec.failure_policy.min_succeeded} succeeded",
+                  "output": member_output(spec, run, STAGE_AVERAGE, AVERAGE_MEMBER)})
+    for n in nodes:
+        n.setdefault("job", True)
+        if n["job"]:
+            n["name"] = job_name(run.name, n["stage"], n["member"], 1)
+    return nodes
+
+
+# -- member states ----------------------------------------------------------------------------
+# What the graph knows about one member after reading its Jobs.
+MISSING = "missing"      # no Job yet
+RUNNING = "running"      # latest attempt Pending/Active/Suspended
+DONE = "done"            # succeeded (or a cache hit)
+RETRY = "retry"          # latest attempt failed, attempts left
+DEAD = "dead"            # failed at maxAttempts
+BLOCKED = "blocked"      # cannot run: what it needs failed permanently (counts as failed)
+
+_FINISHED = frozenset({DONE, DEAD, BLOCKED})
+
+
+class _Node:
+    __slots__ = ("stage", "member", "state", "latest", "counted", "ready", "source", "cache_key", "index")
+
+    def __init__(self, stage: str, member: str, latest: ObservedJob | None, max_attempts: int):
+        self.stage = stage
+        self.member = member
+        self.latest = latest
+        self.counted = True       # part of progress totals (cache hits without a Job are not)
+        self.ready = True
+        self.source: str | None = None
+        self.cache_key: str | None = None
+        self.index = 0
+        if latest is None:
+            self.state = MISSING
+        elif latest.state == SUCCEEDED:
+            self.state = DONE
+        elif latest.state == FAILED:
+            self.state = RETRY if latest.attempt < max_attempts else DEAD
+        else:
+            self.state = RUNNING
+
+
+def _rfc3339(t: float) -> str:
+    return datetime.fromtimestamp(t, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _fmt(x: Any, digits: int = 3) -> Any:
+    if isinstance(x, bool) or x is None:
+        return x
+    if isinstance(x, (int, float)):
+        return f"{float(x):.{digits}f}"
+    return str(x)
+
+
+def _fmt_tree(x: Any) -> Any:
+    """Floats become strings (4 decimals) throughout; bools, ints and strings pass through."""
+    if isinstance(x, Mapping):
+        return {str(k): _fmt_tree(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_fmt_tree(v) for v in x]
+    if isinstance(x, float):
+        return f"{x:.4f}"
+    return x
+
+
+def _member_sort_key(member: str) -> tuple:
+    return (0, int(member), "") if member.isdigit() else (1, 0, member)
+
+
+def _graph_key(stage: str, member: str, attempt: int) -> tuple:
+    stage_i = STAGES.index(stage) if stage in STAGES else len(STAGES)
+    return (stage_i, _member_sort_key(member), attempt)
+
+
+# -- the planner -------------------------------------------------------------------------------
+def plan(run: RunRef, spec: RunSpec, observed: Observed, now: float,
+         previous_status: Mapping | None = None) -> Plan:
+    prev = dict(previous_status or {})
+    prev_phase = prev.get("phase")
+    fp = spec.failure_policy
+
+    # 1. Index the children once: latest attempt per member decides.
+    latest: dict[tuple[str, str], ObservedJob] = {}
+    names: set[str] = set()
+    in_flight_jobs: list[ObservedJob] = []
+    for j in observed.jobs:
+        names.add(j.name)
+        if j.state in IN_FLIGHT:
+            in_flight_jobs.append(j)
+        key = (j.stage, j.member)
+        cur = latest.get(key)
+        if cur is None or j.attempt > cur.attempt:
+            latest[key] = j
+
+    if prev_phase in TERMINAL_PHASES:
+        return _frozen(run, prev, in_flight_jobs)
+    sources = initialization_sources(spec)
+    if not sources:
+        # validation refuses this; the planner still never crashes on it and creates nothing.
+        return _invalid(run, prev, now, "spec.includeFoundation: false with no auxiliaries leaves"
+                        " no initialization source for the target fine-tunings")
+
+    # 2. The graph with each member's state.
+    nodes: list[_Node] = []
+    lp = _Node(STAGE_LP, LP_MEMBER, latest.get((STAGE_LP, LP_MEMBER)), fp.max_attempts)
+    nodes.append(lp)
+    aux_nodes: list[_Node] = []
+    aux_state: dict[str, str] = {}          # aux member -> state (cache hits are DONE)
+    for aux in sorted(spec.auxiliaries, key=lambda a: a.name):
+        if aux.recycled:
+            continue
+        for k in range(aux.runs):
+            m = aux_member(aux.name, k)
+            n = _Node(STAGE_AUX, m, latest.get((STAGE_AUX, m)), fp.max_attempts)
+            n.cache_key = aux_cache_key(spec, aux, k)
+            if n.cache_key in observed.cache_hits:
+                n.counted = n.latest is not None
+                n.state = DONE
+            aux_state[m] = n.state
+            aux_nodes.append(n)
+    nodes += aux_nodes
+
+    target_nodes: list[_Node] = []
+    for i in range(spec.finetune.runs):
+        m = str(i)
+        n = _Node(STAGE_TARGET, m, latest.get((STAGE_TARGET, m)), fp.max_attempts)
+        n.index = i
+        source, _featurizer, key = _target_source(spec, sources, i)
+        n.source = source
+        src_state = aux_state.get(source, DONE) if key else DONE
+        n.ready = lp.state == DONE and src_state == DONE
+        if n.state == MISSING and (lp.state == DEAD or src_state == DEAD):
+            n.state = BLOCKED
+        target_nodes.append(n)
+    nodes += target_nodes
+
+    succeeded = [n.index for n in target_nodes if n.state == DONE]
+    failed_targets = sum(1 for n in target_nodes if n.state in (DEAD, BLOCKED))
+    possible = len(target_nodes) - len(succeeded) - failed_targets
+    avg = _Node(STAGE_AVERAGE, AVERAGE_MEMBER, latest.get((STAGE_AVERAGE, AVERAGE_MEMBER)), fp.max_attempts)
+    avg.ready = possible == 0 and len(succeeded) >= fp.min_succeeded
+    nodes.append(avg)
+
+    # 3. Outcome: success first, then failures, then the deadline.
+    failure: tuple[str, str] | None = None
+    if avg.state == DONE:
+        outcome = PHASE_SUCCEEDED
+    else:
+        outcome = None
+        deadline = run.creation_time + spec.active_deadline_seconds if spec.active_deadline_seconds > 0 else None
+        if lp.state == DEAD:
+            failure = (REASON_LP_FAILED, f"the linear probe failed {lp.latest.attempt} attempt(s)"
+                       f" (last: {lp.latest.reason or 'unknown'}); no target fine-tuning can start")
+        elif len(succeeded) + possible < fp.min_succeeded:
+            failure = (REASON_MIN_SUCCEEDED,
+                       f"{len(succeeded)} target fine-tunings succeeded, {failed_targets} failed permanently"
+                       f" and {possible} may still succeed: fewer than minSucceeded={fp.min_succeeded}")
+        elif avg.state == DEAD:
+            failure = (REASON_AVG_FAILED, f"the averaging Job failed {avg.latest.attempt} attempt(s)"
+                       f" (last: {avg.latest.reason or 'unknown'})")
+        elif deadline is not None and now >= deadline:
+            failure = (REASON_DEADLINE, f"the run exceeded activeDeadlineSeconds={spec.active_deadline_seconds}")
+        if failure is not None:
+            outcome = PHASE_FAILED
+
+    actions: list[CreateJob | DeleteJob | SetSuspend] = []
+    events: list[Event] = []
+    requeue: float | None = None
+
+    def want_requeue(after: float) -> None:
+        nonlocal requeue
+        after = max(after, 0.0)
+        requeue = after if requeue is None else min(requeue, after)
+
+    if outcome == PHASE_FAILED:
+        assert failure is not None
+        for j in in_flight_jobs:
+            actions.append(DeleteJob(j.name, failure[0]))
+    elif outcome is None and spec.suspend:
+        for j in in_flight_jobs:
+            if j.state != SUSPENDED:
+                actions.append(SetSuspend(j.name, True))
+    elif outcome is None:
+        # Resume what we suspended. With Kueue, a Suspended Job is normally waiting for quota
+        # and Kueue unsuspends it on admission: only undo our own suspension (the transition).
+        if not spec.queue_name or prev_phase == PHASE_SUSPENDED:
+            for j in in_flight_jobs:
+                if j.state == SUSPENDED:
+                    actions.append(SetSuspend(j.name, False))
+        budget = spec.parallelism - len(in_flight_jobs)
+        for n in nodes:
+            if n.state not in (MISSING, RETRY) or not n.ready:
+                continue
+            attempt = 1
+            if n.state == RETRY:
+                assert n.latest is not None
+                attempt = n.latest.attempt + 1
+                if n.latest.finish_time is not None:
+                    due = n.latest.finish_time + fp.retry_backoff_seconds * 2 ** (n.latest.attempt - 1)
+                    if now < due:
+                        want_requeue(due - now)
+                        continue
+            if budget <= 0:
+                continue
+            name = job_name(run.name, n.stage, n.member, attempt)
+            if name in names:
+                continue  # never re-create an observed child
+            desc = describe(spec, run, n.stage, n.member, succeeded if n.stage == STAGE_AVERAGE else (),
+                            _sources=sources)
+            actions.append(CreateJob(name=name, stage=n.stage, member=n.member, attempt=attempt,
+                                     labels=job_labels(spec, run, n.stage, n.member, attempt),
+                                     description=desc))
+            budget -= 1
+            if attempt > 1:
+                assert n.latest is not None
+                events.append(Event("Warning", "Retrying",
+                                    f"{n.stage}/{n.member} attempt {n.latest.attempt} failed"
+                                    f" ({n.latest.reason or 'unknown'}): starting attempt {attempt}"
+                                    f" of {fp.max_attempts}"))
+    if outcome is None and spec.active_deadline_seconds > 0:
+        want_requeue(run.creation_time + spec.active_deadline_seconds - now)
+
+    # 4. Phase and status.
+    aux_lp = [lp] + aux_nodes
+    if outcome is not None:
+        phase = outcome
+    elif spec.suspend:
+        phase = PHASE_SUSPENDED
+    elif all(n.latest is None for n in nodes):
+        phase = PHASE_PENDING
+    elif possible == 0:
+        phase = PHASE_AVERAGING
+    elif any(n.state not in _FINISHED for n in aux_lp):
+        phase = PHASE_AUX
+    else:
+        phase = PHASE_TARGET
+
+    status = _status(run, spec, observed, now, prev, phase, failure, nodes, lp, aux_nodes,
+                     target_nodes, avg, succeeded)
+    events += _phase_events(spec, prev, prev_phase, phase, failure, status, observed)
+    return Plan(actions=tuple(actions), status=status, events=tuple(events),
+                requeue_after=requeue if outcome is None else None)
+
+
+def _frozen(run: RunRef, prev: dict, in_flight_jobs: Iterable[ObservedJob]) -> Plan:
+    """A finished run keeps its status; a failed one still makes sure no child keeps running."""
+    status = json.loads(json.dumps(prev))
+    status["observedGeneration"] = run.generation
+    actions: tuple = ()
+    if prev.get("phase") == PHASE_FAILED:
+        reason = next((c.get("reason") for c in prev.get("conditions") or []
+                       if c.get("type") == "Failed" and c.get("status") == "True"), None) or "RunFailed"
+        actions = tuple(DeleteJob(j.name, reason) for j in in_flight_jobs)
+    return Plan(actions=actions, status=status, events=(), requeue_after=None)
+
+
+def _invalid(run: RunRef, prev: Mapping, now: float, message: str) -> Plan:
+    prev_conds = {c.get("type"): c for c in prev.get("conditions") or [] if isinstance(c, Mapping)}
+    accepted = _condition(prev_conds, "Accepted", False, "InvalidSpec", message, now, run.generation)
+    status = {"observedGeneration": run.generation, "phase": prev.get("phase") or PHASE_PENDING,
+              "conditions": [accepted]}
+    was_invalid = (prev_conds.get("Accepted") or {}).get("reason") == "InvalidSpec"
+    events = () if was_invalid else (Event("Warning", "InvalidSpec", message),)
+    return Plan(actions=(), status=status, events=events, requeue_after=None)
+
+
+def _stage_counts(nodes: Sequence[_Node]) -> dict[str, int]:
+    counted = [n for n in nodes if n.counted]
+    return {
+        "total": len(counted),
+        "active": sum(1 for n in counted if n.state == RUNNING),
+        "succeeded": sum(1 for n in counted if n.state == DONE),
+        "failed": sum(1 for n in counted if n.state in (DEAD, BLOCKED)),
+    }
+
+
+def _condition(prev_conds: Mapping[str, Mapping], ctype: str, value: bool, reason: str, message: str,
+               now: float, generation: int) -> dict:
+    status = "True" if value else "False"
+    old = prev_conds.get(ctype)
+    ltt = old.get("lastTransitionTime") if old and old.get("status") == status else None
+    return {"type": ctype, "status": status, "reason": reason, "message": message,
+            "lastTransitionTime": ltt or _rfc3339(now), "observedGeneration": generation}
+
+
+_STATE_PRIORITY = {ACTIVE: 0, PENDING: 1, SUSPENDED: 2, FAILED: 3, SUCCEEDED: 4}
+
+
+def _jobs_list(spec: RunSpec, observed: Observed, latest_names: set[str]) -> list[dict]:
+    """The most relevant children (running first, then failures, then successes, older attempts
+    last), at most MAX_STATUS_JOBS, shown in graph order."""
+    ranked = sorted(observed.jobs, key=lambda j: (
+        _STATE_PRIORITY.get(j.state, 5) + (0 if j.name in latest_names else 10),
+        _graph_key(j.stage, j.member, j.attempt)))
+    chosen = sorted(ranked[:MAX_STATUS_JOBS], key=lambda j: _graph_key(j.stage, j.member, j.attempt))
+    out = []
+    for j in chosen:
+        entry: dict[str, Any] = {"name": j.name, "stage": j.stage, "member": j.member,
+                                 "attempt": j.attempt, "state": j.state}
+        if j.state == SUCCEEDED:
+            metrics = observed.member_metrics.get(f"{j.stage}/{j.member}") or {}
+            if isinstance(metrics.get("valAccuracy"), (int, float)):
+                entry["valAccuracy"] = _fmt(metrics["valAccuracy"])
+        reason = j.reason
+        if reason is None and j.state == SUSPENDED and spec.queue_name and not spec.suspend:
+            reason = "WaitingForQuota"
+        if reason:
+            entry["reason"] = reason
+        out.append(entry)
+    return out
+
+
+def _result(spec: RunSpec, run: RunRef, observed: Observed, succeeded: Sequence[int]) -> dict:
+    metrics = observed.member_metrics.get(f"{STAGE_AVERAGE}/{AVERAGE_MEMBER}") or {}
+    prefix = run_prefix(spec, run)
+    selected = metrics.get("selected")
+    members = metrics.get("members")
+    if isinstance(selected, (list, tuple)):
+        count = len(selected)
+    elif isinstance(members, int) and not isinstance(members, bool):
+        count = members
+    elif isinstance(members, (list, tuple)) and spec.selection == "uniform":
+        count = len(members)
+    else:
+        count = len(succeeded)
+    result: dict[str, Any] = {"model": f"{prefix}/average/model.safetensors",
+                              "selection": str(metrics.get("selection") or spec.selection),
+                              "members": count}
+    if metrics.get("sha256"):
+        result["sha256"] = str(metrics["sha256"])
+    if isinstance(metrics.get("valAccuracy"), (int, float)):
+        result["valAccuracy"] = _fmt(metrics["valAccuracy"])
+    if isinstance(metrics.get("testAccuracy"), Mapping):
+        result["testAccuracy"] = {str(d): _fmt(a) for d, a in metrics["testAccuracy"].items()}
+    best = metrics.get("bestSingle")
+    if not isinstance(best, Mapping):
+        # Fall back to the members' own metrics: best by validation, as the paper selects.
+        cands = [(observed.member_metrics.get(f"{STAGE_TARGET}/{i}") or {}, i) for i in succeeded]
+        cands = [(m, i) for m, i in cands if isinstance(m.get("valAccuracy"), (int, float))]
+        if cands:
+            m, i = max(cands, key=lambda c: (c[0]["valAccuracy"], -c[1]))
+            best = {"member": str(i), "valAccuracy": m["valAccuracy"], "testAccuracy": m.get("testAccuracy") or {}}
+    if isinstance(best, Mapping):
+        b: dict[str, Any] = {"member": str(best.get("member", ""))}
+        if best.get("valAccuracy") is not None:
+            b["valAccuracy"] = _fmt(best["valAccuracy"])
+        if isinstance(best.get("testAccuracy"), Mapping):
+            b["testAccuracy"] = {str(d): _fmt(a) for d, a in best["testAccuracy"].items()}
+        result["bestSingle"] = b
+    diagnostics = {k: _fmt_tree(metrics[k]) for k in ("uniform", "interpolation") if metrics.get(k) is not None}
+    if diagnostics:
+        result["diagnostics"] = diagnostics
+    return result
+
+
+def _status(run: RunRef, spec: RunSpec, observed: Observed, now: float, prev: Mapping, phase: str,
+            failure: tuple[str, str] | None, nodes: Sequence[_Node], lp: _Node, aux_nodes: Sequence[_Node],
+            target_nodes: Sequence[_Node], avg: _Node, succeeded: Sequence[int]) -> dict:
+    counted = [n for n in nodes if n.counted]
+    finished = sum(1 for n in counted if n.state in _FINISHED)
+    stages = {"auxiliary": _stage_counts(aux_nodes), "linearProbe": _stage_counts([lp]),
+              "target": _stage_counts(target_nodes), "averaging": _stage_counts([avg])}
+    progress = f"{finished}/{len(counted)}"
+    prev_conds = {c.get("type"): c for c in prev.get("conditions") or [] if isinstance(c, Mapping)}
+    gen = run.generation
+    suspended = phase == PHASE_SUSPENDED
+    conditions = [
+        _condition(prev_conds, "Accepted", True, "SpecValid", "the spec is valid", now, gen),
+        _condition(prev_conds, "Suspended", suspended,
+                   "Suspended" if suspended else "NotSuspended",
+                   "spec.suspend is true: child Jobs are suspended" if suspended else "", now, gen),
+        _condition(prev_conds, "Complete", phase == PHASE_SUCCEEDED,
+                   "Succeeded" if phase == PHASE_SUCCEEDED else phase,
+                   (f"averaged model at {run_prefix(spec, run)}/average/model.safetensors"
+                    if phase == PHASE_SUCCEEDED else f"{progress} child Jobs finished"), now, gen),
+        _condition(prev_conds, "Failed", failure is not None,
+                   failure[0] if failure else "NoFailure", failure[1] if failure else "", now, gen),
+    ]
+    latest_names = {n.latest.name for n in nodes if n.latest is not None}
+    status: dict[str, Any] = {
+        "observedGeneration": gen,
+        "phase": phase,
+        "progress": progress,
+        "conditions": conditions,
+        "stages": stages,
+        "jobs": _jobs_list(spec, observed, latest_names),
+        "storagePrefix": run_prefix(spec, run),
+    }
+    if phase == PHASE_SUCCEEDED:
+        status["result"] = _result(spec, run, observed, succeeded)
+    return status
+
+
+_PHASE_EVENT = {
+    PHASE_PENDING: ("Accepted", "run accepted; creating the auxiliary and linear-probe Jobs"),
+    PHASE_AUX: ("AuxiliaryStage", "auxiliary fine-tunings and the linear probe are running"),
+    PHASE_TARGET: ("TargetStage", "target fine-tunings are running"),
+    PHASE_AVERAGING: ("Averaging", "all target fine-tunings finished; averaging"),
+    PHASE_SUCCEEDED: ("Succeeded", "averaged model published"),
+    PHASE_SUSPENDED: ("Suspended", "run suspended: child Jobs are suspended"),
+}
+
+
+def _phase_events(spec: RunSpec, prev: Mapping, prev_phase: str | None, phase: str,
+                  failure: tuple[str, str] | None, status: Mapping, observed: Observed) -> list[Event]:
+    events: list[Event] = []
+    # Members that failed permanently since the last status (level-based on the counts).
+    prev_stages = prev.get("stages") or {}
+    for key, label in (("auxiliary", "auxiliary"), ("target", "target")):
+        now_failed = status["stages"][key]["failed"]
+        before = (prev_stages.get(key) or {}).get("failed", 0) if isinstance(prev_stages, Mapping) else 0
+        if now_failed > (before or 0):
+            events.append(Event("Warning", "MembersFailed",
+                                f"{now_failed - before} {label} member(s) failed permanently"
+                                f" ({now_failed} of {status['stages'][key]['total']} so far)"))
+    if phase == prev_phase:
+        return events
+    if prev_phase == PHASE_SUSPENDED:
+        events.append(Event("Normal", "Resumed", "run resumed: child Jobs continue"))
+    if phase == PHASE_FAILED:
+        assert failure is not None
+        events.append(Event("Warning", failure[0], failure[1]))
+    else:
+        reason, message = _PHASE_EVENT[phase]
+        if phase == PHASE_SUCCEEDED:
+            result = status.get("result") or {}
+            message = (f"averaged model ({result.get('selection')}, {result.get('members')} members,"
+                       f" val {result.get('valAccuracy', '?')}) at {result.get('model')}")
+        events.append(Event("Normal", reason, message))
+    if phase == PHASE_SUCCEEDED:
+        uniform = (observed.member_metrics.get(f"{STAGE_AVERAGE}/{AVERAGE_MEMBER}") or {}).get("uniform")
+        if isinstance(uniform, Mapping) and uniform.get("collapse") is True:
+            events.append(Event("Warning", "AveragingCollapse",
+                                "the uniform average scores below its members: they are not linearly"
+                                " mode connected (lower the learning rates or use greedy selection)"))
+    return events
