@@ -496,3 +496,54 @@ def average_files(out_path: str | os.PathLike, in_paths: Sequence[str | os.PathL
         "parameters": int(sum(t.numel() for t in state.values())),
     }
     return summary
+
+
+def average_uris(out_uri: str, in_uris: Sequence[str], *, endpoint: str | None = None) -> dict:
+    """`ratatouille average OUT IN IN...` for paths or URIs (file://, s3://).
+
+    Remote members are downloaded one at a time into a scratch folder and dropped once added
+    to the running sum, so memory and disk stay near one model whatever the count. The output
+    is written locally first and uploaded only when complete.
+    """
+    import tempfile
+
+    from .storage import open_storage, split_uri
+
+    if not in_uris:
+        raise AveragingError("no input checkpoints to average")
+    for uri in in_uris:
+        refuse_pickle(uri)  # by name before anything is fetched
+    with tempfile.TemporaryDirectory(prefix="ratatouille-average-") as scratch:
+        def local(uri: str, index: int) -> str:
+            scheme, root, key = split_uri(uri)
+            if scheme != "s3":
+                return os.path.join(root, key)
+            path = os.path.join(scratch, f"member-{index}.safetensors")
+            open_storage(uri, endpoint=endpoint).download(uri, path)
+            return path
+
+        def loader(uri: str, index: int) -> Loader:
+            def load() -> StateDict:
+                path = local(uri, index)
+                refuse_pickle(path)
+                try:
+                    return load_safetensors_file(path)
+                finally:
+                    if path.startswith(scratch):
+                        os.unlink(path)
+            return load
+
+        state, count = uniform_average((u, loader(u, i)) for i, u in enumerate(in_uris))
+        meta = {"format": "pt", "ratatouille.averaged": str(count), "ratatouille.selection": "uniform"}
+        if split_uri(out_uri)[0] == "s3":
+            tmp_out = os.path.join(scratch, "average.safetensors")
+            save_state_dict(state, tmp_out, meta)
+            digest = sha256_file(tmp_out)
+            open_storage(out_uri, endpoint=endpoint).upload(tmp_out, out_uri)
+        else:
+            _, root, key = split_uri(out_uri)
+            path = os.path.join(root, key)
+            save_state_dict(state, path, meta)
+            digest = sha256_file(path)
+    return {"path": out_uri, "count": count, "members": list(in_uris), "sha256": digest,
+            "tensors": len(state), "parameters": int(sum(t.numel() for t in state.values()))}

@@ -1,0 +1,146 @@
+"""``ratatouille-trainer``: the entrypoint of every child Job (and of the local executor).
+
+    ratatouille-trainer {aux,linear-probe,target,average} (--job-json JSON | --job-file PATH)
+
+Exit codes: 0 done (or already complete: ``DONE`` present at the output), 2 bad input (job
+description, dataset, weights), 1 runtime failure. Errors are one line on stderr
+(``ratatouille-trainer: error: ...``), never a traceback (``RATATOUILLE_DEBUG=1`` shows it).
+The final summary is written to ``/dev/termination-log`` when that file exists (Kubernetes).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+
+PROG = "ratatouille-trainer"
+TERMINATION_LOG = "/dev/termination-log"
+_TERMINATION_MAX = 4000
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2
+        raise _BadInput(message)
+
+
+class _BadInput(Exception):
+    pass
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .jobdesc import STAGES
+
+    p = _Parser(prog=PROG, description="Run one stage of a RatatouilleRun (a child Job's work).")
+    p.add_argument("stage", choices=STAGES)
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--job-json", help="the job description (JSON)")
+    g.add_argument("--job-file", help="a file holding the job description (JSON)")
+    return p
+
+
+def _one_line(msg: str) -> str:
+    return " ".join(str(msg).split()) or "unknown error"
+
+
+def _error(msg: str, code: int) -> int:
+    line = f"{PROG}: error: {_one_line(msg)}"
+    print(line, file=sys.stderr, flush=True)
+    _termination({"error": _one_line(msg), "exitCode": code})
+    return code
+
+
+def _termination(payload: dict) -> None:
+    path = os.environ.get("RATATOUILLE_TERMINATION_LOG", TERMINATION_LOG)
+    if not path or not os.path.exists(path) or not os.access(path, os.W_OK):
+        return
+    text = json.dumps(payload, separators=(",", ":"), sort_keys=True, default=str)
+    if len(text) > _TERMINATION_MAX:
+        slim = {k: payload[k] for k in ("stage", "member", "valAccuracy", "testAccuracy",
+                                         "sha256", "error", "exitCode") if k in payload}
+        text = json.dumps(slim, separators=(",", ":"), sort_keys=True, default=str)[:_TERMINATION_MAX]
+    try:
+        with open(path, "w") as f:
+            f.write(text)
+    except OSError:
+        pass
+
+
+def _load_description(args):
+    from .jobdesc import JobDescription, JobDescriptionError
+
+    if args.job_file is not None:
+        try:
+            with open(args.job_file, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as e:
+            raise JobDescriptionError(f"cannot read job file {args.job_file}: {e.strerror}") from None
+    else:
+        text = args.job_json
+    desc = JobDescription.from_json(text)
+    if desc.stage != args.stage:
+        raise JobDescriptionError(f"subcommand {args.stage!r} does not match the job description's "
+                                  f"stage {desc.stage!r}")
+    return desc
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = os.environ.get("RATATOUILLE_DEBUG", "") in ("1", "true", "yes")
+    try:
+        args = _parser().parse_args(argv)
+    except _BadInput as e:
+        return _error(str(e), 2)
+
+    from .jobdesc import JobDescriptionError
+    from .averaging import AveragingError, UnsafeWeightsError
+    from .storage import NotFound, StorageError
+
+    try:
+        desc = _load_description(args)
+    except JobDescriptionError as e:
+        return _error(f"invalid job description: {e}", 2)
+
+    try:
+        from .data import DataError
+        from .models import ModelError
+        from . import stages
+        from .storage import open_storage
+
+        storage = open_storage(desc.output, desc.storage_endpoint)
+        if storage.is_done(desc.output):
+            print(json.dumps({"event": "complete", "stage": desc.stage, "member": desc.member,
+                              "message": "already complete"}), flush=True)
+            print(f"{PROG}: {desc.stage} {desc.member}: already complete ({desc.output}/DONE exists)",
+                  file=sys.stderr, flush=True)
+            return 0
+        metrics = stages.run_stage(desc)
+        summary = stages.summary(metrics)
+        print(json.dumps({"event": "result", **summary}, default=str), flush=True)
+        _termination(summary)
+        return 0
+    except KeyboardInterrupt:
+        return _error("interrupted", 130)
+    except (JobDescriptionError, DataError, UnsafeWeightsError, ModelError, AveragingError) as e:
+        if debug:
+            traceback.print_exc()
+        return _error(str(e), 2)
+    except NotFound as e:
+        if debug:
+            traceback.print_exc()
+        return _error(str(e), 2)
+    except StorageError as e:
+        if debug:
+            traceback.print_exc()
+        return _error(f"storage: {e}", 1)
+    except MemoryError:
+        return _error("out of memory", 1)
+    except Exception as e:  # runtime failure: still one line
+        if debug:
+            traceback.print_exc()
+        return _error(f"{type(e).__name__}: {e}", 1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

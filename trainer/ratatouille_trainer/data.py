@@ -1,0 +1,461 @@
+"""DomainBed-layout datasets: ``<domain>/<class>/<image>``, decoded once into memory.
+
+The protocol is DomainBed's as the Model Ratatouille reference runs it (PAPER.md):
+- domains sorted by name, classes the sorted class folders (identical in every domain);
+- each domain split into an "out" (validation) part of ``int(len * holdoutFraction)`` images
+  and an "in" (training) part, with ``numpy.random.RandomState(seed_hash(splitSeed, domain
+  index)).shuffle`` exactly as DomainBed's ``misc.split_dataset``;
+- every training step draws ``batchSize`` images *with replacement* from the in-split of every
+  training domain (DomainBed's InfiniteDataLoader) and concatenates them;
+- training augmentation RandomResizedCrop(scale 0.7-1), horizontal flip, ColorJitter(0.3 x4),
+  RandomGrayscale(p=0.1); evaluation is resize only; ImageNet normalization.
+
+Images are decoded once (any PIL-readable format and mode, converted to RGB and resized to
+``inputSize`` x ``inputSize``) into one uint8 tensor per domain, so training is not I/O bound.
+Augmentation runs batched on tensors with per-image random parameters drawn from an explicit
+``torch.Generator`` whose state is checkpointed, so a resumed run draws the same batches.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class DataError(ValueError):
+    """The dataset cannot be used as described; the message names the dataset/domain/file."""
+
+
+def seed_hash(*args) -> int:
+    """DomainBed's ``misc.seed_hash``: an integer seed derived from the repr of the arguments."""
+    return int(hashlib.md5(str(args).encode("utf-8")).hexdigest(), 16) % (2 ** 31)
+
+
+def split_indices(n: int, holdout_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """DomainBed's ``misc.split_dataset``: (out, in) index lists; ``out`` has
+    ``int(n * holdout_fraction)`` entries."""
+    n_out = int(n * holdout_fraction)
+    keys = list(range(n))
+    np.random.RandomState(seed).shuffle(keys)
+    return keys[:n_out], keys[n_out:]
+
+
+@dataclass
+class Domain:
+    name: str
+    index: int                      # position among all (sorted) domains
+    images: torch.Tensor            # uint8 [N, 3, S, S]
+    labels: torch.Tensor            # int64 [N]
+    out_idx: torch.Tensor           # int64 indices of the validation ("out") split
+    in_idx: torch.Tensor            # int64 indices of the training ("in") split
+    skipped: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def split(self, which: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if which == "full":
+            return self.images, self.labels
+        idx = self.out_idx if which == "out" else self.in_idx
+        return self.images[idx], self.labels[idx]
+
+
+@dataclass
+class DomainDataset:
+    uri: str
+    root: str
+    classes: list[str]
+    domains: list[Domain]
+    input_size: int
+    test_domains: tuple[str, ...] = ()
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def domain_names(self) -> list[str]:
+        return [d.name for d in self.domains]
+
+    def domain(self, name: str) -> Domain:
+        for d in self.domains:
+            if d.name == name:
+                return d
+        raise DataError(f"dataset {self.uri}: no domain {name!r} (available: {', '.join(self.domain_names)})")
+
+    @property
+    def train_domains(self) -> list[Domain]:
+        return [d for d in self.domains if d.name not in self.test_domains]
+
+    @property
+    def test_domain_list(self) -> list[Domain]:
+        return [self.domain(n) for n in self.test_domains]
+
+    def validation_sets(self) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+        """The training domains' out splits (training-domain validation), non-empty ones."""
+        out = []
+        for d in self.train_domains:
+            x, y = d.split("out")
+            if len(y):
+                out.append((d.name, x, y))
+        return out
+
+
+# ------------------------------------------------------------------------------------ reading
+
+def _warn(msg: str) -> None:
+    print(f"ratatouille-trainer: warning: {msg}", file=sys.stderr, flush=True)
+
+
+def resolve_dataset(uri: str, endpoint: str | None = None) -> str:
+    """A local directory holding the dataset: the path itself for plain paths and ``file://``,
+    a synced local cache for ``s3://``."""
+    if uri.startswith("s3://"):
+        from . import storage as st
+        try:
+            s = st.open_storage(uri, endpoint)
+            if not s.list(uri):
+                raise DataError(f"dataset {uri} not found (no objects under that prefix)")
+            return s.sync_to_local(uri)
+        except st.NotFound:
+            raise DataError(f"dataset {uri} not found") from None
+    path = uri[len("file://"):] if uri.startswith("file://") else uri
+    if not os.path.isdir(path):
+        raise DataError(f"dataset {uri} not found (no such directory)")
+    return path
+
+
+def _visible_dirs(path: str) -> list[str]:
+    try:
+        names = os.listdir(path)
+    except OSError as e:
+        raise DataError(f"cannot list {path}: {e.strerror}") from None
+    return sorted(n for n in names if not n.startswith(".") and os.path.isdir(os.path.join(path, n)))
+
+
+def _class_files(class_dir: str) -> list[str]:
+    files = []
+    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for f in sorted(filenames):
+            if not f.startswith("."):
+                files.append(os.path.join(dirpath, f))
+    return files
+
+
+def decode_image(path: str, size: int) -> np.ndarray:
+    """Decode any PIL-readable image to RGB uint8 [size, size, 3] (resize like torchvision's
+    ``Resize((size, size))`` on PIL images: bilinear with antialiasing). Raises on bad files."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.load()
+        if im.mode == "P" and "transparency" in im.info:
+            im = im.convert("RGBA")
+        if im.mode in ("RGBA", "LA", "PA"):
+            # composite on black like convert("RGB") would drop alpha; keep it simple & stable
+            im = im.convert("RGBA").convert("RGB")
+        elif im.mode != "RGB":
+            im = im.convert("RGB")
+        if im.size != (size, size):
+            im = im.resize((size, size), Image.BILINEAR)
+        arr = np.asarray(im, dtype=np.uint8)
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError(f"unexpected decoded shape {arr.shape}")
+    return arr
+
+
+def _try_decode(args: tuple[str, int]) -> np.ndarray | str:
+    path, size = args
+    try:
+        return decode_image(path, size)
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+        return f"{type(e).__name__}: {e}"
+
+
+def load_dataset(uri: str, input_size: int, *, test_domains: Sequence[str] = (),
+                 holdout_fraction: float = 0.2, split_seed: int = 0,
+                 endpoint: str | None = None, workers: int | None = None) -> DomainDataset:
+    if not (0.0 <= holdout_fraction < 1.0):
+        raise DataError(f"holdoutFraction must be in [0, 1), got {holdout_fraction}")
+    if input_size < 8:
+        raise DataError(f"inputSize must be at least 8, got {input_size}")
+    root = resolve_dataset(uri, endpoint)
+    names = _visible_dirs(root)
+    if not names:
+        raise DataError(f"dataset {uri} has no domain folders (expected <domain>/<class>/<image>)")
+    missing = [t for t in test_domains if t not in names]
+    if missing:
+        raise DataError(f"test domain {missing[0]!r} is not in dataset {uri} (available: {', '.join(names)})")
+    if len(set(test_domains)) >= len(names):
+        raise DataError(f"dataset {uri}: every domain is a test domain; nothing left to train on")
+
+    classes: list[str] | None = None
+    listing: list[tuple[str, list[tuple[str, int]]]] = []
+    for name in names:
+        dclasses = _visible_dirs(os.path.join(root, name))
+        if not dclasses:
+            raise DataError(f"domain {name!r} of dataset {uri} has no class folders")
+        if classes is None:
+            classes = dclasses
+        elif dclasses != classes:
+            extra = sorted(set(dclasses) - set(classes))
+            lacking = sorted(set(classes) - set(dclasses))
+            what = []
+            if extra:
+                what.append(f"extra classes {extra}")
+            if lacking:
+                what.append(f"missing classes {lacking}")
+            raise DataError(f"domain {name!r} of dataset {uri} has different classes than "
+                            f"domain {names[0]!r}: {'; '.join(what)}")
+        files = []
+        for ci, c in enumerate(dclasses):
+            files.extend((f, ci) for f in _class_files(os.path.join(root, name, c)))
+        listing.append((name, files))
+    assert classes is not None
+
+    workers = workers or min(8, (os.cpu_count() or 2))
+    domains: list[Domain] = []
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for di, (name, files) in enumerate(listing):
+            if not files:
+                raise DataError(f"domain {name!r} of dataset {uri} has no images")
+            decoded = list(pool.map(_try_decode, [(f, input_size) for f, _ in files], chunksize=16))
+            arrays, labels, skipped = [], [], []
+            for (f, label), res in zip(files, decoded):
+                if isinstance(res, str):
+                    skipped.append(f"{os.path.relpath(f, root)} ({res})")
+                else:
+                    arrays.append(res)
+                    labels.append(label)
+            if not arrays:
+                raise DataError(f"domain {name!r} of dataset {uri} has no readable images "
+                                f"({len(skipped)} unreadable)")
+            for s in skipped:
+                _warn(f"skipping unreadable image {s}")
+            images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+            out_idx, in_idx = split_indices(len(arrays), holdout_fraction, seed_hash(split_seed, di))
+            domains.append(Domain(
+                name=name, index=di, images=images,
+                labels=torch.tensor(labels, dtype=torch.int64),
+                out_idx=torch.tensor(out_idx, dtype=torch.int64),
+                in_idx=torch.tensor(in_idx, dtype=torch.int64),
+                skipped=skipped,
+            ))
+    ds = DomainDataset(uri=uri, root=root, classes=list(classes), domains=domains,
+                       input_size=input_size, test_domains=tuple(test_domains))
+    for d in ds.train_domains:
+        if len(d.in_idx) == 0:
+            raise DataError(f"domain {d.name!r} of dataset {uri} has no training images after the split")
+    if not ds.validation_sets():
+        raise DataError(f"dataset {uri}: the training domains have no validation images "
+                        f"(holdoutFraction {holdout_fraction} of too few images)")
+    return ds
+
+
+# ------------------------------------------------------------------------------ batches
+
+
+def _gen(seed: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return g
+
+
+def state_to_list(state: torch.Tensor) -> list[int]:
+    return state.tolist()
+
+
+def list_to_state(values: Sequence[int]) -> torch.Tensor:
+    return torch.tensor(list(values), dtype=torch.uint8)
+
+
+class TrainStream:
+    """Per-domain infinite samplers (with replacement, seeded), one batch of ``batch_size``
+    per training domain per step, concatenated; then batched augmentation."""
+
+    def __init__(self, dataset: DomainDataset, batch_size: int, seed: int, *, augment: bool = True):
+        self.domains = dataset.train_domains
+        self.batch_size = int(batch_size)
+        self.augment = augment
+        self.samplers = [_gen(seed_hash(seed, "sampler", d.index)) for d in self.domains]
+        self.aug_gen = _gen(seed_hash(seed, "augment"))
+        self._pools = [(d.images[d.in_idx], d.labels[d.in_idx]) for d in self.domains]
+
+    @property
+    def images_per_step(self) -> int:
+        return self.batch_size * len(self.domains)
+
+    def to(self, device: torch.device, pin: bool = False, max_device_bytes: int = 4 << 30) -> "TrainStream":
+        pools = []
+        on_device = sum(x.numel() for x, _ in self._pools) <= max_device_bytes
+        for x, y in self._pools:
+            if device.type != "cpu" and on_device:
+                x, y = x.to(device), y.to(device)
+            elif pin and torch.cuda.is_available():
+                x, y = x.pin_memory(), y.pin_memory()
+            pools.append((x, y))
+        self._pools = pools
+        return self
+
+    def next_raw(self) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys = [], []
+        for g, (x, y) in zip(self.samplers, self._pools):
+            idx = torch.randint(len(y), (self.batch_size,), generator=g)
+            idx = idx.to(x.device)
+            xs.append(x[idx])
+            ys.append(y[idx])
+        return torch.cat(xs), torch.cat(ys)
+
+    def get_state(self) -> dict:
+        return {"samplers": [state_to_list(g.get_state()) for g in self.samplers],
+                "augment": state_to_list(self.aug_gen.get_state())}
+
+    def set_state(self, state: dict) -> None:
+        if len(state["samplers"]) != len(self.samplers):
+            raise ValueError("checkpoint sampler count does not match the training domains")
+        for g, s in zip(self.samplers, state["samplers"]):
+            g.set_state(list_to_state(s))
+        self.aug_gen.set_state(list_to_state(state["augment"]))
+
+
+# ------------------------------------------------------------------------- augmentation
+
+_GRAY = (0.2989, 0.587, 0.114)
+
+
+def _grayscale(x: torch.Tensor) -> torch.Tensor:
+    r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
+    return _GRAY[0] * r + _GRAY[1] * g + _GRAY[2] * b
+
+
+def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
+    r, g, b = x.unbind(1)
+    maxc, _ = x.max(1)
+    minc, _ = x.min(1)
+    eqc = maxc == minc
+    cr = maxc - minc
+    ones = torch.ones_like(maxc)
+    s = cr / torch.where(eqc, ones, maxc)
+    cr_div = torch.where(eqc, ones, cr)
+    rc = (maxc - r) / cr_div
+    gc = (maxc - g) / cr_div
+    bc = (maxc - b) / cr_div
+    hr = (maxc == r) * (bc - gc)
+    hg = ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
+    hb = ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
+    h = torch.fmod((hr + hg + hb) / 6.0 + 1.0, 1.0)
+    return torch.stack((h, s, maxc), 1)
+
+
+def _hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
+    h, s, v = x[:, 0:1], x[:, 1:2], x[:, 2:3]
+    n = torch.tensor((5.0, 3.0, 1.0), device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    k = torch.remainder(n + h * 6.0, 6.0)
+    return v - v * s * torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0)
+
+
+def _blend(a: torch.Tensor, b: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+    return (ratio * a + (1.0 - ratio) * b).clamp(0.0, 1.0)
+
+
+def _rrc_boxes(n: int, size: int, g: torch.Generator, scale=(0.7, 1.0),
+               ratio=(3.0 / 4.0, 4.0 / 3.0)) -> torch.Tensor:
+    """RandomResizedCrop.get_params for n images of size x size: boxes [n, 4] (x0, y0, x1, y1)
+    in pixels, torchvision's 10-attempt rejection sampling with a center-crop fallback."""
+    area = float(size * size)
+    tries = 10
+    u = torch.rand(n, tries, 4, generator=g, dtype=torch.float64)
+    target = area * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
+    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[..., 1]
+    ar = torch.exp(log_r)
+    w = torch.round(torch.sqrt(target * ar))
+    h = torch.round(torch.sqrt(target / ar))
+    ok = (w > 0) & (w <= size) & (h > 0) & (h <= size)
+    first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((n,), -1, dtype=torch.int64))
+    boxes = torch.empty(n, 4, dtype=torch.float64)
+    for k in range(n):  # n is a batch (tens of images): cheap
+        j = int(first[k])
+        if j < 0:  # fallback: whole image (ratio always fits for square inputs)
+            boxes[k] = torch.tensor([0.0, 0.0, float(size), float(size)], dtype=torch.float64)
+            continue
+        wk, hk = float(w[k, j]), float(h[k, j])
+        top = math.floor(u[k, j, 2].item() * (size - hk + 1))
+        left = math.floor(u[k, j, 3].item() * (size - wk + 1))
+        boxes[k] = torch.tensor([left, top, left + wk, top + hk], dtype=torch.float64)
+    return boxes
+
+
+def augment_batch(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """DomainBed's training augmentation on a uint8 batch [B, 3, S, S] -> float [0, 1].
+
+    Per image: RandomResizedCrop(S, scale=(0.7, 1)), RandomHorizontalFlip(0.5),
+    ColorJitter(0.3, 0.3, 0.3, 0.3) (brightness, contrast, saturation, hue in a random order per
+    image), RandomGrayscale(0.1). Random parameters come from ``g`` (a CPU generator)."""
+    from torchvision.ops import roi_align
+
+    b, _, s, _ = x.shape
+    dev = x.device
+    xf = x.float().div_(255.0)
+    # RandomResizedCrop (bilinear crop + resize of every image to S x S in one call)
+    boxes = _rrc_boxes(b, s, g)
+    rois = torch.cat([torch.arange(b, dtype=torch.float64).unsqueeze(1), boxes], 1).to(dev, torch.float32)
+    xf = roi_align(xf, rois, output_size=(s, s), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+    # Horizontal flip
+    flip = (torch.rand(b, generator=g) < 0.5).to(dev)
+    xf = torch.where(flip.view(b, 1, 1, 1), xf.flip(3), xf)
+    # ColorJitter: factors and a random permutation of the four operations per image
+    u = torch.rand(b, 4, generator=g)
+    bright = (0.7 + 0.6 * u[:, 0]).to(dev).view(b, 1, 1, 1)
+    contrast = (0.7 + 0.6 * u[:, 1]).to(dev).view(b, 1, 1, 1)
+    sat = (0.7 + 0.6 * u[:, 2]).to(dev).view(b, 1, 1, 1)
+    hue = (-0.3 + 0.6 * u[:, 3]).to(dev).view(b, 1, 1)
+    order = torch.argsort(torch.rand(b, 4, generator=g), dim=1).to(dev)  # order[i, pos] = op
+    for pos in range(4):
+        op_at = order[:, pos]
+        for op in range(4):
+            idx = (op_at == op).nonzero().squeeze(1)
+            if idx.numel() == 0:
+                continue
+            xs = xf.index_select(0, idx)
+            if op == 0:
+                y = (xs * bright[idx]).clamp(0.0, 1.0)
+            elif op == 1:
+                mean = _grayscale(xs).mean(dim=(1, 2, 3), keepdim=True)
+                y = _blend(xs, mean, contrast[idx])
+            elif op == 2:
+                y = _blend(xs, _grayscale(xs), sat[idx])
+            else:
+                hsv = _rgb_to_hsv(xs)
+                h = torch.remainder(hsv[:, 0] + hue[idx], 1.0)
+                y = _hsv_to_rgb(torch.stack((h, hsv[:, 1], hsv[:, 2]), 1))
+            xf = xf.index_copy(0, idx, y)
+    # RandomGrayscale(p=0.1), 3 output channels
+    gray = (torch.rand(b, generator=g) < 0.1).to(dev)
+    xf = torch.where(gray.view(b, 1, 1, 1), _grayscale(xf).expand(-1, 3, -1, -1), xf)
+    return xf
+
+
+def normalize(xf: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(IMAGENET_MEAN, device=xf.device, dtype=xf.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=xf.device, dtype=xf.dtype).view(1, 3, 1, 1)
+    return (xf - mean) / std
+
+
+def eval_transform(x: torch.Tensor) -> torch.Tensor:
+    """Evaluation: images are already resized at decode time; scale and normalize."""
+    return normalize(x.float().div_(255.0))
+
+
+def train_transform(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    return normalize(augment_batch(x, g))

@@ -1,0 +1,86 @@
+"""Where the trainer runs: a GPU automatically when one is present, the CPU otherwise.
+
+On CUDA: bf16 autocast, channels_last memory format, the (small, uint8) image cache moved to the
+GPU once (or pinned host memory with non-blocking copies when it is too large), optional
+``torch.compile`` with ``RATATOUILLE_COMPILE=1``. On the CPU: plain fp32, nothing changed.
+``RATATOUILLE_DEVICE=cpu`` forces the CPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DeviceContext:
+    device: torch.device
+    amp_dtype: torch.dtype | None = None
+    channels_last: bool = False
+    pin_memory: bool = False
+    non_blocking: bool = False
+    compile: bool = False
+    # datasets up to this many bytes are kept on the device itself
+    device_cache_bytes: int = 4 << 30
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def to_device(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device == self.device:
+            return x
+        if self.pin_memory and x.device.type == "cpu" and not x.is_pinned():
+            x = x.pin_memory()
+        return x.to(self.device, non_blocking=self.non_blocking)
+
+    def input(self, x: torch.Tensor) -> torch.Tensor:
+        """Final layout of a float input batch."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def prepare(self, net: torch.nn.Module) -> torch.nn.Module:
+        net.to(self.device)
+        if self.channels_last:
+            net.to(memory_format=torch.channels_last)
+        return net
+
+    def compiled(self, net: torch.nn.Module):
+        """The callable to run forward passes with (compiled when asked for)."""
+        if self.compile:
+            return torch.compile(net)
+        return net
+
+    def describe(self) -> str:
+        if self.is_cuda:
+            name = torch.cuda.get_device_name(self.device)
+            return f"cuda ({name}, bf16 autocast, channels_last{', compiled' if self.compile else ''})"
+        return "cpu (fp32)"
+
+
+def select_device(env: dict | None = None) -> DeviceContext:
+    env = os.environ if env is None else env
+    want = (env.get("RATATOUILLE_DEVICE") or "auto").lower()
+    use_cuda = torch.cuda.is_available() and want in ("auto", "cuda", "gpu")
+    if not use_cuda:
+        return DeviceContext(device=torch.device("cpu"))
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    bf16 = torch.cuda.is_bf16_supported()
+    return DeviceContext(
+        device=torch.device("cuda"),
+        amp_dtype=torch.bfloat16 if bf16 else None,
+        channels_last=True,
+        pin_memory=True,
+        non_blocking=True,
+        compile=env.get("RATATOUILLE_COMPILE", "") in ("1", "true", "yes"),
+    )

@@ -1,0 +1,530 @@
+"""The four stages a child Job runs (PAPER.md), each driven by a :class:`JobDescription`.
+
+Every stage writes its results under ``desc.output`` through the storage, ``DONE`` last:
+- ``aux``: linear-probe a head on the auxiliary dataset (all domains), then fine-tune
+  everything from there; the **last-step** network is kept (consumers take its featurizer).
+- ``linear-probe``: only the head trains on the frozen foundation featurizer; the best
+  checkpoint by training-domain validation is kept.
+- ``target``: foundation + LP head + the source's featurizer *parameters* (buffers stay the
+  foundation's); when the source is not the foundation the first ``headWarmupSteps`` steps train
+  only the head, then a fresh Adam over everything; best checkpoint by training-domain
+  validation; accuracy on every test domain.
+- ``average``: uniform or greedy weight averaging of the target members (streaming), evaluated
+  on the test domains, with the best single member and diagnostics.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import shutil
+import sys
+import tempfile
+from typing import Any, Callable
+
+import torch
+
+from . import __version__
+from .averaging import (AveragingError, RunningSum, greedy_select, interpolate,
+                        load_safetensors_file, save_state_dict, sha256_file)
+from .data import DomainDataset, TrainStream, load_dataset, seed_hash
+from .device import DeviceContext, select_device
+from .jobdesc import JobDescription, JobDescriptionError
+from .models import (ModelError, Network, build_network, copy_featurizer_parameters,
+                     featurizer_digest, freeze_bn, load_foundation, load_head,
+                     load_network_state, load_weights)
+from .progress import Progress
+from .storage import join, open_storage
+from .training import (Checkpointer, Evaluator, Phase, TrainResult, evaluate,
+                       test_accuracies, train)
+
+MODEL = "model.safetensors"
+METRICS = "metrics.json"
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+def _float(value: Any, field: str) -> float:
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise JobDescriptionError(f"{field}: not a number: {value!r}") from None
+    if not math.isfinite(f) or f < 0:
+        raise JobDescriptionError(f"{field}: must be a finite non-negative number, got {value!r}")
+    return f
+
+
+def _require_training(desc: JobDescription):
+    if desc.training is None:
+        raise JobDescriptionError(f"stage {desc.stage} needs the 'training' field")
+    t = desc.training
+    if int(t.steps) < 1:
+        raise JobDescriptionError("training.steps must be at least 1")
+    if int(t.batchSize) < 1:
+        raise JobDescriptionError("training.batchSize must be at least 1")
+    return t
+
+
+def fingerprint(desc: JobDescription) -> str:
+    return hashlib.sha256(desc.to_json().encode()).hexdigest()
+
+
+def _storage(desc: JobDescription):
+    return open_storage(desc.output, desc.storage_endpoint)
+
+
+def _dataset(desc: JobDescription) -> DomainDataset:
+    d = desc.data
+    return load_dataset(d.dataset, int(desc.foundation.inputSize), test_domains=d.testDomains,
+                        holdout_fraction=d.holdoutFraction, split_seed=d.splitSeed,
+                        endpoint=desc.storage_endpoint)
+
+
+def foundation_network(desc: JobDescription, num_classes: int, dropout: float,
+                       storage=None) -> tuple[Network, str | None]:
+    """The foundation network with a freshly initialised head and frozen BN.
+
+    Without foundation weights (tests), the featurizer's random initialisation is seeded by the
+    architecture name only, so every stage of every run sees the same "foundation"."""
+    torch.manual_seed(seed_hash("foundation", desc.foundation.model))
+    net = build_network(desc.foundation.model, num_classes, dropout, int(desc.foundation.inputSize))
+    torch.manual_seed(seed_hash(desc.seed, desc.stage, desc.member, "head"))
+    net.head.reset_parameters()
+    sha = None
+    if desc.foundation.weights:
+        sha = load_foundation(net, desc.foundation.weights, storage)
+    freeze_bn(net)
+    return net, sha
+
+
+def _model_metadata(desc: JobDescription) -> dict[str, str]:
+    return {"format": "pt", "stage": desc.stage, "member": desc.member,
+            "run": f"{desc.run.namespace}/{desc.run.name}", "foundation": desc.foundation.model,
+            "trainer": f"ratatouille-trainer {__version__}"}
+
+
+def _upload_model(storage, desc: JobDescription, state: dict[str, torch.Tensor], tmp: str) -> str:
+    local = os.path.join(tmp, MODEL)
+    save_state_dict(state, local, _model_metadata(desc))
+    sha = sha256_file(local)
+    storage.upload(local, join(desc.output, MODEL))
+    return sha
+
+
+def _summary(metrics: dict) -> dict:
+    keys = ("stage", "member", "valAccuracy", "valAccuracyPooled", "testAccuracy", "bestStep",
+            "steps", "sha256", "imagesPerSecond", "source", "selection", "selected", "bestSingle")
+    return {k: metrics[k] for k in keys if k in metrics}
+
+
+def _local_or_download(storage, uri: str, tmp: str, name: str) -> str:
+    if uri.startswith("file://") or "://" not in uri:
+        return uri[len("file://"):] if uri.startswith("file://") else uri
+    local = os.path.join(tmp, name)
+    storage.download(uri, local)
+    return local
+
+
+class _Job:
+    """Shared set-up of the training stages."""
+
+    def __init__(self, desc: JobDescription, ctx: DeviceContext | None = None, progress=None):
+        self.desc = desc
+        self.training = _require_training(desc)
+        self.storage = _storage(desc)
+        self.ctx = ctx or select_device()
+        self.dataset = _dataset(desc)
+        self.tmp = tempfile.mkdtemp(prefix="ratatouille-stage-")
+        self.progress = progress
+
+    def stream(self) -> TrainStream:
+        return TrainStream(self.dataset, int(self.training.batchSize),
+                           seed_hash(self.desc.seed, self.desc.stage, self.desc.member, "data"))
+
+    def evaluator(self) -> Evaluator:
+        return Evaluator(self.dataset.validation_sets(), self.ctx)
+
+    def checkpointer(self) -> Checkpointer:
+        return Checkpointer(self.storage, join(self.desc.output, "checkpoint"), fingerprint(self.desc))
+
+    def make_progress(self, steps: int) -> Progress:
+        if self.progress is None:
+            self.progress = Progress(self.desc.stage, self.desc.member, steps)
+        return self.progress
+
+    def run(self, net: Network, phases: list[Phase], steps: int, keep: str) -> TrainResult:
+        ck = self.checkpointer()
+        try:
+            return train(net, self.stream(), self.evaluator(), steps=steps,
+                         eval_every=int(self.training.evalEvery), phases=phases, ctx=self.ctx,
+                         keep=keep, checkpointer=ck, progress=self.make_progress(steps),
+                         seed=seed_hash(self.desc.seed, self.desc.stage, self.desc.member, "torch"))
+        finally:
+            ck.close()
+
+    def finish(self, net: Network, result: TrainResult, extra: dict) -> dict:
+        """Write model.safetensors, metrics.json, then DONE; drop the checkpoints."""
+        desc = self.desc
+        load_network_state(net, result.state, "kept checkpoint")
+        test = test_accuracies(net, self.dataset.test_domain_list, self.ctx)
+        sha = _upload_model(self.storage, desc, result.state, self.tmp)
+        metrics = {
+            "stage": desc.stage, "member": desc.member,
+            **result.score.as_dict(),
+            "testAccuracy": test,
+            "bestStep": result.step, "steps": result.steps,
+            "curve": result.curve,
+            "imagesPerSecond": result.images_per_second,
+            "trainSeconds": result.train_seconds,
+            "resumedFrom": result.resumed_from,
+            "sha256": sha,
+            "classes": self.dataset.classes,
+            "domains": {"train": [d.name for d in self.dataset.train_domains],
+                        "test": list(self.dataset.test_domains)},
+            "skippedImages": sum(len(d.skipped) for d in self.dataset.domains),
+            "device": self.ctx.describe(),
+            "run": {"namespace": desc.run.namespace, "name": desc.run.name, "uid": desc.run.uid},
+            "trainerVersion": __version__,
+            **extra,
+        }
+        self.storage.write_json(join(desc.output, METRICS), metrics)
+        self.storage.mark_done(desc.output, {"stage": desc.stage, "member": desc.member, "sha256": sha},
+                               require=(MODEL, METRICS))
+        if os.environ.get("RATATOUILLE_KEEP_CHECKPOINTS", "") not in ("1", "true", "yes"):
+            self.checkpointer().clear()
+        if self.progress is not None:
+            self.progress.emit("done", valAccuracy=metrics["valAccuracy"], testAccuracy=test)
+        return metrics
+
+    def close(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _hyper(desc: JobDescription) -> dict[str, float]:
+    t = desc.training
+    hp = desc.hyperparameters or {}
+    return {
+        "lr": _float(hp.get("lr", t.lr), "hyperparameters.lr"),
+        "weightDecay": _float(hp.get("weightDecay", t.weightDecay), "hyperparameters.weightDecay"),
+        "dropout": _float(hp.get("dropout", t.dropout), "hyperparameters.dropout"),
+    }
+
+
+# ------------------------------------------------------------------------------------ stages
+
+def run_linear_probe(desc: JobDescription, ctx: DeviceContext | None = None, progress=None) -> dict:
+    job = _Job(desc, ctx, progress)
+    try:
+        t = job.training
+        hp = _hyper(desc)
+        if hp["dropout"] >= 1:
+            raise JobDescriptionError("dropout must be below 1")
+        net, fsha = foundation_network(desc, job.dataset.num_classes, hp["dropout"], job.storage)
+        before = featurizer_digest(net)
+        result = job.run(net, [Phase(0, "head", hp["lr"], hp["weightDecay"])], int(t.steps), "best")
+        load_network_state(net, result.state, "kept checkpoint")
+        if featurizer_digest(net) != before:
+            raise RuntimeError("linear probe changed the featurizer (BUG: it must train the head only)")
+        return job.finish(net, result, {
+            "hyperparameters": {k: str(v) for k, v in hp.items()},
+            "source": "foundation", "foundationSha256": fsha,
+        })
+    finally:
+        job.close()
+
+
+def init_target_network(desc: JobDescription, num_classes: int, storage=None) -> tuple[Network, dict]:
+    """The target fine-tuning's starting network: foundation (frozen BN) + the LP head (only
+    ``head.*``) + the source featurizer's *parameters* (buffers stay the foundation's)."""
+    if desc.init is None or not desc.init.head:
+        raise JobDescriptionError("target stage needs init.head (the linear probe's model URI)")
+    hp = _hyper(desc)
+    if hp["dropout"] >= 1:
+        raise JobDescriptionError("dropout must be below 1")
+    net, fsha = foundation_network(desc, num_classes, hp["dropout"], storage)
+    head_state, head_sha = load_weights(desc.init.head, storage)
+    load_head(net, head_state, f"linear-probe head {desc.init.head}")
+    del head_state
+    info = {"foundationSha256": fsha, "headSha256": head_sha, "featurizerSha256": None,
+            "featurizerParametersCopied": 0}
+    if desc.init.featurizer:
+        fstate, fsha2 = load_weights(desc.init.featurizer, storage)
+        info["featurizerParametersCopied"] = copy_featurizer_parameters(
+            net, fstate, f"featurizer of {desc.init.source} ({desc.init.featurizer})")
+        info["featurizerSha256"] = fsha2
+    elif desc.init.source != "foundation":
+        raise JobDescriptionError(f"init.featurizer is required for source {desc.init.source!r}")
+    return net, info
+
+
+def target_phases(desc: JobDescription) -> list[Phase]:
+    t = desc.training
+    hp = _hyper(desc)
+    warm = int(t.headWarmupSteps) if desc.init is not None and desc.init.source != "foundation" else 0
+    if warm > 0:
+        return [Phase(0, "head", hp["lr"], hp["weightDecay"]), Phase(warm, "all", hp["lr"], hp["weightDecay"])]
+    return [Phase(0, "all", hp["lr"], hp["weightDecay"])]
+
+
+def run_target(desc: JobDescription, ctx: DeviceContext | None = None, progress=None) -> dict:
+    job = _Job(desc, ctx, progress)
+    try:
+        net, info = init_target_network(desc, job.dataset.num_classes, job.storage)
+        result = job.run(net, target_phases(desc), int(job.training.steps), "best")
+        return job.finish(net, result, {
+            "hyperparameters": {k: str(v) for k, v in _hyper(desc).items()},
+            "source": desc.init.source,
+            "init": {"source": desc.init.source, "featurizer": desc.init.featurizer,
+                     "head": desc.init.head},
+            "headWarmupSteps": int(desc.training.headWarmupSteps) if desc.init.source != "foundation" else 0,
+            **info,
+        })
+    finally:
+        job.close()
+
+
+def run_aux(desc: JobDescription, ctx: DeviceContext | None = None, progress=None) -> dict:
+    if desc.data.testDomains:
+        raise JobDescriptionError("aux stage: data.testDomains must be empty (all domains train)")
+    job = _Job(desc, ctx, progress)
+    try:
+        t = job.training
+        hp = _hyper(desc)
+        lp_steps = int(t.lpSteps)
+        lp_lr = _float(t.lpLr, "training.lpLr")
+        net, fsha = foundation_network(desc, job.dataset.num_classes, hp["dropout"], job.storage)
+        phases = [Phase(0, "all", hp["lr"], hp["weightDecay"])]
+        if lp_steps > 0:
+            phases = [Phase(0, "head", lp_lr, hp["weightDecay"]),
+                      Phase(lp_steps, "all", hp["lr"], hp["weightDecay"])]
+        result = job.run(net, phases, lp_steps + int(t.steps), "last")
+        return job.finish(net, result, {
+            "hyperparameters": {**{k: str(v) for k, v in hp.items()}, "lpSteps": str(lp_steps),
+                                "lpLr": str(lp_lr)},
+            "source": "foundation", "foundationSha256": fsha,
+            "dataset": desc.data.dataset,
+            "note": "last-step network; consumers use its featurizer parameters, the head is discarded",
+        })
+    finally:
+        job.close()
+
+
+# ---------------------------------------------------------------------------------- average
+
+def _sort_key(name: str, acc: Any) -> tuple:
+    try:
+        a = float(acc)
+    except (TypeError, ValueError):
+        a = math.nan
+    return (0 if not math.isnan(a) else 1, -a if not math.isnan(a) else 0.0, str(name))
+
+
+def _featurizer_param_names(net: Network) -> list[str]:
+    return ["featurizer." + n for n, _ in net.featurizer.named_parameters()]
+
+
+def _l2(a: dict, b: dict, names: list[str]) -> float:
+    s = 0.0
+    for n in names:
+        s += float(((a[n].double() - b[n].double()) ** 2).sum())
+    return math.sqrt(s)
+
+
+def run_average(desc: JobDescription, ctx: DeviceContext | None = None, progress=None) -> dict:
+    if desc.selection not in ("uniform", "greedy"):
+        raise JobDescriptionError(f"selection must be uniform or greedy, got {desc.selection!r}")
+    if not desc.members:
+        raise JobDescriptionError("average stage needs at least one member")
+    names = [m.member for m in desc.members]
+    if len(set(names)) != len(names):
+        raise JobDescriptionError("average stage: a member is listed twice")
+    storage = _storage(desc)
+    ctx = ctx or select_device()
+    progress = progress or Progress(desc.stage, desc.member, len(desc.members))
+    dataset = _dataset(desc)
+    evaluator = Evaluator(dataset.validation_sets(), ctx)
+    tmp = tempfile.mkdtemp(prefix="ratatouille-average-")
+    try:
+        # ---- members' metrics
+        infos: dict[str, dict] = {}
+        for m in desc.members:
+            if not storage.is_done(m.uri):
+                raise AveragingError(f"member {m.member!r}: {m.uri} is not complete (no DONE marker)")
+            try:
+                met = storage.read_json(join(m.uri, METRICS))
+            except Exception as e:
+                raise AveragingError(f"member {m.member!r}: cannot read {join(m.uri, METRICS)}: {e}") from None
+            if not isinstance(met, dict):
+                raise AveragingError(f"member {m.member!r}: metrics.json is not an object")
+            infos[m.member] = {"ref": m, "metrics": met}
+
+        # the architecture only: every tensor comes from the members
+        net = freeze_bn(build_network(desc.foundation.model, dataset.num_classes, 0.0,
+                                      int(desc.foundation.inputSize)))
+        ctx.prepare(net)
+        net.eval()
+
+        def set_state(state: dict, what: str) -> None:
+            try:
+                load_network_state(net, state, what)
+            except ModelError as e:
+                raise AveragingError(str(e)) from None
+
+        def val_pooled(state: dict) -> float:
+            set_state(state, "averaged candidate")
+            return evaluator.score(net).pooled
+
+        def load_member(name: str) -> dict[str, torch.Tensor]:
+            m = infos[name]["ref"]
+            uri = join(m.uri, MODEL)
+            path = _local_or_download(storage, uri, tmp, f"member-{len(os.listdir(tmp))}.safetensors")
+            sha = sha256_file(path)
+            want = infos[name]["metrics"].get("sha256")
+            if want and want != sha:
+                raise AveragingError(f"member {name!r}: {uri} has sha256 {sha[:12]}..., "
+                                     f"its metrics.json says {str(want)[:12]}...")
+            infos[name]["sha256"] = sha
+            try:
+                state = load_safetensors_file(path)
+            except FileNotFoundError:
+                raise AveragingError(f"member {name!r}: {uri} not found") from None
+            if path.startswith(tmp):
+                os.unlink(path)
+            return state
+
+        # ---- one streaming pass: each member is read once; its own pooled validation and the
+        # uniform running sum are taken as it goes by (greedy keeps its own running sum).
+        uniform_sum = RunningSum()
+        member_val: dict[str, float] = {}
+
+        def loader(name: str) -> Callable[[], dict]:
+            def load() -> dict:
+                state = load_member(name)
+                uniform_sum.add(name, state)
+                set_state(state, f"member {name!r}")
+                member_val[name] = evaluator.score(net).pooled
+                progress.update(len(member_val), val=member_val[name])
+                return state
+            return load
+
+        ordered = sorted(infos, key=lambda n: _sort_key(n, infos[n]["metrics"].get("valAccuracy")))
+        trace = None
+        if desc.selection == "greedy":
+            ranked = [(n, loader(n), infos[n]["metrics"].get("valAccuracy")) for n in ordered]
+            g = greedy_select(ranked, val_pooled)
+            result_state, selected = g.state_dict, list(g.selected)
+            trace = [{"member": s.name, "valAccuracy": s.candidate_acc, "kept": s.kept} for s in g.trace]
+            uniform_state = uniform_sum.mean()
+        else:
+            for n in sorted(infos):
+                loader(n)()
+            uniform_state = uniform_sum.mean()
+            result_state, selected = uniform_state, sorted(infos)
+        uniform_val = val_pooled(uniform_state)
+        del uniform_state, uniform_sum
+        vals = list(member_val.values())
+        uniform_diag = {"valAccuracy": uniform_val, "membersMeanVal": sum(vals) / len(vals),
+                        "membersBestVal": max(vals),
+                        "collapse": uniform_val < sum(vals) / len(vals) - 0.05}
+
+        # ---- the result: validation (DomainBed score and pooled) and test domains
+        set_state(result_state, "averaged model")
+        score = evaluator.score(net)
+        test = test_accuracies(net, dataset.test_domain_list, ctx)
+
+        # ---- best single member (the top of the ranking greedy uses)
+        top = ordered[0]
+        top_met = infos[top]["metrics"]
+        best_single = {"member": top, "source": infos[top]["ref"].source,
+                       "valAccuracy": top_met.get("valAccuracy"),
+                       "valAccuracyPooled": member_val.get(top),
+                       "testAccuracy": dict(top_met.get("testAccuracy") or {})}
+
+        # ---- interpolation diagnostic: foundation-initialised member vs most distant aux one
+        interpolation = _interpolation(infos, ordered, load_member, val_pooled, net)
+
+        # ---- outputs: model, lineage, card, metrics, DONE
+        from .provenance import lineage_json, model_card, write_lineage
+
+        sha = _upload_model(storage, desc, result_state, tmp)
+        members_lineage = []
+        for n in sorted(infos):
+            met, ref = infos[n]["metrics"], infos[n]["ref"]
+            members_lineage.append({
+                "member": n, "uri": join(ref.uri, MODEL), "sha256": infos[n].get("sha256") or met.get("sha256"),
+                "source": ref.source or met.get("source"),
+                "init": met.get("init") or {"source": ref.source},
+                "hyperparameters": met.get("hyperparameters") or {},
+                "valAccuracy": met.get("valAccuracy"), "testAccuracy": met.get("testAccuracy") or {},
+                "bestStep": met.get("bestStep"),
+            })
+        result = {
+            "selection": desc.selection, "selected": selected, "uri": join(desc.output, MODEL),
+            "sha256": sha, "valAccuracy": score.mean, "testAccuracy": test, "bestSingle": best_single,
+            "run": {"namespace": desc.run.namespace, "name": desc.run.name, "uid": desc.run.uid},
+            "foundation": {"model": desc.foundation.model, "weights": desc.foundation.weights,
+                           "inputSize": desc.foundation.inputSize},
+            "data": {"dataset": desc.data.dataset, "testDomains": list(desc.data.testDomains)},
+            "uniform": uniform_diag, "interpolation": interpolation, "greedyTrace": trace,
+            "trainerVersion": __version__,
+        }
+        lineage = write_lineage(members_lineage, result)
+        storage.write_text(join(desc.output, "lineage.json"), lineage_json(lineage))
+        storage.write_text(join(desc.output, "model-card.md"), model_card(lineage))
+        metrics = {
+            "stage": "average", "member": desc.member, "selection": desc.selection,
+            **score.as_dict(), "testAccuracy": test,
+            "members": len(selected), "membersAvailable": len(infos), "selected": selected,
+            "bestSingle": best_single, "uniform": uniform_diag, "interpolation": interpolation,
+            "greedyTrace": trace, "membersValAccuracyPooled": member_val,
+            "bestStep": None, "steps": 0, "hyperparameters": {}, "source": "average",
+            "sha256": sha, "curve": [], "imagesPerSecond": None,
+            "device": ctx.describe(), "trainerVersion": __version__,
+        }
+        storage.write_json(join(desc.output, METRICS), metrics)
+        storage.mark_done(desc.output, {"stage": "average", "member": desc.member, "sha256": sha},
+                          require=(MODEL, "lineage.json", "model-card.md", METRICS))
+        progress.emit("done", valAccuracy=score.mean, testAccuracy=test)
+        return metrics
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _interpolation(infos: dict, ordered: list[str], load_member, val_pooled, net: Network) -> dict | None:
+    found = [n for n in ordered if infos[n]["ref"].source == "foundation"]
+    aux = [n for n in ordered if infos[n]["ref"].source != "foundation"]
+    if not found or not aux:
+        return None
+    a_name = found[0]  # the best-ranked foundation-initialised member
+    a = load_member(a_name)
+    names = _featurizer_param_names(net)
+    far_name, far_d, b = None, -1.0, None
+    for n in aux:
+        s = load_member(n)
+        d = _l2(a, s, names)
+        if d > far_d:
+            far_name, far_d, b = n, d, s
+        else:
+            del s
+    points = []
+    for alpha in (0.0, 0.25, 0.5, 0.75, 1.0):
+        st = interpolate(a, b, alpha, names=(a_name, far_name))
+        points.append({"alpha": alpha, "valAccuracy": val_pooled(st)})
+    return {"a": a_name, "b": far_name, "sourceA": "foundation", "sourceB": infos[far_name]["ref"].source,
+            "featurizerDistance": far_d, "points": points}
+
+
+STAGE_FUNCTIONS = {
+    "aux": run_aux,
+    "linear-probe": run_linear_probe,
+    "target": run_target,
+    "average": run_average,
+}
+
+
+def run_stage(desc: JobDescription, ctx: DeviceContext | None = None, progress=None) -> dict:
+    return STAGE_FUNCTIONS[desc.stage](desc, ctx, progress)
+
+
+def summary(metrics: dict) -> dict:
+    return _summary(metrics)

@@ -1,0 +1,445 @@
+"""The training loop, evaluation and resumable checkpoints.
+
+One explicit loop, as the reference runs it (DomainBed ``train.py``): steps are numbered
+0..steps-1; each step concatenates one batch per training domain, takes one Adam step (no
+schedule) on the cross-entropy; after step ``s`` the model is evaluated when ``s % evalEvery ==
+0`` or ``s`` is the last step, and the best checkpoint by training-domain validation is kept
+(strict ``>``: ties keep the earlier step). A *phase* list says which parameters train from
+which step on; entering a phase builds a fresh Adam over its parameters (the reference's head
+warm-up, and the linear-probe then fine-tune of auxiliary runs).
+
+Training-domain validation, as in the reference: the member's score is DomainBed's
+``get_score``, the mean over training domains of the out-split accuracy (``ValScore.mean``);
+the pooled accuracy over the concatenated out splits (``ValScore.pooled``, what greedy
+selection uses) is recorded beside it.
+
+Every evaluation also writes a checkpoint to ``<output>/checkpoint/`` through the storage: the
+model, the Adam state (flattened into safetensors + JSON), RNG states of the samplers, the
+augmentation and dropout, the curve and the best-so-far, with ``state.json`` written last as
+the pointer. A resumed run continues after the checkpointed step with the same RNG states, so
+it reproduces an uninterrupted run exactly on the CPU.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .averaging import load_safetensors_file, save_state_dict
+from .data import TrainStream, eval_transform, list_to_state, state_to_list, train_transform
+from .device import DeviceContext
+from .models import Network, cpu_state
+
+CHECKPOINT_VERSION = 1
+EVAL_BATCH = 256
+
+
+class SimulatedCrash(RuntimeError):
+    """Raised by the fault-injection hook ``RATATOUILLE_ABORT_AT_STEP`` (tests)."""
+
+
+# ---------------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def correct_count(net: Network, images: torch.Tensor, labels: torch.Tensor,
+                  ctx: DeviceContext | None = None, batch_size: int = EVAL_BATCH) -> tuple[int, int]:
+    """(correct, total) of ``net`` on uint8 images [N, 3, S, S] (resize-only evaluation)."""
+    ctx = ctx or DeviceContext(device=next(net.parameters()).device)
+    was_training = net.training
+    net.eval()
+    correct = 0
+    try:
+        for i in range(0, int(labels.shape[0]), batch_size):
+            x = ctx.input(eval_transform(ctx.to_device(images[i:i + batch_size])))
+            y = ctx.to_device(labels[i:i + batch_size])
+            with ctx.autocast():
+                logits = net(x)
+            correct += int((logits.float().argmax(1) == y).sum().item())
+    finally:
+        net.train(was_training)
+    return correct, int(labels.shape[0])
+
+
+def evaluate(net: Network, data, ctx: DeviceContext | None = None) -> float:
+    """Accuracy of ``net`` on ``(images, labels)`` or on a list of such pairs / of
+    ``(name, images, labels)`` triples pooled together."""
+    if isinstance(data, tuple) and len(data) == 2 and torch.is_tensor(data[0]):
+        data = [data]
+    correct = total = 0
+    for item in data:
+        x, y = (item[1], item[2]) if len(item) == 3 else item
+        c, t = correct_count(net, x, y, ctx)
+        correct += c
+        total += t
+    if total == 0:
+        raise ValueError("nothing to evaluate on")
+    return correct / total
+
+
+@dataclass
+class ValScore:
+    mean: float                     # DomainBed get_score: mean of per-domain out accuracies
+    pooled: float                   # accuracy over the concatenated out splits
+    per_domain: dict[str, float]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"valAccuracy": self.mean, "valAccuracyPooled": self.pooled,
+                "valAccuracyPerDomain": dict(self.per_domain)}
+
+
+class Evaluator:
+    """Training-domain validation over ``[(domain, images, labels)]`` (the out splits)."""
+
+    def __init__(self, sets: Sequence[tuple[str, torch.Tensor, torch.Tensor]], ctx: DeviceContext):
+        if not sets:
+            raise ValueError("no validation data")
+        self.ctx = ctx
+        self.sets = []
+        for name, x, y in sets:
+            if ctx.is_cuda and x.numel() <= ctx.device_cache_bytes:
+                x, y = x.to(ctx.device), y.to(ctx.device)
+            self.sets.append((name, x, y))
+
+    def score(self, net: Network) -> ValScore:
+        per, correct, total = {}, 0, 0
+        for name, x, y in self.sets:
+            c, t = correct_count(net, x, y, self.ctx)
+            per[name] = c / t
+            correct += c
+            total += t
+        return ValScore(mean=sum(per.values()) / len(per), pooled=correct / total, per_domain=per)
+
+
+def test_accuracies(net: Network, domains, ctx: DeviceContext) -> dict[str, float]:
+    """Accuracy on each whole test domain."""
+    return {d.name: evaluate(net, (d.images, d.labels), ctx) for d in domains}
+
+
+# ------------------------------------------------------------------------------- optimizers
+
+@dataclass(frozen=True)
+class Phase:
+    start: int          # first step (0-based) of this phase
+    trainable: str      # "head" or "all"
+    lr: float
+    weight_decay: float
+
+
+def phase_index(phases: Sequence[Phase], step: int) -> int:
+    idx = 0
+    for i, p in enumerate(phases):
+        if p.start <= step:
+            idx = i
+    return idx
+
+
+def set_trainable(net: Network, phase: Phase) -> list[torch.nn.Parameter]:
+    if phase.trainable not in ("head", "all"):
+        raise ValueError(f"unknown phase {phase.trainable!r}")
+    train_feat = phase.trainable == "all"
+    for p in net.featurizer.parameters():
+        p.requires_grad_(train_feat)
+    for p in net.head.parameters():
+        p.requires_grad_(True)
+    return list(net.parameters()) if train_feat else list(net.head.parameters())
+
+
+def make_optimizer(net: Network, phase: Phase) -> torch.optim.Adam:
+    params = set_trainable(net, phase)
+    return torch.optim.Adam(params, lr=phase.lr, weight_decay=phase.weight_decay)
+
+
+def optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"state.{pid}.{k}"] = v.detach().to("cpu").contiguous()
+            else:
+                scalars[f"{pid}.{k}"] = v
+    return tensors, {"param_groups": json.loads(json.dumps(sd["param_groups"])), "scalars": scalars}
+
+
+def optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in tensors.items():
+        _, pid, k = key.split(".", 2)
+        state.setdefault(int(pid), {})[k] = v
+    for key, v in meta.get("scalars", {}).items():
+        pid, k = key.split(".", 1)
+        state.setdefault(int(pid), {})[k] = v
+    groups = []
+    for g in meta["param_groups"]:
+        g = dict(g)
+        if isinstance(g.get("betas"), list):
+            g["betas"] = tuple(g["betas"])
+        groups.append(g)
+    return {"state": state, "param_groups": groups}
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+class Checkpointer:
+    """Checkpoints under ``<prefix>/`` through a storage: ``step-XXXXXXXX/{model,optimizer}
+    .safetensors`` and ``state.json`` (written last; the pointer). Older step folders are removed
+    except the latest and the best."""
+
+    def __init__(self, storage, prefix: str, fingerprint: str):
+        from .storage import join
+
+        self.storage = storage
+        self.prefix = prefix.rstrip("/")
+        self.fingerprint = fingerprint
+        self._join = join
+        self.tmp = tempfile.mkdtemp(prefix="ratatouille-ckpt-")
+
+    def uri(self, *parts: str) -> str:
+        return self._join(self.prefix, *parts)
+
+    @staticmethod
+    def dirname(step: int) -> str:
+        return f"step-{step:08d}"
+
+    def load(self) -> dict | None:
+        from .storage import NotFound
+
+        try:
+            state = self.storage.read_json(self.uri("state.json"))
+        except NotFound:
+            return None
+        if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
+            return None
+        if state.get("fingerprint") != self.fingerprint:
+            print("ratatouille-trainer: warning: ignoring a checkpoint written for a different "
+                  "job description", flush=True, file=__import__("sys").stderr)
+            return None
+        return state
+
+    def fetch_state_dict(self, dirname: str, name: str) -> dict[str, torch.Tensor]:
+        local = os.path.join(self.tmp, dirname + "-" + name)
+        self.storage.download(self.uri(dirname, name), local)
+        try:
+            return load_safetensors_file(local)
+        finally:
+            os.unlink(local)
+
+    def save(self, step: int, model_state: dict[str, torch.Tensor],
+             opt_tensors: dict[str, torch.Tensor], state: dict) -> None:
+        d = self.dirname(step)
+        for name, tensors in (("model.safetensors", model_state), ("optimizer.safetensors", opt_tensors)):
+            local = os.path.join(self.tmp, name)
+            save_state_dict(tensors, local)
+            self.storage.upload(local, self.uri(d, name))
+            os.unlink(local)
+        body = dict(state, version=CHECKPOINT_VERSION, fingerprint=self.fingerprint, latestDir=d)
+        self.storage.write_json(self.uri("state.json"), body)
+        keep = {d, (state.get("best") or {}).get("dir")}
+        self._prune(keep)
+
+    def _prune(self, keep: set) -> None:
+        try:
+            dirs = set()
+            for uri in self.storage.list(self.prefix):
+                rel = uri[len(self.prefix):].lstrip("/")
+                first = rel.split("/", 1)[0]
+                if first.startswith("step-") and "/" in rel:
+                    dirs.add(first)
+            for old in sorted(dirs - keep):
+                self.storage.delete_prefix(self.uri(old))
+        except Exception as e:  # pruning is an optimisation: never fail training for it
+            print(f"ratatouille-trainer: warning: could not prune old checkpoints: {e}",
+                  file=__import__("sys").stderr, flush=True)
+
+    def clear(self) -> None:
+        try:
+            self.storage.delete_prefix(self.prefix)
+        except Exception:
+            pass
+
+    def close(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _rng_state() -> dict:
+    st = {"torch": state_to_list(torch.get_rng_state())}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        st["cuda"] = [state_to_list(s) for s in torch.cuda.get_rng_state_all()]
+    return st
+
+
+def _set_rng_state(st: dict) -> None:
+    torch.set_rng_state(list_to_state(st["torch"]))
+    if "cuda" in st and torch.cuda.is_available():
+        try:
+            torch.cuda.set_rng_state_all([list_to_state(s) for s in st["cuda"]])
+        except Exception:
+            pass
+
+
+# ------------------------------------------------------------------------------------- loop
+
+@dataclass
+class TrainResult:
+    state: dict[str, torch.Tensor]          # the kept model (best or last), CPU
+    step: int                               # its step (0-based)
+    score: ValScore
+    curve: list[dict]
+    steps: int
+    images_per_second: float
+    resumed_from: int | None = None
+    train_seconds: float = 0.0
+
+
+def _abort_at() -> int | None:
+    v = os.environ.get("RATATOUILLE_ABORT_AT_STEP")
+    return int(v) if v else None
+
+
+def train(net: Network, stream: TrainStream, evaluator: Evaluator, *, steps: int, eval_every: int,
+          phases: Sequence[Phase], ctx: DeviceContext, keep: str = "best",
+          checkpointer: Checkpointer | None = None, progress=None, seed: int = 0,
+          on_eval: Callable[[int, ValScore], None] | None = None) -> TrainResult:
+    """Run steps 0..steps-1 (or continue from a checkpoint) and return the kept model.
+
+    ``keep="best"``: the checkpoint with the best ``ValScore.mean`` (strict ``>``, so ties keep
+    the earlier step); ``keep="last"``: the last step's model.
+    """
+    if steps < 1:
+        raise ValueError("steps must be at least 1")
+    if keep not in ("best", "last"):
+        raise ValueError(keep)
+    phases = sorted(phases, key=lambda p: p.start)
+    if not phases or phases[0].start != 0:
+        raise ValueError("the first phase must start at step 0")
+    ctx.prepare(net)
+    stream.to(ctx.device, pin=ctx.pin_memory, max_device_bytes=ctx.device_cache_bytes)
+    fwd = ctx.compiled(net)
+
+    torch.manual_seed(seed)
+    start = 0
+    curve: list[dict] = []
+    best: dict | None = None
+    best_state: dict[str, torch.Tensor] | None = None
+    train_seconds = 0.0
+    images_seen = 0
+    resumed_from = None
+    pidx = 0
+    opt = make_optimizer(net, phases[0])
+
+    saved = checkpointer.load() if checkpointer is not None else None
+    if saved is not None:
+        last = int(saved["step"])
+        from .models import load_network_state
+        model_state = checkpointer.fetch_state_dict(saved["latestDir"], "model.safetensors")
+        load_network_state(net, model_state, "checkpoint model")
+        pidx = int(saved["phase"])
+        opt = make_optimizer(net, phases[pidx])
+        opt_tensors = checkpointer.fetch_state_dict(saved["latestDir"], "optimizer.safetensors")
+        opt.load_state_dict(optimizer_from_flat(opt_tensors, saved["optimizer"]))
+        stream.set_state(saved["stream"])
+        _set_rng_state(saved["rng"])
+        curve = list(saved["curve"])
+        best = saved.get("best")
+        if best is not None and keep == "best":
+            best_state = (model_state if best["dir"] == saved["latestDir"]
+                          else checkpointer.fetch_state_dict(best["dir"], "model.safetensors"))
+        train_seconds = float(saved.get("trainSeconds", 0.0))
+        images_seen = int(saved.get("imagesSeen", 0))
+        start = last + 1
+        resumed_from = last
+        if progress is not None:
+            progress.emit("resume", step=start, steps=steps)
+
+    abort_at = _abort_at()
+    net.train()
+    loss_sum, loss_n = 0.0, 0
+    last_score: ValScore | None = None
+    for step in range(start, steps):
+        # phase switch: a fresh Adam over the new phase's parameters (reference: head warm-up)
+        new_idx = phase_index(phases, step)
+        if new_idx != pidx:
+            opt = make_optimizer(net, phases[new_idx])
+            pidx = new_idx
+        phase = phases[pidx]
+
+        t0 = time.perf_counter()
+        xb, yb = stream.next_raw()
+        x = ctx.input(train_transform(ctx.to_device(xb), stream.aug_gen))
+        y = ctx.to_device(yb)
+        with ctx.autocast():
+            if phase.trainable == "head":
+                with torch.no_grad():
+                    feats = net.features(x)
+                logits = net.head(feats)
+            else:
+                logits = fwd(x)
+        loss = F.cross_entropy(logits.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss_v = float(loss.item())
+        if ctx.is_cuda:
+            torch.cuda.synchronize()
+        train_seconds += time.perf_counter() - t0
+        images_seen += int(y.shape[0])
+        loss_sum += loss_v
+        loss_n += 1
+        ips = images_seen / train_seconds if train_seconds > 0 else 0.0
+
+        is_eval = (eval_every > 0 and step % eval_every == 0) or step == steps - 1
+        if is_eval:
+            score = evaluator.score(net)
+            last_score = score
+            point = {"step": step, "loss": loss_sum / max(loss_n, 1), "valAccuracy": score.mean,
+                     "valAccuracyPooled": score.pooled}
+            curve.append(point)
+            loss_sum, loss_n = 0.0, 0
+            improved = best is None or score.mean > best["score"]
+            if improved:
+                best = {"step": step, "score": score.mean, "pooled": score.pooled,
+                        "perDomain": score.per_domain, "dir": Checkpointer.dirname(step)}
+                if keep == "best":
+                    best_state = cpu_state(net)
+            if on_eval is not None:
+                on_eval(step, score)
+            if checkpointer is not None:
+                opt_tensors, opt_meta = optimizer_to_flat(opt)
+                checkpointer.save(step, cpu_state(net), opt_tensors, {
+                    "step": step, "steps": steps, "phase": pidx, "optimizer": opt_meta,
+                    "stream": stream.get_state(), "rng": _rng_state(), "curve": curve,
+                    "best": best if keep == "best" else None,
+                    "trainSeconds": train_seconds, "imagesSeen": images_seen,
+                })
+            if progress is not None:
+                progress.update(step + 1, loss=point["loss"], val=score.mean, images_per_second=ips)
+        elif progress is not None:
+            progress.update(step + 1, loss=loss_v, images_per_second=ips)
+        if abort_at is not None and step + 1 >= abort_at:
+            raise SimulatedCrash(f"aborted after step {step} (RATATOUILLE_ABORT_AT_STEP={abort_at})")
+
+    ips = images_seen / train_seconds if train_seconds > 0 else 0.0
+    if keep == "best":
+        if best_state is None:
+            raise RuntimeError("no checkpoint was evaluated")
+        kept_step = int(best["step"])
+        kept_score = ValScore(best["score"], best["pooled"], dict(best["perDomain"]))
+        state = best_state
+    else:
+        state = cpu_state(net)
+        kept_step = steps - 1
+        if last_score is None:  # resumed right at the end
+            last_score = evaluator.score(net)
+        kept_score = last_score
+    for p in net.parameters():
+        p.requires_grad_(True)
+    return TrainResult(state=state, step=kept_step, score=kept_score, curve=curve, steps=steps,
+                       images_per_second=ips, resumed_from=resumed_from, train_seconds=train_seconds)
