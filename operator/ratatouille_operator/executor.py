@@ -1,0 +1,352 @@
+"""Embedded mode: run a RatatouilleRun on this machine, with local processes standing in for Jobs.
+
+The local executor is an adapter around the same planner the operator uses. Each Job the planner
+asks for is rendered to the batch/v1 manifest the operator would create, and its container
+command and environment are run as a local process; process exit codes become Job states.
+Re-running the same manifest resumes: the run's uid is derived from (namespace, name, spec), the
+status is kept in storage, and members whose DONE marker exists are not redone.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping
+
+from . import manifests, planner
+from .spec import RunSpec
+
+# Fields that change what a run computes; the others (parallelism, suspend, placement, deadlines)
+# may change between re-runs without starting over.
+_RESULT_FIELDS = ("foundation", "target", "auxiliaries", "includeFoundation", "linearProbe",
+                  "auxiliaryFinetune", "finetune", "averaging", "seed", "storage")
+
+TERMINAL = ("Succeeded", "Failed")
+
+
+def embedded_uid(namespace: str, name: str, spec: Mapping) -> str:
+    """Deterministic run uid for embedded mode: same manifest, same uid, so a re-run resumes."""
+    material = {k: spec.get(k) for k in _RESULT_FIELDS}
+    digest = hashlib.sha256(json.dumps([namespace, name, material], sort_keys=True, default=str).encode())
+    return str(uuid.UUID(bytes=digest.digest()[:16], version=5))
+
+
+@dataclass
+class LocalJob:
+    """One local process standing in for a batch/v1 Job."""
+    name: str
+    stage: str
+    member: str
+    attempt: int
+    state: str = "Pending"
+    start_time: float | None = None
+    finish_time: float | None = None
+    reason: str | None = None
+    proc: subprocess.Popen | None = field(default=None, repr=False)
+    log_path: str | None = None
+    last_progress: dict | None = field(default=None, repr=False)
+
+    def observed(self) -> planner.ObservedJob:
+        return planner.ObservedJob(name=self.name, stage=self.stage, member=self.member,
+                                   attempt=self.attempt, state=self.state, start_time=self.start_time,
+                                   finish_time=self.finish_time, reason=self.reason)
+
+    def to_record(self) -> dict:
+        return {"name": self.name, "stage": self.stage, "member": self.member, "attempt": self.attempt,
+                "state": self.state, "startTime": self.start_time, "finishTime": self.finish_time,
+                "reason": self.reason}
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Own process group (so a Job's whole tree can be signalled) and, on Linux, SIGKILL when
+    the executor dies: a killed `ratatouille run` must not leave members training unseen."""
+    os.setsid()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def trainer_executable() -> list[str]:
+    """How to start `ratatouille-trainer` here: the console script beside this interpreter."""
+    script = Path(sys.executable).with_name("ratatouille-trainer")
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("ratatouille-trainer")
+    return [found] if found else [sys.executable, "-m", "ratatouille_trainer.cli"]
+
+
+def local_command(job: Mapping, env: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:
+    """The argv and environment that the Job's single container would run with.
+
+    Secret references are resolved from this machine's environment (the same variable names the
+    Secret would carry), so credentials pass through without ever being written anywhere.
+    """
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    argv = list(container["command"]) + list(container.get("args") or [])
+    if argv and argv[0] == "ratatouille-trainer":
+        argv = trainer_executable() + argv[1:]
+    out = dict(env)
+    for var in container.get("env") or []:
+        if "value" in var:
+            out[var["name"]] = str(var["value"])
+        elif "valueFrom" in var and var["name"] in env:
+            out[var["name"]] = env[var["name"]]
+    # A pod would have its own /tmp; keep each member's cache on the machine-wide cache instead.
+    out.pop("RATATOUILLE_CACHE_DIR", None)
+    out.pop("RATATOUILLE_METRICS_PORT", None)
+    return argv, out
+
+
+class LocalExecutor:
+    """Drives planner.plan() with local processes until the run is Succeeded or Failed."""
+
+    def __init__(self, namespace: str, name: str, spec: RunSpec, *, storage,
+                 workdir: str | os.PathLike, parallelism: int | None = None,
+                 env: Mapping[str, str] | None = None,
+                 on_event: Callable[[str, dict], None] | None = None,
+                 clock: Callable[[], float] = time.time, poll_interval: float = 0.5,
+                 threads_per_job: int | None = None):
+        self.spec = spec
+        self.storage = storage
+        self.clock = clock
+        self.poll_interval = poll_interval
+        self.workdir = Path(workdir)
+        self.logdir = self.workdir / "logs"
+        self.logdir.mkdir(parents=True, exist_ok=True)
+        self.parallelism = parallelism or spec.parallelism
+        self.on_event = on_event or (lambda kind, data: None)
+        base_env = dict(os.environ if env is None else env)
+        base_env.setdefault("HF_HUB_OFFLINE", "1")
+        cpus = os.cpu_count() or 1
+        threads = threads_per_job or max(1, cpus // max(1, min(self.parallelism, cpus)))
+        base_env.setdefault("OMP_NUM_THREADS", str(threads))
+        base_env.setdefault("RATATOUILLE_TORCH_THREADS", str(threads))
+        self.env = base_env
+        uid = embedded_uid(namespace, name, spec.raw)
+        self.run = planner.RunRef(namespace=namespace, name=name, uid=uid, generation=1,
+                                  creation_time=clock())
+        self.prefix = planner.run_prefix(spec, self.run)
+        self.status_uri = f"{self.prefix}/status.json"
+        self.jobs: dict[str, LocalJob] = {}
+        self.metrics: dict[str, dict] = {}
+        self.status: dict = {}
+        self._lock = threading.Lock()
+        self._load_previous()
+
+    # -- state kept in storage so that a re-run resumes ------------------------------------
+    def _load_previous(self) -> None:
+        if not self.storage.exists(self.status_uri):
+            return
+        saved = self.storage.read_json(self.status_uri)
+        self.status = saved.get("status") or {}
+        created = saved.get("creationTime")
+        if created:
+            self.run = dataclasses.replace(self.run, creation_time=float(created))
+        for rec in saved.get("jobs") or []:
+            job = LocalJob(name=rec["name"], stage=rec["stage"], member=rec["member"],
+                           attempt=int(rec["attempt"]), state=rec["state"],
+                           start_time=rec.get("startTime"), finish_time=rec.get("finishTime"),
+                           reason=rec.get("reason"))
+            if job.state == "Succeeded":
+                # Trust storage, not the record: a member counts only if its DONE marker exists.
+                if not self.storage.is_done(planner.member_output(self.spec, self.run, job.stage, job.member)):
+                    continue
+            elif job.state != "Failed":
+                # Its process died with the previous executor: the Job no longer exists, and the
+                # planner will create it again under the same name; the trainer resumes from
+                # the member's checkpoint.
+                continue
+            self.jobs[job.name] = job
+        if self.status.get("phase") in TERMINAL and self.status.get("phase") == "Failed":
+            # A failed run is re-tried from where it stopped on an explicit re-run.
+            self.status = {k: v for k, v in self.status.items() if k not in ("phase", "conditions")}
+            self.jobs = {n: j for n, j in self.jobs.items() if j.state == "Succeeded"}
+
+    def _save(self) -> None:
+        record = {"run": dataclasses.asdict(self.run), "creationTime": self.run.creation_time,
+                  "status": self.status, "jobs": [j.to_record() for j in self.jobs.values()]}
+        self.storage.write_json(self.status_uri, record)
+
+    # -- observation -----------------------------------------------------------------------
+    def _cache_hits(self) -> frozenset[str]:
+        hits = set()
+        for aux in self.spec.auxiliaries:
+            if aux.recycled:
+                continue
+            for k in range(aux.runs):
+                key = planner.aux_cache_key(self.spec, aux, k)
+                if self.storage.is_done(planner.aux_cache_uri(self.spec, key)):
+                    hits.add(key)
+        return frozenset(hits)
+
+    def _member_metrics(self) -> dict[str, dict]:
+        for job in self.jobs.values():
+            key = f"{job.stage}/{job.member}"
+            if job.state == "Succeeded" and key not in self.metrics:
+                uri = planner.member_output(self.spec, self.run, job.stage, job.member) + "/metrics.json"
+                if self.storage.exists(uri):
+                    self.metrics[key] = self.storage.read_json(uri)
+        return dict(self.metrics)
+
+    def observe(self) -> planner.Observed:
+        self._reap()
+        return planner.Observed(jobs=tuple(j.observed() for j in self.jobs.values()),
+                                cache_hits=self._cache_hits(), member_metrics=self._member_metrics())
+
+    def _reap(self) -> None:
+        for job in self.jobs.values():
+            if job.proc is None or job.state not in ("Active", "Pending"):
+                continue
+            rc = job.proc.poll()
+            if rc is None:
+                continue
+            job.finish_time = self.clock()
+            if rc == 0:
+                job.state = "Succeeded"
+            else:
+                job.state = "Failed"
+                job.reason = f"ExitCode{rc}" if rc > 0 else f"Signal{-rc}"
+            job.proc = None
+            self.on_event("finished", {"job": job, "returncode": rc, "tail": self._log_tail(job)})
+
+    def _log_tail(self, job: LocalJob, lines: int = 5) -> list[str]:
+        if not job.log_path or not os.path.exists(job.log_path):
+            return []
+        with open(job.log_path, errors="replace") as fh:
+            return [ln.rstrip() for ln in fh.readlines()[-lines:]]
+
+    # -- actions ---------------------------------------------------------------------------
+    def _start(self, action: planner.CreateJob) -> None:
+        if action.name in self.jobs:
+            return  # idempotent, as "already exists" is for the operator
+        job_manifest = manifests.render_job(self.run, self.spec, action, default_image="local")
+        argv, env = local_command(job_manifest, self.env)
+        job = LocalJob(name=action.name, stage=action.stage, member=action.member,
+                       attempt=action.attempt, state="Active", start_time=self.clock())
+        job.log_path = str(self.logdir / f"{action.name}.log")
+        log = open(job.log_path, "w")
+        job.proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=log,
+                                    stdin=subprocess.DEVNULL, text=True, bufsize=1,
+                                    preexec_fn=_die_with_parent)
+        threading.Thread(target=self._pump, args=(job, log), daemon=True).start()
+        self.jobs[action.name] = job
+        self.on_event("started", {"job": job})
+
+    def _pump(self, job: LocalJob, log) -> None:
+        """Copy the trainer's stdout to its log, keeping the latest progress event."""
+        assert job.proc is not None and job.proc.stdout is not None
+        for line in job.proc.stdout:
+            log.write(line)
+            log.flush()
+            if line.startswith("{"):
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(event, dict) and event.get("event") == "progress":
+                    job.last_progress = event
+                    self.on_event("progress", {"job": job, "progress": event})
+        log.close()
+
+    def _signal(self, job: LocalJob, sig: int) -> None:
+        if job.proc is not None and job.proc.poll() is None:
+            try:
+                os.killpg(job.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def _apply(self, action) -> None:
+        if isinstance(action, planner.CreateJob):
+            self._start(action)
+        elif isinstance(action, planner.DeleteJob):
+            job = self.jobs.get(action.name)
+            if job is not None:
+                self._signal(job, signal.SIGTERM)
+                if job.proc is not None:
+                    try:
+                        job.proc.wait(timeout=10)
+                    except subprocess.TimeoutExpired:
+                        self._signal(job, signal.SIGKILL)
+                        job.proc.wait()
+                job.proc = None
+                if job.state in ("Active", "Pending", "Suspended"):
+                    job.state = "Failed"
+                    job.reason = action.reason
+                    job.finish_time = self.clock()
+        elif isinstance(action, planner.SetSuspend):
+            # A suspended Job deletes its pods; the member resumes from its checkpoint.
+            job = self.jobs.get(action.name)
+            if job is None:
+                return
+            if action.suspend and job.state in ("Active", "Pending"):
+                self._signal(job, signal.SIGTERM)
+                if job.proc is not None:
+                    job.proc.wait()
+                job.proc = None
+                job.state = "Suspended"
+            elif not action.suspend and job.state == "Suspended":
+                del self.jobs[job.name]  # re-created under the same name by the next plan
+
+    # -- the loop --------------------------------------------------------------------------
+    def step(self) -> planner.Plan:
+        now = self.clock()
+        result = planner.plan(self.run, self._effective_spec(), self.observe(), now,
+                              previous_status=self.status or None)
+        for ev in result.events:
+            self.on_event("event", {"event": ev})
+        for action in result.actions:
+            self._apply(action)
+        changed = result.status != self.status
+        self.status = result.status
+        if changed or result.actions:
+            self._save()
+        return result
+
+    def _effective_spec(self) -> RunSpec:
+        if self.parallelism == self.spec.parallelism:
+            return self.spec
+        return dataclasses.replace(self.spec, parallelism=self.parallelism)
+
+    def run_to_completion(self, timeout: float | None = None) -> dict:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while True:
+                result = self.step()
+                if self.status.get("phase") in TERMINAL and not self._running():
+                    return self.status
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"run did not finish within {timeout} s")
+                wait = self.poll_interval
+                if result.requeue_after is not None and not self._running() and not result.actions:
+                    wait = max(self.poll_interval, min(result.requeue_after, 5.0))
+                time.sleep(wait)
+        finally:
+            self.shutdown()
+
+    def _running(self) -> bool:
+        return any(j.proc is not None and j.proc.poll() is None for j in self.jobs.values())
+
+    def shutdown(self) -> None:
+        """Stop any process still running (Ctrl-C, timeout): a later re-run resumes them."""
+        for job in self.jobs.values():
+            self._signal(job, signal.SIGTERM)
+        for job in self.jobs.values():
+            if job.proc is not None:
+                try:
+                    job.proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    self._signal(job, signal.SIGKILL)
+                    job.proc.wait()
