@@ -324,7 +324,8 @@ def generate(out: Path | str, seed: int = 0, per_domain: int = DEFAULT_PER_DOMAI
         for j, cls in enumerate(_balanced_labels(SHAPE_CLASSES, per_domain, rng)):
             yield cls, f"{domain}-{j:05d}", _shape(cls, rng, noisy=domain == "noisy")
 
-    counts["shapes"] = {d: _write_domain(out / "shapes" / d, SHAPE_CLASSES, shapes_domain(d)) for d in ("clean", "noisy")}
+    counts["shapes"] = {d: _write_domain(out / "shapes" / d, SHAPE_CLASSES, shapes_domain(d))
+                        for d in ("clean", "noisy")}
 
     def glyphs_domain(style: str):
         rng = _rng(seed, "glyphs", style)
@@ -413,8 +414,12 @@ def pretrain_foundation(path: Path | str, seed: int = 0, steps: int = 1800, n_tr
     params = list(model.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=5e-4)
     warm = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))))
+    def lr_factor(s: int) -> float:  # linear warm-up, then cosine to zero
+        if s < warm:
+            return (s + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     order_rng = _rng(seed, "foundation", "batches")
     xtr_t, ytr_t = torch.from_numpy(xtr), torch.from_numpy(ytr)
     perm, pos = order_rng.permutation(n_train), 0
