@@ -272,11 +272,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from ratatouille_trainer.storage import StorageError
 
-    try:
+    bad_input: tuple = (SpecError,)
+    if args.command == "average":  # only `average` loads torch; other commands start fast
         from ratatouille_trainer.averaging import AveragingError, UnsafeWeightsError
-        bad_input: tuple = (SpecError, AveragingError, UnsafeWeightsError)
-    except ImportError:  # pragma: no cover - trainer extras missing
-        bad_input = (SpecError,)
+        bad_input += (AveragingError, UnsafeWeightsError)
     try:
         return args.func(args)
     except bad_input as e:

@@ -160,10 +160,13 @@ class LocalExecutor:
                            attempt=int(rec["attempt"]), state=rec["state"],
                            start_time=rec.get("startTime"), finish_time=rec.get("finishTime"),
                            reason=rec.get("reason"))
-            if job.state == "Succeeded":
-                # Trust storage, not the record: a member counts only if its DONE marker exists.
-                if not self.storage.is_done(planner.member_output(self.spec, self.run, job.stage, job.member)):
-                    continue
+            # Trust storage, not the record: a member counts as finished only if its DONE marker
+            # exists, and one that finished after the last save (killed executor) counts too.
+            done = self.storage.is_done(planner.member_output(self.spec, self.run, job.stage, job.member))
+            if done:
+                job.state = "Succeeded"
+            elif job.state == "Succeeded":
+                continue
             elif job.state != "Failed":
                 # Its process died with the previous executor: the Job no longer exists, and the
                 # planner will create it again under the same name; the trainer resumes from

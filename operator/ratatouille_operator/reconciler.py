@@ -1,0 +1,499 @@
+"""The Kubernetes adapter around the planner: read a run and its Jobs, plan, apply, write status.
+
+Level-based: every call recomputes from the run object and its child Jobs (from kopf's index or a
+LIST), so it does the same thing whichever event woke it, and after a restart it rebuilds
+everything it needs. The only memory it keeps is a cache of facts that never change once true
+(a member's metrics, an auxiliary cache entry being DONE), the names it created moments ago
+whose watch events have not arrived yet, and the status it last wrote per run (used only when
+the run body it is handed is older than that write, so that a stale body from an index never
+repeats a phase-transition Event).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterable, Mapping
+
+from . import manifests, planner
+from .spec import API_GROUP, API_VERSION, PLURAL, SpecError
+from .validation import validate_manifest
+
+log = logging.getLogger("ratatouille.operator")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Operator settings, from environment variables (the chart sets them)."""
+    watch_namespaces: tuple[str, ...] = ()
+    default_image: str = "ghcr.io/ratatouille-dev/ratatouille:0.1.0"
+    default_storage_endpoint: str | None = None
+    default_credentials_secret: str | None = None
+    reconcile_interval: float = 15.0
+    metrics_port: int = 9090
+    liveness_port: int = 8080
+    trainer_metrics_port: int = 9400
+    job_service_account: str | None = None
+    log_level: str = "INFO"
+
+    @staticmethod
+    def from_env(env: Mapping[str, str] | None = None) -> "Settings":
+        e = os.environ if env is None else env
+
+        def opt(name: str) -> str | None:
+            return e.get(name) or None
+
+        return Settings(
+            watch_namespaces=tuple(n.strip() for n in (e.get("RATATOUILLE_WATCH_NAMESPACES") or "").split(",") if n.strip()),
+            default_image=e.get("RATATOUILLE_DEFAULT_IMAGE") or Settings.default_image,
+            default_storage_endpoint=opt("RATATOUILLE_DEFAULT_STORAGE_ENDPOINT"),
+            default_credentials_secret=opt("RATATOUILLE_DEFAULT_CREDENTIALS_SECRET"),
+            reconcile_interval=float(e.get("RATATOUILLE_RECONCILE_INTERVAL") or 15),
+            metrics_port=int(e.get("RATATOUILLE_METRICS_PORT") or 9090),
+            liveness_port=int(e.get("RATATOUILLE_LIVENESS_PORT") or 8080),
+            trainer_metrics_port=int(e.get("RATATOUILLE_TRAINER_METRICS_PORT") or 9400),
+            job_service_account=opt("RATATOUILLE_JOB_SERVICE_ACCOUNT"),
+            log_level=(e.get("RATATOUILLE_LOG_LEVEL") or "INFO").upper(),
+        )
+
+
+def _ts(value: Any) -> float:
+    t = manifests.parse_time(value)
+    return t if t is not None else time.time()
+
+
+def _fill_defaults(body: Mapping, settings: Settings) -> dict:
+    """Operator-level defaults for what a run leaves out (storage endpoint and secret)."""
+    body = dict(body)
+    spec = dict(body.get("spec") or {})
+    storage = dict(spec.get("storage") or {})
+    if not storage.get("endpoint") and settings.default_storage_endpoint:
+        storage["endpoint"] = settings.default_storage_endpoint
+    if not storage.get("credentialsSecret") and settings.default_credentials_secret:
+        storage["credentialsSecret"] = settings.default_credentials_secret
+    if storage:
+        spec["storage"] = storage
+    body["spec"] = spec
+    return body
+
+
+class StorageView:
+    """Facts the planner needs from storage: aux cache entries present and member metrics.
+
+    Uses the operator's own credentials (environment); when storage is unreachable the planner
+    still works: aux Jobs run (and return at once when their output exists), metrics are missing.
+    """
+
+    def __init__(self, open_storage: Callable[[str, str | None], Any] | None, metrics=None):
+        self._open = open_storage
+        self._clients: dict[tuple[str, str | None], Any] = {}
+        self._done: set[str] = set()
+        self._metrics: dict[str, dict] = {}
+        self._missing: set[str] = set()
+        self._m = metrics
+
+    def _client(self, uri: str, endpoint: str | None):
+        if self._open is None:
+            return None
+        key = (uri.split("/", 3)[2] if "://" in uri else "", endpoint)
+        if key not in self._clients:
+            self._clients[key] = self._open(uri, endpoint)
+        return self._clients[key]
+
+    def _error(self, op: str, uri: str, exc: Exception) -> None:
+        log.warning("storage %s %s failed: %s", op, uri, exc)
+        if self._m is not None:
+            self._m.storage_errors.labels(op=op).inc()
+
+    def is_done(self, prefix: str, endpoint: str | None) -> bool:
+        if prefix in self._done:
+            return True
+        try:
+            client = self._client(prefix, endpoint)
+            if client is not None and client.is_done(prefix):
+                self._done.add(prefix)
+                return True
+        except Exception as exc:  # noqa: BLE001 - storage is best effort here
+            self._error("head", prefix, exc)
+        return False
+
+    def metrics(self, prefix: str, endpoint: str | None) -> dict | None:
+        if prefix in self._metrics:
+            return self._metrics[prefix]
+        try:
+            client = self._client(prefix, endpoint)
+            if client is None:
+                return None
+            data = client.read_json(prefix + "/metrics.json")
+        except Exception as exc:  # noqa: BLE001
+            if type(exc).__name__ == "NotFound":
+                # Not an error of the storage: the member left no metrics.json (the termination
+                # message may have them). Said once per member, not on every reconcile.
+                if prefix not in self._missing:
+                    self._missing.add(prefix)
+                    log.info("no metrics.json under %s", prefix)
+            else:
+                self._error("get", prefix, exc)
+            return None
+        if not isinstance(data, dict):
+            return None
+        self._metrics[prefix] = data
+        return data
+
+    def remember_metrics(self, prefix: str, data: dict) -> None:
+        self._metrics.setdefault(prefix, data)
+
+
+@dataclass
+class ReconcileResult:
+    phase: str | None
+    created: list[str] = field(default_factory=list)
+    requeue_after: float | None = None
+
+
+def _rv(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+class Reconciler:
+    """Plans one run at a time against the Kubernetes API (kubernetes client, injected)."""
+
+    def __init__(self, api_client, settings: Settings, *, storage_view: StorageView | None = None,
+                 metrics=None, clock: Callable[[], float] = time.time):
+        from kubernetes import client as k8s
+
+        self.k8s = k8s
+        self.batch = k8s.BatchV1Api(api_client)
+        self.core = k8s.CoreV1Api(api_client)
+        self.custom = k8s.CustomObjectsApi(api_client)
+        self.settings = settings
+        self.storage = storage_view or StorageView(None)
+        self.metrics = metrics
+        self.clock = clock
+        self._locks: dict[tuple[str, str], threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+        # Names created moments ago whose watch event may not have reached the index yet.
+        self._recent: dict[str, tuple[float, str, planner.ObservedJob]] = {}
+        # The status this process last wrote per run (uid, resourceVersion after the write,
+        # status): a run body from an index or a LIST may predate it, and planning from an older
+        # status would repeat its phase-transition Events. Only ever used when it is newer.
+        self._written: dict[tuple[str, str], tuple[str, int, dict]] = {}
+
+    # -- reading ---------------------------------------------------------------------------
+    def list_jobs(self, namespace: str, run_name: str) -> list[dict]:
+        resp = self.batch.list_namespaced_job(namespace, label_selector=f"{planner.LABEL_RUN}={planner.label_value(run_name)}",
+                                              _preload_content=False)
+        return json.loads(resp.data).get("items") or []
+
+    def get_run(self, namespace: str, name: str) -> dict | None:
+        try:
+            return self.custom.get_namespaced_custom_object(API_GROUP, API_VERSION, namespace, PLURAL, name)
+        except self.k8s.ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def _lock(self, key: tuple[str, str]) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(key, threading.Lock())
+
+    def forget_all_but(self, live: set[tuple[str, str]], namespaces: Iterable[str] = ()) -> None:
+        """Drop what is remembered of runs that no longer exist (called with a fresh LIST)."""
+        namespaces = set(namespaces)
+        for key in list(self._written):
+            if key not in live and (not namespaces or key[0] in namespaces):
+                self._written.pop(key, None)
+
+    # -- the reconcile ---------------------------------------------------------------------
+    def reconcile(self, body: Mapping, jobs: Iterable[Mapping] | None = None, *, handler: str = "reconcile") -> ReconcileResult:
+        meta = body.get("metadata") or {}
+        namespace, name = meta.get("namespace") or "default", meta["name"]
+        with self._lock((namespace, name)):
+            started = time.perf_counter()
+            try:
+                return self._reconcile(body, jobs)
+            finally:
+                if self.metrics is not None:
+                    self.metrics.reconcile_duration.labels(handler=handler).observe(time.perf_counter() - started)
+
+    def _previous_status(self, namespace: str, name: str, meta: Mapping, body: Mapping) -> dict:
+        prev = dict(body.get("status") or {})
+        written = self._written.get((namespace, name))
+        if written is not None:
+            uid, rv, status = written
+            body_rv = _rv(meta.get("resourceVersion"))
+            if uid == meta.get("uid") and body_rv is not None and body_rv < rv:
+                return dict(status)
+        return prev
+
+    def _reconcile(self, body: Mapping, jobs: Iterable[Mapping] | None, *, fresh: bool = False) -> ReconcileResult:
+        meta = body["metadata"]
+        namespace, name, uid = meta.get("namespace") or "default", meta["name"], meta.get("uid") or ""
+        generation = int(meta.get("generation") or 1)
+        prev_status = self._previous_status(namespace, name, meta, body)
+        if meta.get("deletionTimestamp"):
+            return ReconcileResult(prev_status.get("phase"))
+        try:
+            validated = validate_manifest(_fill_defaults({k: v for k, v in body.items() if k != "status"}, self.settings))
+        except SpecError as err:
+            return self._invalid(body, prev_status, generation, err)
+        if _was_invalid(prev_status):
+            # The spec was fixed: plan from scratch (the invalid verdict is not a run outcome).
+            log.info("RatatouilleRun %s/%s: the spec is valid again", namespace, name)
+            prev_status = {}
+        spec = validated.spec
+        run = planner.RunRef(namespace=namespace, name=name, uid=uid, generation=generation,
+                             creation_time=_ts(meta.get("creationTimestamp")))
+        if jobs is None:
+            jobs = self.list_jobs(namespace, name)
+        observed_jobs = {}
+        for job in jobs:
+            if (job.get("metadata", {}).get("labels") or {}).get(planner.LABEL_RUN_UID) != planner.label_value(uid):
+                continue  # a Job of an earlier run with the same name
+            o = manifests.parse_job(job)
+            if o is not None:
+                observed_jobs[o.name] = o
+        now = self.clock()
+        for jname, (t, owner_uid, o) in list(self._recent.items()):
+            if jname in observed_jobs or now - t > 60:
+                self._recent.pop(jname, None)
+            elif owner_uid == uid:
+                observed_jobs[jname] = o
+        observed = planner.Observed(jobs=tuple(observed_jobs.values()),
+                                    cache_hits=self._cache_hits(spec),
+                                    member_metrics=self._member_metrics(spec, run, observed_jobs.values()))
+        result = planner.plan(run, spec, observed, now, previous_status=prev_status or None)
+        created = []
+        stale = False
+        for action in result.actions:
+            if isinstance(action, planner.CreateJob):
+                if self._create(run, spec, body, action):
+                    created.append(action.name)
+                else:
+                    stale = True
+            elif isinstance(action, planner.DeleteJob):
+                self._delete(namespace, action)
+            elif isinstance(action, planner.SetSuspend):
+                self._suspend(namespace, action)
+        if stale and not fresh:
+            # A Job we meant to create exists already: the view of the children was older than
+            # the API. The status and Events of this plan would be wrong (a phase going back), so
+            # plan again from a fresh LIST instead of writing them.
+            log.debug("stale view of the Jobs of %s/%s: planning again from a LIST", namespace, name)
+            again = self._reconcile(body, None, fresh=True)
+            return ReconcileResult(again.phase, created + again.created, again.requeue_after)
+        status = dict(result.status)
+        if status != {k: prev_status.get(k) for k in status} or "observedGeneration" not in prev_status:
+            self._patch_status(namespace, name, uid, status)
+        # Events after the status write: should the write fail, the retry posts them (once).
+        for ev in result.events:
+            self.post_event(body, ev.type, ev.reason, ev.message)
+        self._count(run, prev_status, status, observed_jobs.values())
+        return ReconcileResult(status.get("phase"), created, result.requeue_after)
+
+    def _cache_hits(self, spec) -> frozenset[str]:
+        hits = set()
+        for aux in spec.auxiliaries:
+            if aux.recycled:
+                continue
+            for k in range(aux.runs):
+                key = planner.aux_cache_key(spec, aux, k)
+                if self.storage.is_done(planner.aux_cache_uri(spec, key), spec.storage.endpoint):
+                    hits.add(key)
+        return frozenset(hits)
+
+    def _member_metrics(self, spec, run, jobs: Iterable[planner.ObservedJob]) -> dict[str, dict]:
+        out = {}
+        for j in jobs:
+            if j.state != "Succeeded" or j.stage == planner.STAGE_AUX:
+                continue
+            prefix = planner.member_output(spec, run, j.stage, j.member)
+            data = self.storage.metrics(prefix, spec.storage.endpoint)
+            if data is None:
+                data = self._termination_message(run.namespace, j.name)
+                if data is not None:
+                    self.storage.remember_metrics(prefix, data)
+            if data is not None:
+                out[f"{j.stage}/{j.member}"] = data
+        return out
+
+    def _termination_message(self, namespace: str, job_name: str) -> dict | None:
+        """The trainer writes its metrics summary as the pod's termination message."""
+        try:
+            resp = self.core.list_namespaced_pod(namespace, label_selector=f"job-name={job_name}",
+                                                 _preload_content=False)
+            pods = json.loads(resp.data).get("items") or []
+        except (self.k8s.ApiException, ValueError) as exc:
+            log.debug("cannot read the pods of Job %s/%s: %s", namespace, job_name, exc)
+            return None
+        for pod in pods:
+            for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+                term = (cs.get("state") or {}).get("terminated") or {}
+                if term.get("exitCode") == 0 and term.get("message"):
+                    try:
+                        data = json.loads(term["message"])
+                    except ValueError:
+                        continue
+                    if isinstance(data, dict):
+                        return data
+        return None
+
+    # -- writing ---------------------------------------------------------------------------
+    def _create(self, run: planner.RunRef, spec, body: Mapping, action: planner.CreateJob) -> bool:
+        job = manifests.render_job(run, spec, action, default_image=self.settings.default_image,
+                                   owner=body, service_account=self.settings.job_service_account,
+                                   metrics_port=self.settings.trainer_metrics_port)
+        try:
+            self.batch.create_namespaced_job(run.namespace, job, _preload_content=False)
+        except self.k8s.ApiException as exc:
+            if exc.status != 409:
+                raise
+            # Already exists: done, if it is ours (same run uid); otherwise someone else's Job
+            # holds the name and we must not adopt it.
+            resp = self.batch.read_namespaced_job(action.name, run.namespace, _preload_content=False)
+            labels = (json.loads(resp.data).get("metadata") or {}).get("labels") or {}
+            if labels.get(planner.LABEL_RUN_UID) != planner.label_value(run.uid):
+                raise RuntimeError(f"Job {run.namespace}/{action.name} exists and belongs to another run") from None
+            return False
+        log.info("created Job %s/%s (%s/%s attempt %d)", run.namespace, action.name, action.stage,
+                 action.member, action.attempt)
+        self._recent[action.name] = (self.clock(), run.uid, planner.ObservedJob(
+            name=action.name, stage=action.stage, member=action.member, attempt=action.attempt,
+            state="Pending", start_time=None))
+        if self.metrics is not None:
+            self.metrics.child_jobs_created.labels(namespace=run.namespace, stage=action.stage).inc()
+            if action.attempt > 1:
+                self.metrics.child_job_retries.labels(namespace=run.namespace, stage=action.stage).inc()
+        return True
+
+    def _delete(self, namespace: str, action: planner.DeleteJob) -> None:
+        try:
+            self.batch.delete_namespaced_job(action.name, namespace, propagation_policy="Background",
+                                             _preload_content=False)
+            log.info("deleted Job %s/%s (%s)", namespace, action.name, action.reason)
+        except self.k8s.ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    def _suspend(self, namespace: str, action: planner.SetSuspend) -> None:
+        try:
+            self.batch.patch_namespaced_job(action.name, namespace, {"spec": {"suspend": action.suspend}},
+                                            _preload_content=False)
+            log.info("%s Job %s/%s", "suspended" if action.suspend else "resumed", namespace, action.name)
+        except self.k8s.ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    def _patch_status(self, namespace: str, name: str, uid: str, status: dict) -> None:
+        # A merge patch replaces lists (conditions, jobs) whole: the planner computes them whole.
+        patch = {"status": status}
+        try:
+            resp = self.custom.patch_namespaced_custom_object_status(
+                API_GROUP, API_VERSION, namespace, PLURAL, name, patch, _preload_content=False)
+        except self.k8s.ApiException as exc:
+            if exc.status != 404:
+                raise
+            return
+        try:
+            rv = _rv((json.loads(resp.data).get("metadata") or {}).get("resourceVersion"))
+        except ValueError:
+            rv = None
+        if rv is not None:
+            self._written[(namespace, name)] = (uid, rv, json.loads(json.dumps(status)))
+
+    def post_event(self, body: Mapping, type_: str, reason: str, message: str) -> None:
+        meta = body.get("metadata") or {}
+        namespace = meta.get("namespace") or "default"
+        now = datetime.now(timezone.utc)
+        event = {
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"generateName": f"{meta.get('name')}.", "namespace": namespace},
+            "involvedObject": {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": "RatatouilleRun",
+                               "name": meta.get("name"), "namespace": namespace, "uid": meta.get("uid"),
+                               "resourceVersion": meta.get("resourceVersion")},
+            "type": type_, "reason": reason, "message": message[:1024],
+            "firstTimestamp": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "lastTimestamp": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "count": 1, "source": {"component": "ratatouille-operator"},
+            "reportingComponent": "ratatouille-operator",
+            "reportingInstance": os.environ.get("HOSTNAME") or "ratatouille-operator",
+        }
+        log.log(logging.WARNING if type_ == "Warning" else logging.INFO, "RatatouilleRun %s/%s: %s: %s",
+                namespace, meta.get("name"), reason, message)
+        try:
+            self.core.create_namespaced_event(namespace, event, _preload_content=False)
+        except Exception as exc:  # noqa: BLE001 - an Event is never worth failing a reconcile
+            log.warning("could not post event %s for %s/%s: %s", reason, namespace, meta.get("name"), exc)
+
+    def _invalid(self, body: Mapping, prev_status: Mapping, generation: int, err: SpecError) -> ReconcileResult:
+        meta = body["metadata"]
+        namespace = meta.get("namespace") or "default"
+        message = str(err)
+        old = next((c for c in prev_status.get("conditions") or [] if c.get("type") == "Accepted"), None)
+        if (old and old.get("status") == "False" and old.get("message") == message
+                and prev_status.get("observedGeneration") == generation):
+            return ReconcileResult(prev_status.get("phase"))  # already reported
+        now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        conds = [c for c in prev_status.get("conditions") or [] if c.get("type") not in ("Accepted", "Failed", "Complete")]
+        conds[:0] = [
+            {"type": "Accepted", "status": "False", "reason": "InvalidSpec", "message": message,
+             "lastTransitionTime": now, "observedGeneration": generation},
+            {"type": "Complete", "status": "False", "reason": "InvalidSpec", "message": "",
+             "lastTransitionTime": now, "observedGeneration": generation},
+            {"type": "Failed", "status": "True", "reason": "InvalidSpec", "message": message,
+             "lastTransitionTime": now, "observedGeneration": generation},
+        ]
+        status = {"observedGeneration": generation, "phase": "Failed", "conditions": conds}
+        self._patch_status(namespace, meta["name"], meta.get("uid") or "", status)
+        if not (old and old.get("status") == "False" and old.get("message") == message):
+            self.post_event(body, "Warning", "InvalidSpec", message)
+        return ReconcileResult("Failed")
+
+    def _count(self, run: planner.RunRef, prev: Mapping, status: Mapping, jobs: Iterable[planner.ObservedJob]) -> None:
+        m = self.metrics
+        if m is None:
+            return
+        namespace = run.namespace
+        before, after = prev.get("phase"), status.get("phase")
+        if after != before and after in planner.TERMINAL_PHASES:
+            m.runs_finished.labels(namespace=namespace, result=after).inc()
+            if run.creation_time:
+                m.run_duration.labels(result=after).observe(max(self.clock() - run.creation_time, 0.0))
+        if "observedGeneration" not in prev and after is not None:
+            m.runs_created.labels(namespace=namespace).inc()
+        prev_state = {j.get("name"): j.get("state") for j in prev.get("jobs") or []}
+        for j in jobs:
+            if j.state in (planner.SUCCEEDED, planner.FAILED) and prev_state.get(j.name) not in (planner.SUCCEEDED, planner.FAILED):
+                if j.name not in prev_state and "observedGeneration" in prev and len(prev.get("jobs") or []) >= planner.MAX_STATUS_JOBS:
+                    continue  # beyond the bounded list: cannot tell whether it is new
+                if j.state == planner.FAILED:
+                    m.child_job_failures.labels(namespace=namespace, stage=j.stage).inc()
+                if j.start_time is not None and j.finish_time is not None:
+                    m.stage_duration.labels(stage=j.stage).observe(max(j.finish_time - j.start_time, 0.0))
+        if (status.get("result") or {}).get("diagnostics", {}).get("uniform", {}).get("collapse") and not \
+                (prev.get("result") or {}).get("diagnostics", {}).get("uniform", {}).get("collapse"):
+            m.averaging_collapse.labels(namespace=namespace).inc()
+
+
+def _was_invalid(status: Mapping) -> bool:
+    return any(c.get("type") == "Accepted" and c.get("status") == "False" and c.get("reason") == "InvalidSpec"
+               for c in status.get("conditions") or [] if isinstance(c, Mapping))
+
+
+def child_job_counts(jobs: Iterable[Mapping]) -> dict[tuple[str, str, str], int]:
+    """(namespace, stage, state) -> how many of our Jobs are in it (for ratatouille_child_jobs)."""
+    counts: dict[tuple[str, str, str], int] = {}
+    for job in jobs:
+        o = manifests.parse_job(job)
+        if o is None:
+            continue
+        key = ((job.get("metadata") or {}).get("namespace") or "default", o.stage, o.state)
+        counts[key] = counts.get(key, 0) + 1
+    return counts
