@@ -67,6 +67,10 @@ def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.batching.worker_limit = 8
 
     cfg = Settings.from_env()
+    if cfg.watch_namespaces:
+        # Exact namespace names: kopf needs no namespace LIST/WATCH (cluster-scoped RBAC) to
+        # resolve them, and the CRD is installed before the operator (chart), so no CRD watch.
+        settings.scanning.disabled = True
     STATE.settings = cfg
     from .observability import OperatorMetrics, start_http_server
 
