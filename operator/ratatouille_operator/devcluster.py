@@ -526,6 +526,30 @@ def create_credentials_secret(emulator, namespace: str, access_key: str, secret_
         "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}}, namespace=namespace)
 
 
+DEMO_PREFIX = "s3://ratatouille"
+
+
+def upload_demo_assets(endpoint: str, data_dir: str | os.PathLike,
+                       foundation: str | os.PathLike = "crds/examples/quickstart-foundation.safetensors",
+                       prefix: str = DEMO_PREFIX) -> list[str]:
+    """Copy the demo datasets and foundation into S3 where crds/examples/operator-demo.yaml
+    expects them: <prefix>/datasets/<name>/... and <prefix>/models/quickstart-foundation.safetensors."""
+    from ratatouille_trainer.storage import open_storage
+
+    store = open_storage(prefix, endpoint=endpoint)
+    data_dir = Path(data_dir)
+    uploaded = []
+    for dataset in sorted(p for p in data_dir.iterdir() if p.is_dir()):
+        for path in sorted(dataset.rglob("*")):
+            if path.is_file():
+                store.upload(str(path), f"{prefix}/datasets/{path.relative_to(data_dir).as_posix()}")
+        uploaded.append(f"{prefix}/datasets/{dataset.name}")
+    if Path(foundation).is_file():
+        store.upload(str(foundation), f"{prefix}/models/{Path(foundation).name}")
+        uploaded.append(f"{prefix}/models/{Path(foundation).name}")
+    return uploaded
+
+
 def serve(args, *, stop_event: threading.Event | None = None, out=None) -> int:
     """`ratatouille dev-cluster`: emulator + CRD, moto S3 with bucket `ratatouille`, the Secret
     `s3-credentials` in `default`, the stand-in Job controller; blocks until Ctrl-C/SIGTERM."""
@@ -540,6 +564,10 @@ def serve(args, *, stop_event: threading.Event | None = None, out=None) -> int:
     def storage(emulator):
         with s3:
             create_credentials_secret(emulator, "default", s3.access_key, s3.secret_key)
+            demo = Path(getattr(args, "demo_data", None) or ".demo/data")
+            if demo.is_dir():
+                for uri in upload_demo_assets(s3.endpoint, demo):
+                    s3.usage_lines.append(f"uploaded {uri}")
             s3.usage_lines += [
                 f"Secret default/{CREDENTIALS_SECRET} holds its (dummy) keys",
                 "",
