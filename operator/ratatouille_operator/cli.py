@@ -263,8 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dev-cluster", help="start an emulated Kubernetes API, job controller and S3 on loopback")
     p.add_argument("--dir", default=".ratatouille/dev-cluster", help="where the kubeconfig and logs go")
     p.add_argument("--port", type=int, default=0)
-    p.add_argument("--demo-data", default=".demo/data",
-                   help="upload these demo datasets (from `make demo`) to s3://ratatouille/datasets/ if present")
+    p.add_argument("--demo-data", default=None, metavar="DIR",
+                   help="upload these demo datasets (e.g. .demo/data from `make demo`) and the quickstart"
+                        " foundation to s3://ratatouille/ for crds/examples/operator-demo.yaml")
     p.set_defaults(func=cmd_dev_cluster)
     return parser
 

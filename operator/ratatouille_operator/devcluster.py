@@ -12,15 +12,24 @@ then Failed/BackoffLimitExceeded; Suspended on spec.suspend). Like a kubelet it 
 Test hooks: `fail` (run `false` instead of the command for the first N pods of chosen Jobs),
 `instant` (no process: complete at once), `hold` (the pod's process waits on a gate until
 `release()`), and `parallel` (at most this many pods running at once).
+
+Metrics (`metrics_ports=True`): every pod that runs a Job's real command and whose container
+declares a port named `metrics` gets a free loopback port in RATATOUILLE_METRICS_PORT (with
+RATATOUILLE_METRICS_ADDR=127.0.0.1) instead of the declared one, and the controller keeps a
+Prometheus file_sd JSON file (`metrics_sd_file`) of those pods while they live, labelled the way
+the chart's PodMonitor relabels a Kubernetes pod target: namespace, pod, container, endpoint and
+the sanitized pod labels of `metrics_pod_labels` (ratatouille.dev/stage -> ratatouille_dev_stage).
 """
 from __future__ import annotations
 
 import base64
 import contextlib
 import copy
+import json
 import logging
 import os
 import random
+import re
 import shlex
 import signal
 import subprocess
@@ -80,6 +89,19 @@ class _Pod:
     term_file: str | None
     log_path: str | None
     failing: bool = False
+    metrics_port: int | None = None
+
+
+# Pod labels the chart's PodMonitor turns into target labels (podTargetLabels, and the relabeling
+# of ratatouille.dev/attempt).
+METRICS_POD_LABELS = ("ratatouille.dev/run", "ratatouille.dev/stage", "ratatouille.dev/member",
+                      "ratatouille.dev/attempt")
+
+
+def prometheus_label_name(name: str) -> str:
+    """A Kubernetes label name as Prometheus' Kubernetes discovery exposes it (invalid characters
+    become underscores): ratatouille.dev/stage -> ratatouille_dev_stage."""
+    return re.sub(r"[^a-zA-Z0-9_]", "_", name)
 
 
 @dataclass
@@ -113,7 +135,10 @@ class JobController:
                  fail: Mapping[JobMatcher, int] | None = None,
                  instant: bool | Callable[[Mapping], bool] = False,
                  hold: bool | Callable[[Mapping], bool] | None = None,
-                 parallel: int | None = None, poll_interval: float = 0.1):
+                 parallel: int | None = None, poll_interval: float = 0.1,
+                 metrics_ports: bool = False, metrics_sd_file: str | os.PathLike | None = None,
+                 metrics_pod_selector: Mapping[str, str] | None = None,
+                 metrics_pod_labels: Iterable[str] = METRICS_POD_LABELS):
         self.emulator = emulator
         self._own_workdir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="ratatouille-jobs-"))
@@ -139,6 +164,16 @@ class JobController:
         self._thread: threading.Thread | None = None
         self.usage_lines = ["stand-in Job controller: runs each Job's command as a local process",
                             f"  pod logs under {self.workdir / 'logs'}"]
+        # Metrics: pod name -> file_sd target group; written to metrics_sd_file on every change.
+        self.metrics_ports = bool(metrics_ports)
+        self.metrics_sd_file = Path(metrics_sd_file or self.workdir / "metrics-targets.json")
+        self.metrics_pod_selector = dict(metrics_pod_selector or {})
+        self.metrics_pod_labels = tuple(metrics_pod_labels)
+        self.metrics_targets: dict[str, dict] = {}
+        self.metrics_targets_seen: list[dict] = []  # every target group ever listed, in order
+        if self.metrics_ports:
+            self._write_metrics_targets()
+            self.usage_lines.append(f"  trainer metrics targets (Prometheus file_sd) in {self.metrics_sd_file}")
 
     # -- lifecycle ----------------------------------------------------------------------------
     def __enter__(self) -> "JobController":
@@ -298,6 +333,7 @@ class JobController:
         env, env_error = self._env_for(job)
         term_file = log_path = None
         proc = None
+        metrics_port = None
         if not (instant and not held) or failing or env_error:
             fd, term_file = tempfile.mkstemp(prefix=f"{name}-", suffix=".termination", dir=self.workdir)
             os.close(fd)
@@ -311,6 +347,10 @@ class JobController:
             else:
                 argv, penv = local_command(job, env)
                 self.processes[key] = self.processes.get(key, 0) + 1
+                metrics_port = self._metrics_port_for(job)
+                if metrics_port is not None:
+                    penv["RATATOUILLE_METRICS_PORT"] = str(metrics_port)
+                    penv["RATATOUILLE_METRICS_ADDR"] = "127.0.0.1"
             if held:
                 t.gate = str(self.workdir / f"{name}.gate")
                 argv = ["sh", "-c", 'while [ ! -e "$0" ]; do sleep 0.1; done; exec "$@"', t.gate, *argv]
@@ -318,12 +358,62 @@ class JobController:
             with open(log_path, "wb") as out:
                 proc = subprocess.Popen(argv, env=penv, stdout=out, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL, start_new_session=True)
-        t.pod = _Pod(name, proc, time.time(), term_file, log_path, failing)
+        t.pod = _Pod(name, proc, time.time(), term_file, log_path, failing, metrics_port)
         t.pod_names.append(name)
-        self._create_pod_object(t, job, name)
+        pod = self._create_pod_object(t, job, name)
+        if metrics_port is not None:
+            self._add_metrics_target(pod, metrics_port)
         self._status(t, {"active": 1, "ready": 1})
 
-    def _create_pod_object(self, t: _Tracked, job: Mapping, name: str) -> None:
+    # -- metrics targets (Prometheus file_sd) --------------------------------------------------------
+    def _metrics_port_for(self, job: Mapping) -> int | None:
+        """A free loopback port when metrics_ports is on and the container declares a `metrics`
+        port whose pod the PodMonitor's selector matches; None otherwise."""
+        if not self.metrics_ports:
+            return None
+        template = job["spec"]["template"]
+        container = template["spec"]["containers"][0]
+        if not any(p.get("name") == "metrics" for p in container.get("ports") or []):
+            return None
+        labels = (template.get("metadata") or {}).get("labels") or {}
+        if any(labels.get(k) != v for k, v in self.metrics_pod_selector.items()):
+            return None
+        return free_port()
+
+    def _add_metrics_target(self, pod: Mapping, port: int) -> None:
+        meta = pod["metadata"]
+        labels = {"namespace": meta["namespace"], "pod": meta["name"],
+                  "container": pod["spec"]["containers"][0]["name"], "endpoint": "metrics"}
+        for name in self.metrics_pod_labels:
+            value = (meta.get("labels") or {}).get(name)
+            if value is not None:
+                labels[prometheus_label_name(name)] = str(value)
+        group = {"targets": [f"127.0.0.1:{port}"], "labels": labels}
+        with self._lock:
+            self.metrics_targets[meta["name"]] = group
+            self.metrics_targets_seen.append(copy.deepcopy(group))
+            self._write_metrics_targets()
+
+    def _drop_metrics_target(self, pod_name: str) -> None:
+        with self._lock:
+            if self.metrics_targets.pop(pod_name, None) is not None:
+                self._write_metrics_targets()
+
+    def _write_metrics_targets(self) -> None:
+        """Atomically replace metrics_sd_file (Prometheus never reads a half-written file)."""
+        path = self.metrics_sd_file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as out:
+                json.dump(list(self.metrics_targets.values()), out, indent=1, sort_keys=True)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def _create_pod_object(self, t: _Tracked, job: Mapping, name: str) -> dict:
         template = copy.deepcopy(job["spec"]["template"])
         labels = dict((template.get("metadata") or {}).get("labels") or {})
         labels.update({"job-name": t.name, "batch.kubernetes.io/job-name": t.name,
@@ -345,6 +435,7 @@ class JobController:
             self.emulator.create(PODS, pod, namespace=t.namespace)
         except Exception as exc:  # noqa: BLE001 - the pod object is informative only
             self.errors.append(f"pod {name}: {exc}")
+        return pod
 
     def _finish_pod_object(self, t: _Tracked, name: str, code: int, message: str) -> None:
         pod = self.emulator.get(PODS, t.namespace, name)
@@ -366,6 +457,8 @@ class JobController:
         code = pod.proc.poll() if pod.proc is not None else 0
         if code is None:
             return
+        # A finished pod leaves discovery (the PodMonitor drops Succeeded/Failed pods).
+        self._drop_metrics_target(pod.name)
         message = ""
         if pod.term_file:
             try:
@@ -422,6 +515,8 @@ class JobController:
 
     def _kill(self, t: _Tracked) -> None:
         pod = t.pod
+        if pod is not None:
+            self._drop_metrics_target(pod.name)
         if pod is None or pod.proc is None or pod.proc.poll() is not None:
             return
         try:
@@ -564,8 +659,13 @@ def serve(args, *, stop_event: threading.Event | None = None, out=None) -> int:
     def storage(emulator):
         with s3:
             create_credentials_secret(emulator, "default", s3.access_key, s3.secret_key)
-            demo = Path(getattr(args, "demo_data", None) or ".demo/data")
-            if demo.is_dir():
+            demo = getattr(args, "demo_data", None)
+            if demo:
+                if not Path(demo).is_dir():
+                    raise SystemExit(f"ratatouille: error: --demo-data {demo}: no such directory (run `make demo` first)")
+                # moto takes any keys; the upload uses the same ones the Secret holds
+                os.environ.setdefault("AWS_ACCESS_KEY_ID", s3.access_key)
+                os.environ.setdefault("AWS_SECRET_ACCESS_KEY", s3.secret_key)
                 for uri in upload_demo_assets(s3.endpoint, demo):
                     s3.usage_lines.append(f"uploaded {uri}")
             s3.usage_lines += [

@@ -768,6 +768,9 @@ def _status(run: RunRef, spec: RunSpec, observed: Observed, now: float, prev: Ma
         _condition(prev_conds, "Failed", failure is not None,
                    failure[0] if failure else "NoFailure", failure[1] if failure else "", now, gen),
     ]
+    collapse = _collapse_condition(prev_conds, observed, now, gen) if phase == PHASE_SUCCEEDED else None
+    if collapse is not None:
+        conditions.append(collapse)
     latest_names = {n.latest.name for n in nodes if n.latest is not None}
     status: dict[str, Any] = {
         "observedGeneration": gen,
@@ -781,6 +784,24 @@ def _status(run: RunRef, spec: RunSpec, observed: Observed, now: float, prev: Ma
     if phase == PHASE_SUCCEEDED:
         status["result"] = _result(spec, run, observed, succeeded)
     return status
+
+
+def _collapse_condition(prev_conds: Mapping[str, Mapping], observed: Observed, now: float,
+                        generation: int) -> dict | None:
+    """`AveragingCollapsed`: True when the average stage reported that the uniform average of the
+    members scores clearly below their mean on validation (no linear mode connectivity); False
+    when it reported no collapse; absent when the average wrote no such diagnostic."""
+    metrics = observed.member_metrics.get(f"{STAGE_AVERAGE}/{AVERAGE_MEMBER}") or {}
+    uniform = metrics.get("uniform")
+    if not isinstance(uniform, Mapping) or not isinstance(uniform.get("collapse"), bool):
+        return None
+    numbers = (f"uniform average validation {_fmt(uniform.get('valAccuracy'))}, members' mean"
+               f" {_fmt(uniform.get('membersMeanVal'))}, best member {_fmt(uniform.get('membersBestVal'))}")
+    if uniform["collapse"]:
+        return _condition(prev_conds, "AveragingCollapsed", True, "UniformAverageBelowMembers",
+                          f"{numbers}: the members are not linearly mode connected (lower the learning"
+                          f" rates or use greedy selection)", now, generation)
+    return _condition(prev_conds, "AveragingCollapsed", False, "NoCollapse", numbers, now, generation)
 
 
 _PHASE_EVENT = {

@@ -53,8 +53,10 @@ def _job_env() -> dict[str, str]:
 class Cluster:
     """Emulator + moto S3 + JobController, with the helpers the e2e tests use."""
 
-    def __init__(self, tmp: Path):
+    def __init__(self, tmp: Path, controller_options: Mapping[str, Any] | None = None):
+        """controller_options: further JobController keyword arguments (e.g. metrics_ports=True)."""
         self.tmp = Path(tmp)
+        self.controller_options = dict(controller_options or {})
         self.emulator = Emulator(crds=[CRD], namespaces=("default",))
         self.s3 = MotoS3([BUCKET], log_path=self.tmp / "moto.log", access_key=ACCESS_KEY, secret_key=SECRET_KEY)
         self.controller: JobController | None = None
@@ -70,7 +72,7 @@ class Cluster:
         self.s3.__enter__()
         self.emulator.write_kubeconfig(self.kubeconfig)
         self.controller = JobController(self.emulator, workdir=self.tmp / "jobs", env=_job_env(),
-                                        secrets=None, parallel=2).start()
+                                        secrets=None, parallel=2, **self.controller_options).start()
         return self
 
     def stop(self) -> None:
@@ -219,12 +221,23 @@ class Cluster:
 
 
 class OperatorProcess:
-    """`ratatouille operator` as a subprocess against the cluster; SIGKILL and restart at will."""
+    """`ratatouille operator` as a subprocess against the cluster; SIGKILL and restart at will.
+
+    By default it runs `<venv>/bin/ratatouille operator <args>` with this process's environment
+    plus test settings (free ports, the cluster's kubeconfig, S3 endpoint and dummy keys). With
+    `argv` and `env` it runs exactly that command (looked up on env's PATH) with exactly that
+    environment (e.g. a rendered chart Deployment's container); its ports are then the ones env
+    names (RATATOUILLE_METRICS_PORT / RATATOUILLE_LIVENESS_PORT, the operator's defaults when
+    unset) and `liveness_path` is where readiness is polled.
+    """
 
     def __init__(self, cluster: Cluster, args: Iterable[str] = ("-A",), *, interval: float = 2.0,
-                 extra_env: Mapping[str, str] | None = None):
+                 extra_env: Mapping[str, str] | None = None, argv: Iterable[str] | None = None,
+                 env: Mapping[str, str] | None = None, liveness_path: str = "/healthz"):
         self.cluster = cluster
         self.args = list(args)
+        self.argv = list(argv) if argv is not None else None
+        self.liveness_path = liveness_path
         self.metrics_port = free_port()
         self.liveness_port = free_port()
         self.log_path = cluster.tmp / "operator.log"
@@ -242,6 +255,10 @@ class OperatorProcess:
             "HF_HUB_OFFLINE": "1",
         })
         self.env.update(extra_env or {})
+        if env is not None:
+            self.env = dict(env)
+            self.metrics_port = int(self.env.get("RATATOUILLE_METRICS_PORT") or 9090)
+            self.liveness_port = int(self.env.get("RATATOUILLE_LIVENESS_PORT") or 8080)
         self.proc: subprocess.Popen | None = None
         self.starts = 0
 
@@ -249,13 +266,18 @@ class OperatorProcess:
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
+    @property
+    def liveness_url(self) -> str:
+        return f"http://127.0.0.1:{self.liveness_port}{self.liveness_path}"
+
     def start(self, wait: bool = True) -> "OperatorProcess":
         assert self.proc is None or self.proc.poll() is not None, "the operator is already running"
         self.starts += 1
         log = open(self.log_path, "ab")
         log.write(f"\n===== operator start #{self.starts} =====\n".encode())
         log.flush()
-        self.proc = subprocess.Popen([str(BIN / "ratatouille"), "operator", *self.args], env=self.env,
+        argv = self.argv if self.argv is not None else [str(BIN / "ratatouille"), "operator", *self.args]
+        self.proc = subprocess.Popen(argv, env=self.env,
                                      stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      start_new_session=True)
         log.close()
@@ -269,7 +291,7 @@ class OperatorProcess:
             if self.proc.poll() is not None:
                 raise AssertionError(f"the operator exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.liveness_port}/healthz", timeout=2) as rsp:
+                with urllib.request.urlopen(self.liveness_url, timeout=2) as rsp:
                     if rsp.status == 200:
                         return
             except OSError:

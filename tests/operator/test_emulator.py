@@ -435,6 +435,23 @@ def test_kopf_operator_handles_create_timer_index_and_deletion(k8s, tmp_path, mo
     monkeypatch.setenv("KUBECONFIG", kubeconfig)
     # kubernetes.config reads $KUBECONFIG once, at import; kopf's in-process login goes through it.
     monkeypatch.setattr(kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", kubeconfig)
+    # kopf loads the operator file into its process-wide default registry, which may already hold
+    # the project's own handlers (another test imported ratatouille_operator.main): isolate it.
+    import kopf
+
+    saved = kopf.get_default_registry()
+    fresh = kopf.OperatorRegistry()
+    kopf.on.login(registry=fresh)(kopf.login_via_client)  # what kopf's default registry brings
+    kopf.set_default_registry(fresh)
+    try:
+        _run_kopf_operator(k8s, operator)
+    finally:
+        kopf.set_default_registry(saved)
+
+
+def _run_kopf_operator(k8s, operator):
+    from kopf.testing import KopfRunner
+
     with KopfRunner(["run", "--standalone", "--namespace", "default", str(operator)], timeout=60) as runner:
         run = k8s.create(RUNS, {"metadata": {"name": "demo"}, "spec": {"x": 1}}, namespace="default")
         job = k8s.wait_for(lambda: k8s.get(JOBS, "default", "demo-member-0"), timeout=20)

@@ -1,0 +1,316 @@
+"""The fast paths of averaging (issue 7): streaming safetensors averaging (files and S3 with a
+prefetch thread) and RunningSum's numpy kernels give exactly the results of the plain paths,
+read every member once, and keep refusing bad input. Fast, no timing assertions."""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from ratatouille_trainer import streamavg
+from ratatouille_trainer.averaging import (AveragingError, RunningSum, UnsafeWeightsError,
+                                           _add_into, _all_finite, average_files, average_uris,
+                                           uniform_average)
+from ratatouille_trainer.storage import join, open_storage
+
+
+def make_state(seed: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "featurizer.conv.weight": torch.randn(8, 3, 3, 3, generator=g) * scale,
+        "featurizer.bn.running_mean": torch.randn(8, generator=g),
+        "featurizer.bn.num_batches_tracked": torch.tensor(100 + seed, dtype=torch.int64),
+        "featurizer.half": (torch.randn(5, 7, generator=g) * 3).to(torch.float16),
+        "featurizer.bf16": (torch.randn(33, 3, generator=g) * 5).to(torch.bfloat16),
+        "featurizer.f64": torch.randn(6, generator=g, dtype=torch.float64),
+        "featurizer.mask": torch.tensor([True, seed % 2 == 0]),
+        "featurizer.empty": torch.zeros(0, 4),
+        "head.weight": torch.randn(10, 300, generator=g),
+        "head.bias": torch.randn(10, generator=g),
+    }
+
+
+def running_sum_mean(states):
+    rs = RunningSum()
+    for i, s in enumerate(states):
+        rs.add(f"m{i}", s)
+    return rs.mean()
+
+
+def write_members(tmp_path, states, prefix="m"):
+    paths = []
+    for i, s in enumerate(states):
+        p = tmp_path / f"{prefix}{i}.safetensors"
+        save_file(s, str(p))
+        paths.append(p)
+    return paths
+
+
+def write_safetensors_reordered(path, state):
+    """A valid safetensors file whose tensors are laid out in reverse name order (another writer's
+    layout): offsets differ from the library's, content is the same."""
+    header, blobs, pos = {}, [], 0
+    for key in sorted(state, reverse=True):
+        t = state[key].contiguous()
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        dt = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.float64: "F64", torch.int64: "I64", torch.bool: "BOOL"}[t.dtype]
+        header[key] = {"dtype": dt, "shape": list(t.shape), "data_offsets": [pos, pos + len(raw)]}
+        blobs.append(raw)
+        pos += len(raw)
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    path.write_bytes(struct.pack("<Q", len(h)) + h + b"".join(blobs))
+
+
+def assert_same(got, exp):
+    assert set(got) == set(exp)
+    for k in exp:
+        assert got[k].dtype == exp[k].dtype, k
+        assert torch.equal(got[k], exp[k]), k
+
+
+# --------------------------------------------------------------------------- streaming, files
+
+def test_streaming_files_bit_identical_to_running_sum(tmp_path):
+    states = [make_state(s, scale=10.0 ** (s % 3)) for s in range(7)]
+    paths = write_members(tmp_path, states)
+    out = tmp_path / "avg.safetensors"
+    summary = average_files(out, paths, {"note": "x"})
+    assert summary["count"] == 7 and summary["tensors"] == len(states[0])
+    assert_same(load_file(str(out)), running_sum_mean(states))
+    assert summary["parameters"] == sum(t.numel() for t in states[0].values())
+
+
+def test_small_pieces_split_tensors_and_still_match(tmp_path):
+    # 64-byte pieces: every larger tensor is added in several pieces, runs merge across tensors
+    states = [make_state(s) for s in range(3)]
+    paths = write_members(tmp_path, states)
+    sa = streamavg.StreamingAverage(piece_bytes=64)
+    for p in paths:
+        with open(p, "rb", buffering=0) as f:
+            sa.add(str(p), f)
+    sa.write(tmp_path / "avg.safetensors")
+    assert_same(load_file(str(tmp_path / "avg.safetensors")), running_sum_mean(states))
+
+
+def test_members_with_another_tensor_layout(tmp_path):
+    states = [make_state(s) for s in range(3)]
+    paths = write_members(tmp_path, states[:2])
+    odd = tmp_path / "reordered.safetensors"
+    write_safetensors_reordered(odd, states[2])
+    out = tmp_path / "avg.safetensors"
+    average_files(out, [*paths, odd])
+    assert_same(load_file(str(out)), running_sum_mean(states))
+
+
+def test_bf16_rounding_matches_torch():
+    x = np.array([1.0, 1.00390625, 1.005859375, 1.0029296875, -2.5e-3, 3.3e38, 1e-40],
+                 dtype=np.float64)
+    ours = streamavg._cast_mean(x, "BF16")
+    theirs = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    assert ours.tolist() == theirs.tolist()
+    ours16 = streamavg._cast_mean(x[:5], "F16")
+    assert ours16.tolist() == torch.from_numpy(x[:5]).to(torch.float16).numpy().tolist()
+
+
+@pytest.mark.parametrize("key, value", [("head.weight", float("nan")),
+                                        ("featurizer.half", float("inf")),
+                                        ("featurizer.bf16", float("-inf"))])
+def test_non_finite_member_named_and_nothing_written(tmp_path, key, value):
+    states = [make_state(s) for s in range(3)]
+    bad = states[2]
+    flat = bad[key].view(-1)
+    flat[flat.numel() - 1] = value  # the last element: found in the last piece
+    paths = write_members(tmp_path, states)
+    out = tmp_path / "out" / "avg.safetensors"
+    with pytest.raises(AveragingError) as e:
+        average_files(out, paths)
+    assert str(e.value) == f"member {str(paths[2])!r}: tensor {key!r} contains NaN or Inf"
+    assert not out.parent.exists() or os.listdir(out.parent) == []
+
+
+def test_large_finite_values_are_not_refused(tmp_path):
+    # a float32 sum of these overflows: the exact test must clear them
+    states = [{"w": torch.full((1000,), 3e38)}, {"w": torch.full((1000,), -3e38)}]
+    paths = write_members(tmp_path, states)
+    out = tmp_path / "avg.safetensors"
+    average_files(out, paths)
+    assert torch.equal(load_file(str(out))["w"], torch.zeros(1000))
+    assert _all_finite(torch.full((1 << 19,), 3e38)) is True
+    t = torch.full((1 << 19,), 3e38)
+    t[-1] = float("inf")
+    assert _all_finite(t) is False
+
+
+def _corrupt(tmp_path, name, data):
+    p = tmp_path / name
+    p.write_bytes(data)
+    return p
+
+
+def test_corrupt_files_are_refused(tmp_path):
+    good = write_members(tmp_path, [make_state(0)])[0]
+    raw = good.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    cases = {
+        "truncated.safetensors": raw[:-5],
+        "trailing.safetensors": raw + b"\0" * 8,
+        "hugeheader.safetensors": struct.pack("<Q", 1 << 40) + raw[8:],
+    }
+    # two tensors claiming the same bytes
+    k1, k2 = "head.bias", "featurizer.bn.running_mean"
+    overlap = dict(header)
+    overlap[k1] = dict(header[k1], data_offsets=header[k2]["data_offsets"][:])
+    overlap[k1]["shape"] = header[k2]["shape"]
+    h = json.dumps(overlap).encode()
+    cases["overlap.safetensors"] = struct.pack("<Q", len(h)) + h + raw[8 + n:]
+    # offsets that disagree with the shape
+    wrong = dict(header)
+    wrong[k1] = dict(header[k1], shape=[11])
+    h = json.dumps(wrong).encode()
+    cases["shape.safetensors"] = struct.pack("<Q", len(h)) + h + raw[8 + n:]
+    for name, data in cases.items():
+        bad = _corrupt(tmp_path, name, data)
+        with pytest.raises(UnsafeWeightsError) as e:
+            average_files(tmp_path / "avg.safetensors", [good, bad])
+        assert name in str(e.value), name
+        assert "\n" not in str(e.value)
+    assert not (tmp_path / "avg.safetensors").exists()
+
+
+def test_streaming_module_needs_no_torch():
+    code = ("import sys, ratatouille_trainer.streamavg as s, ratatouille_trainer.storage; "
+            "assert 'torch' not in sys.modules, 'torch imported'; print(s.PIECE)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(streamavg.PIECE)
+
+
+# ------------------------------------------------------------------------------ streaming, S3
+
+def _upload_members(tmp_path, bucket, endpoint, states):
+    store = open_storage(bucket, endpoint)
+    paths = write_members(tmp_path, states)
+    uris = []
+    for i, p in enumerate(paths):
+        uri = join(bucket, "run", "target", str(i), "model.safetensors")
+        store.upload(p, uri)
+        uris.append(uri)
+    return store, paths, uris
+
+
+def test_s3_prefetch_reads_each_member_once_and_matches_files(tmp_path, s3_bucket, moto_server):
+    states = [make_state(s) for s in range(5)]
+    store, paths, uris = _upload_members(tmp_path, s3_bucket, moto_server, states)
+    out = tmp_path / "from-s3.safetensors"
+    summary = streamavg.average_uris(str(out), uris, endpoint=moto_server)
+    assert summary["count"] == 5
+    assert summary["gets"] == 5                       # one GET per member, no re-reads
+    assert summary["bytesRead"] == sum(p.stat().st_size for p in paths)
+    local = tmp_path / "from-files.safetensors"
+    average_files(local, paths)
+    assert out.read_bytes() == local.read_bytes()     # same bytes, so the same sha256
+    assert_same(load_file(str(out)), running_sum_mean(states))
+    # the public wrapper, writing back to S3
+    res = average_uris(join(s3_bucket, "avg", "model.safetensors"), uris, endpoint=moto_server)
+    assert res["sha256"] == summary["sha256"]
+    assert store.read_bytes(join(s3_bucket, "avg", "model.safetensors")) == local.read_bytes()
+
+
+def test_s3_prefetch_resumes_a_broken_transfer(tmp_path, s3_bucket, moto_server):
+    states = [make_state(s) for s in range(3)]
+    store, paths, uris = _upload_members(tmp_path, s3_bucket, moto_server, states)
+    from ratatouille_trainer.storage import RetryPolicy
+
+    s3 = open_storage(s3_bucket, moto_server, retry=RetryPolicy(attempts=3, base_delay=0.0))
+    client = s3.client
+    real_get = client.get_object
+    calls = []
+
+    class Breaking:
+        def __init__(self, body, after):
+            self.body, self.left = body, after
+
+        def read(self, n):
+            if self.left <= 0:
+                raise ConnectionError("connection reset by peer (test)")
+            data = self.body.read(min(n, self.left))
+            self.left -= len(data)
+            return data
+
+        def close(self):
+            self.body.close()
+
+    def get_object(**kw):
+        calls.append(kw)
+        resp = real_get(**kw)
+        if len(calls) == 2:  # member 1, first attempt: break after 1000 bytes
+            resp["Body"] = Breaking(resp["Body"], 1000)
+        return resp
+
+    client.get_object = get_object
+    summary = streamavg.average_uris(None, uris, storage=s3)
+    assert summary["gets"] == 4 and s3.retries == 1
+    assert calls[2]["Range"] == "bytes=1000-" and calls[2]["IfMatch"]
+    got = summary["average"].mean_arrays()
+    exp = running_sum_mean(states)
+    for k in ("head.weight", "featurizer.conv.weight", "featurizer.half", "featurizer.f64"):
+        assert np.array_equal(got[k], exp[k].numpy()), k
+    assert got["featurizer.bf16"].tolist() == exp["featurizer.bf16"].view(torch.int16).numpy().view(np.uint16).tolist()
+
+
+def test_s3_bad_member_stops_the_prefetch_thread(tmp_path, s3_bucket, moto_server):
+    states = [make_state(s) for s in range(4)]
+    states[1]["head.bias"][0] = float("nan")
+    store, paths, uris = _upload_members(tmp_path, s3_bucket, moto_server, states)
+    out = tmp_path / "avg.safetensors"
+    with pytest.raises(AveragingError, match="contains NaN or Inf"):
+        streamavg.average_uris(str(out), uris, endpoint=moto_server)
+    assert not out.exists()
+    assert not any(t.name == "ratatouille-s3-prefetch" for t in __import__("threading").enumerate())
+
+
+# ------------------------------------------------------------------------- RunningSum kernels
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64, torch.bfloat16])
+def test_numpy_add_matches_torch_add(dtype):
+    g = torch.Generator().manual_seed(3)
+    acc = torch.randn(1000, generator=g, dtype=torch.float64)
+    t = (torch.randn(1000, generator=g) * 7).to(dtype)
+    ref = acc + t.to(torch.float64)
+    _add_into(acc, t)
+    assert torch.equal(acc, ref)
+    nc = torch.randn(20, 30, generator=g).t()           # non-contiguous: the torch path
+    acc2 = torch.zeros(30, 20, dtype=torch.float64)
+    _add_into(acc2, nc)
+    assert torch.equal(acc2, nc.double())
+
+
+def test_uniform_average_fast_kernels_load_each_member_once():
+    states = [make_state(s) for s in range(6)]
+    calls = [0] * 6
+
+    def loader(i):
+        def load():
+            calls[i] += 1
+            return {k: v.clone() for k, v in states[i].items()}
+        return load
+
+    avg, count = uniform_average((f"m{i}", loader(i)) for i in range(6))
+    assert count == 6 and calls == [1] * 6
+    exp = {}
+    for k, t0 in states[0].items():
+        if t0.is_floating_point():
+            exp[k] = (sum(s[k].to(torch.float64) for s in states) / 6).to(t0.dtype)
+        else:
+            exp[k] = t0.clone()
+    assert_same(avg, exp)
