@@ -26,8 +26,6 @@ import torch
 StateDict = dict[str, torch.Tensor]
 Loader = Callable[[], Mapping[str, torch.Tensor]]
 
-PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
-
 __all__ = [
     "AveragingError",
     "UnsafeWeightsError",
@@ -46,56 +44,14 @@ __all__ = [
 ]
 
 
-class AveragingError(ValueError):
-    """Members cannot be averaged; the message names the member and the tensor."""
-
-
-class UnsafeWeightsError(ValueError):
-    """A weights file is (or may be) a pickle: refused, never loaded."""
-
-
-# --------------------------------------------------------------------------------------------
-# Reading weights safely
-# --------------------------------------------------------------------------------------------
-
-def _describe_head(head: bytes, size: int | None) -> str | None:
-    """Why ``head`` (the first bytes of a file) is not safetensors, or None if it looks fine."""
-    if head[:4] == b"PK\x03\x04":
-        return "a zip archive (torch.save format)"
-    if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
-        return "a pickle"
-    if len(head) < 9:
-        return "not a safetensors file (too short)"
-    (n,) = struct.unpack("<Q", head[:8])
-    if n < 2 or head[8:9] != b"{" or (size is not None and 8 + n > size):
-        return "not a safetensors file (bad header)"
-    return None
-
-
-def refuse_pickle(path_or_uri: str | os.PathLike, head: bytes | None = None) -> None:
-    """Raise :class:`UnsafeWeightsError` unless ``path_or_uri`` may be read as safetensors.
-
-    Refused: names ending in a pickle suffix (.pt .pth .bin .ckpt .pkl .pickle), and content
-    whose first bytes are a pickle, a zip (torch.save) or anything else than a safetensors header
-    (8-byte little-endian header length, then ``{``). The content is checked from ``head`` when
-    given (e.g. the first bytes a storage adapter fetched), otherwise from the file when
-    ``path_or_uri`` is an existing local path (``file://`` URIs included).
-    """
-    name = os.fspath(path_or_uri)
-    if name.lower().endswith(PICKLE_SUFFIXES):
-        raise UnsafeWeightsError(f"refusing {name}: pickle-format weights are never loaded; "
-                                 "convert them to safetensors")
-    size = None
-    if head is None:
-        local = name[len("file://"):] if name.startswith("file://") else name
-        if "://" in local or not os.path.isfile(local):
-            return
-        size = os.path.getsize(local)
-        with open(local, "rb") as f:
-            head = f.read(16)
-    why = _describe_head(bytes(head[:16]), size)
-    if why is not None:
-        raise UnsafeWeightsError(f"refusing {name}: {why}; only safetensors weights are loaded")
+# The exceptions and the pickle guard live in the torch-free streaming module, so both share them.
+from .streamavg import (  # noqa: E402
+    PICKLE_SUFFIXES,
+    AveragingError,
+    UnsafeWeightsError,
+    describe_head as _describe_head,
+    refuse_pickle,
+)
 
 
 def load_safetensors_file(path: str | os.PathLike) -> StateDict:
@@ -140,6 +96,48 @@ def _fmt_shape(shape: tuple[int, ...]) -> str:
 
 def _is_averaged(dtype: torch.dtype) -> bool:
     return dtype.is_floating_point
+
+
+# numpy's mixed-dtype add and pairwise sum are several times faster on the CPU than torch's
+# (measured: float32 into float64, 94 MB: ~35 ms vs 100-190 ms; torch.isfinite().all() ~180 ms).
+_NUMPY_FLOATS = (torch.float32, torch.float64, torch.float16)
+_PIECE = 1 << 18
+
+
+def _numpy_view(t: torch.Tensor):
+    if t.device.type == "cpu" and t.dtype in _NUMPY_FLOATS and t.is_contiguous() \
+            and not t.requires_grad:
+        return t.reshape(-1).numpy()
+    return None
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """All elements finite: a vectorised float32 sum per cache-sized piece, and the exact
+    element test only where that sum is not finite (overflow of large finite values)."""
+    import numpy as np
+
+    x = _numpy_view(t.detach())
+    if x is None:
+        return bool(torch.isfinite(t).all())
+    for i in range(0, x.size, _PIECE):
+        piece = x[i:i + _PIECE]
+        with np.errstate(over="ignore", invalid="ignore"):
+            s = piece.sum(dtype=np.float32) if piece.dtype == np.float16 else piece.sum()
+        if not math.isfinite(float(s)) and not bool(np.isfinite(piece).all()):
+            return False
+    return True
+
+
+def _add_into(acc: torch.Tensor, t: torch.Tensor) -> None:
+    """``acc += t`` with ``acc`` a float64 CPU tensor, without a float64 copy of ``t``."""
+    import numpy as np
+
+    x = _numpy_view(t)
+    if x is None or not acc.is_contiguous():
+        acc.add_(t.to(device="cpu", dtype=torch.float64))
+        return
+    a = acc.reshape(-1).numpy()
+    np.add(a, x, out=a)
 
 
 class RunningSum:
@@ -212,7 +210,7 @@ class RunningSum:
                     raise AveragingError(f"member {name!r}: tensor {key!r} has dtype "
                                          f"{t.dtype}, expected {dtype}")
         for key, t in state.items():
-            if _is_averaged(t.dtype) and t.numel() and not bool(torch.isfinite(t).all()):
+            if _is_averaged(t.dtype) and t.numel() and not _all_finite(t):
                 raise AveragingError(f"member {name!r}: tensor {key!r} contains NaN or Inf")
 
     # -- accumulation -------------------------------------------------------------------------
@@ -233,7 +231,7 @@ class RunningSum:
             for key in self._spec:
                 acc = self._data[key]
                 if _is_averaged(acc.dtype):
-                    acc.add_(state[key].detach().to(device="cpu", dtype=torch.float64))
+                    _add_into(acc, state[key].detach())
         self._names.append(name)
 
     def _require(self) -> None:
@@ -267,7 +265,8 @@ class RunningSum:
         for key, (_shape_, dtype) in self._spec.items():
             acc = self._data[key]
             if _is_averaged(dtype):
-                s = acc + state[key].detach().to(device="cpu", dtype=torch.float64)
+                s = acc.clone()
+                _add_into(s, state[key].detach())
                 s.div_(n)
                 out[key] = s.to(dtype)
                 del s
@@ -470,80 +469,33 @@ def average_files(out_path: str | os.PathLike, in_paths: Sequence[str | os.PathL
     shapes, dtypes or non-finite values raise :class:`AveragingError` naming the file and
     tensor. ``out_path`` is written atomically and only after all inputs were averaged, so on
     any error no (new or half-written) output is left. Returns a summary dict.
+
+    Streams each file through :class:`~ratatouille_trainer.streamavg.StreamingAverage`
+    (constant memory, one pass per file); the result is bit-identical to :class:`RunningSum`.
     """
+    from .streamavg import average_paths
+
     paths = [os.fspath(p) for p in in_paths]
-    if not paths:
-        raise AveragingError("no input checkpoints to average")
-    for p in paths:
-        refuse_pickle(p)
-        if not os.path.isfile(p):
-            raise FileNotFoundError(f"no such weights file: {p}")
-
-    def loader(p: str) -> Loader:
-        return lambda: load_safetensors_file(p)
-
-    state, count = uniform_average((p, loader(p)) for p in paths)
-    meta = {"format": "pt", "ratatouille.averaged": str(count),
-            "ratatouille.selection": "uniform"}
-    meta.update(metadata or {})
-    save_state_dict(state, out_path, meta)
-    summary = {
+    sa, digest = average_paths(out_path, paths, metadata)
+    return {
         "path": os.fspath(out_path),
-        "count": count,
+        "count": sa.count,
         "members": paths,
-        "sha256": sha256_file(out_path),
-        "tensors": len(state),
-        "parameters": int(sum(t.numel() for t in state.values())),
+        "sha256": digest,
+        "tensors": len(sa.mean_keys()),
+        "parameters": sa.parameters,
     }
-    return summary
 
 
 def average_uris(out_uri: str, in_uris: Sequence[str], *, endpoint: str | None = None) -> dict:
     """`ratatouille average OUT IN IN...` for paths or URIs (file://, s3://).
 
-    Remote members are downloaded one at a time into a scratch folder and dropped once added
-    to the running sum, so memory and disk stay near one model whatever the count. The output
-    is written locally first and uploaded only when complete.
+    Members are streamed one at a time (S3 objects by a prefetch thread that downloads the next
+    member while the current one is added, no scratch files), so memory stays near one float64
+    accumulator whatever the count. The output is written locally first and uploaded only when
+    complete. See :func:`ratatouille_trainer.streamavg.average_uris` (which needs no torch).
     """
-    import tempfile
+    from .streamavg import average_uris as _stream_average_uris
 
-    from .storage import open_storage, split_uri
-
-    if not in_uris:
-        raise AveragingError("no input checkpoints to average")
-    for uri in in_uris:
-        refuse_pickle(uri)  # by name before anything is fetched
-    with tempfile.TemporaryDirectory(prefix="ratatouille-average-") as scratch:
-        def local(uri: str, index: int) -> str:
-            scheme, root, key = split_uri(uri)
-            if scheme != "s3":
-                return os.path.join(root, key)
-            path = os.path.join(scratch, f"member-{index}.safetensors")
-            open_storage(uri, endpoint=endpoint).download(uri, path)
-            return path
-
-        def loader(uri: str, index: int) -> Loader:
-            def load() -> StateDict:
-                path = local(uri, index)
-                refuse_pickle(path)
-                try:
-                    return load_safetensors_file(path)
-                finally:
-                    if path.startswith(scratch):
-                        os.unlink(path)
-            return load
-
-        state, count = uniform_average((u, loader(u, i)) for i, u in enumerate(in_uris))
-        meta = {"format": "pt", "ratatouille.averaged": str(count), "ratatouille.selection": "uniform"}
-        if split_uri(out_uri)[0] == "s3":
-            tmp_out = os.path.join(scratch, "average.safetensors")
-            save_state_dict(state, tmp_out, meta)
-            digest = sha256_file(tmp_out)
-            open_storage(out_uri, endpoint=endpoint).upload(tmp_out, out_uri)
-        else:
-            _, root, key = split_uri(out_uri)
-            path = os.path.join(root, key)
-            save_state_dict(state, path, meta)
-            digest = sha256_file(path)
-    return {"path": out_uri, "count": count, "members": list(in_uris), "sha256": digest,
-            "tensors": len(state), "parameters": int(sum(t.numel() for t in state.values()))}
+    summary = _stream_average_uris(out_uri, in_uris, endpoint=endpoint)
+    return {k: summary[k] for k in ("path", "count", "members", "sha256", "tensors", "parameters")}
