@@ -14,7 +14,9 @@ Weights are untrusted input: only safetensors is read, never pickles (:func:`ref
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import shutil
 import os
 import struct
 import tempfile
@@ -428,6 +430,29 @@ def _independent_tensors(state: Mapping[str, torch.Tensor]) -> StateDict:
     return out
 
 
+def _canonical_header(path: str) -> None:
+    """Rewrite a safetensors header as sorted, compact JSON so that equal tensors and metadata
+    give equal bytes (and sha256) in every process: the library writes its metadata map in a
+    per-process hash order. Offsets are relative to the data section, so only the header moves;
+    when the canonical header has the same padded length it is overwritten in place."""
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # the data section stays 8-byte aligned
+        if len(text) == n:
+            f.seek(8)
+            f.write(text)
+            return
+    moved = path + ".hdr"
+    with open(path, "rb") as src, open(moved, "wb") as dst:
+        src.seek(8 + n)
+        dst.write(struct.pack("<Q", len(text)))
+        dst.write(text)
+        shutil.copyfileobj(src, dst, 1 << 22)
+    os.replace(moved, path)
+
+
 def save_state_dict(state: Mapping[str, torch.Tensor], path: str | os.PathLike,
                     metadata: Mapping[str, str] | None = None) -> None:
     """Write ``state`` as safetensors atomically: a temporary file in the same folder, renamed
@@ -450,6 +475,7 @@ def save_state_dict(state: Mapping[str, torch.Tensor], path: str | os.PathLike,
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=meta)
+        _canonical_header(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

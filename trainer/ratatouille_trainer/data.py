@@ -341,8 +341,8 @@ def _grayscale(x: torch.Tensor) -> torch.Tensor:
 
 def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
     r, g, b = x.unbind(1)
-    maxc, _ = x.max(1)
-    minc, _ = x.min(1)
+    maxc = x.amax(1)  # values only: the same numbers as max(1), without the indices
+    minc = x.amin(1)
     eqc = maxc == minc
     cr = maxc - minc
     ones = torch.ones_like(maxc)
