@@ -141,18 +141,7 @@ def load_featurizer_state(net: Network, state: Mapping[str, torch.Tensor], what:
     classifier = str((getattr(net.featurizer, "pretrained_cfg", None) or {}).get("classifier") or "")
     prefixes = _CLASSIFIER_PREFIXES + ((classifier + ".",) if classifier else ())
     unexpected = sorted(k for k in feat if k not in expected and not k.startswith(prefixes))
-    missing = sorted(k for k in expected if k not in feat)
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing tensors {_describe(missing)}")
-        if unexpected:
-            parts.append(f"unexpected tensors {_describe(unexpected)}")
-        raise ModelError(f"{what} does not fit {type(net.featurizer).__name__}: {'; '.join(parts)}")
-    for k, v in expected.items():
-        if tuple(feat[k].shape) != tuple(v.shape):
-            raise ModelError(f"{what}: tensor {k} has shape {tuple(feat[k].shape)}, "
-                             f"the network expects {tuple(v.shape)}")
+    _check_fit(expected, feat, unexpected, what, type(net.featurizer).__name__)
     with torch.no_grad():
         net.featurizer.load_state_dict({k: feat[k] for k in expected}, strict=True)
 
@@ -199,22 +188,27 @@ def load_head(net: Network, state: Mapping[str, torch.Tensor], what: str = "line
             p.copy_(state[key])
 
 
-def load_network_state(net: Network, state: Mapping[str, torch.Tensor], what: str) -> None:
-    """Strict load of a full network state (``featurizer.*`` + ``head.*``)."""
-    expected = net.state_dict()
-    missing = sorted(k for k in expected if k not in state)
-    unexpected = sorted(k for k in state if k not in expected)
+def _check_fit(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor],
+               unexpected: list[str], what: str, target: str) -> None:
+    """Refuse a state that lacks, adds or reshapes tensors, naming them (one line)."""
+    missing = sorted(k for k in expected if k not in given)
     if missing or unexpected:
         parts = []
         if missing:
             parts.append(f"missing tensors {_describe(missing)}")
         if unexpected:
             parts.append(f"unexpected tensors {_describe(unexpected)}")
-        raise ModelError(f"{what} does not fit the network: {'; '.join(parts)}")
+        raise ModelError(f"{what} does not fit {target}: {'; '.join(parts)}")
     for k, v in expected.items():
-        if tuple(state[k].shape) != tuple(v.shape):
-            raise ModelError(f"{what}: tensor {k} has shape {tuple(state[k].shape)}, "
+        if tuple(given[k].shape) != tuple(v.shape):
+            raise ModelError(f"{what}: tensor {k} has shape {tuple(given[k].shape)}, "
                              f"the network expects {tuple(v.shape)}")
+
+
+def load_network_state(net: Network, state: Mapping[str, torch.Tensor], what: str) -> None:
+    """Strict load of a full network state (``featurizer.*`` + ``head.*``)."""
+    expected = net.state_dict()
+    _check_fit(expected, state, sorted(k for k in state if k not in expected), what, "the network")
     with torch.no_grad():
         net.load_state_dict(dict(state), strict=True)
 
