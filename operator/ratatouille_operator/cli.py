@@ -209,9 +209,10 @@ def cmd_run(args) -> int:
 
 
 def cmd_average(args) -> int:
-    from ratatouille_trainer import averaging
+    # The streaming path reads safetensors with numpy: no torch import (~650 MB less memory).
+    from ratatouille_trainer import streamavg
 
-    summary = averaging.average_uris(args.output, args.inputs, endpoint=args.endpoint)
+    summary = streamavg.average_uris(args.output, args.inputs, endpoint=args.endpoint)
     print(f"averaged {summary['count']} checkpoints into {args.output} (sha256 {summary['sha256']})")
     return EXIT_OK
 
@@ -276,8 +277,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ratatouille_trainer.storage import StorageError
 
     bad_input: tuple = (SpecError,)
-    if args.command == "average":  # only `average` loads torch; other commands start fast
-        from ratatouille_trainer.averaging import AveragingError, UnsafeWeightsError
+    if args.command == "average":
+        from ratatouille_trainer.streamavg import AveragingError, UnsafeWeightsError
         bad_input += (AveragingError, UnsafeWeightsError)
     try:
         return args.func(args)

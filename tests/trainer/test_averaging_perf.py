@@ -314,3 +314,71 @@ def test_uniform_average_fast_kernels_load_each_member_once():
         else:
             exp[k] = t0.clone()
     assert_same(avg, exp)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64, torch.bfloat16])
+def test_piecewise_mean_matches_torch(dtype):
+    from ratatouille_trainer.averaging import _PIECE, _mean_tensor
+
+    g = torch.Generator().manual_seed(5)
+    acc = torch.randn(_PIECE + 17, generator=g, dtype=torch.float64) * 1000
+    extra = (torch.randn(_PIECE + 17, generator=g) * 100).to(dtype)
+    for n in (3.0, 7.0):
+        assert torch.equal(_mean_tensor(acc, None, n, dtype), (acc / n).to(dtype))
+        want = (acc + extra.to(torch.float64)).div_(n).to(dtype)
+        assert torch.equal(_mean_tensor(acc, extra, n, dtype), want)
+    scalar = torch.tensor(5.0, dtype=torch.float64)
+    assert torch.equal(_mean_tensor(scalar, torch.tensor(1.0).to(dtype), 2.0, dtype),
+                       torch.tensor(3.0).to(dtype))
+    assert _mean_tensor(torch.zeros(0, 3, dtype=torch.float64), None, 2.0, dtype).shape == (0, 3)
+
+
+# ------------------------------------------------------------------------- greedy scratch reuse
+
+def _greedy_members(n=6):
+    from ratatouille_trainer.averaging import greedy_select  # noqa: F401
+
+    states = [make_state(s) for s in range(n)]
+    return states, [(f"m{i}", (lambda s=s: {k: v.clone() for k, v in s.items()}), 0.9 - i / 100)
+                    for i, s in enumerate(states)]
+
+
+def _score(sd):
+    return float(-(sd["head.weight"][:3, :3] - 0.1).abs().sum())
+
+
+def test_greedy_reuses_candidate_buffers_when_evaluate_keeps_nothing():
+    from ratatouille_trainer.averaging import greedy_select
+
+    states, ranked = _greedy_members()
+    ptrs = []
+
+    def evaluate(sd):
+        ptrs.append(sd["head.weight"].data_ptr())
+        return _score(sd)
+
+    res = greedy_select(ranked, evaluate)
+    assert len(set(ptrs[1:])) == 1          # every candidate after the first in one buffer
+    ref = greedy_select(_greedy_members()[1], lambda sd: _score({k: v.clone() for k, v in sd.items()}))
+    assert res.selected == ref.selected and res.trace == ref.trace
+    assert_same(res.state_dict, ref.state_dict)
+
+
+@pytest.mark.parametrize("keep", ["dict", "tensor", "view"])
+def test_greedy_never_overwrites_what_evaluate_kept(keep):
+    from ratatouille_trainer.averaging import greedy_select
+
+    states, ranked = _greedy_members()
+    kept, copies = [], []
+
+    def evaluate(sd):
+        item = {"dict": sd, "tensor": sd["head.weight"], "view": sd["head.weight"][1:]}[keep]
+        kept.append(item)
+        copies.append((item if keep != "dict" else item["head.weight"]).clone())
+        return _score(sd)
+
+    res = greedy_select(ranked, evaluate)
+    for item, copy in zip(kept, copies):
+        now = item if keep != "dict" else item["head.weight"]
+        assert torch.equal(now, copy)        # what evaluate kept was never overwritten
+    assert len(res.trace) == 6

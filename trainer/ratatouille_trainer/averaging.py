@@ -130,6 +130,42 @@ def _all_finite(t: torch.Tensor) -> bool:
     return True
 
 
+def _mean_tensor(acc: torch.Tensor, extra: torch.Tensor | None, n: float,
+                 dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``((acc + extra) / n).to(dtype)`` (``extra`` optional) in cache-sized pieces, without a
+    float64 copy of the whole tensor; the same IEEE operations as torch, so the same bits
+    (float16 goes through float32 as torch's conversion does). ``out``: a tensor of the
+    result's shape and dtype to write into (fresh pages cost more than the arithmetic)."""
+    import numpy as np
+
+    x = _numpy_view(extra) if extra is not None else None
+    if dtype not in _NUMPY_FLOATS or not acc.is_contiguous() or (extra is not None and x is None):
+        s = acc.clone() if extra is None else acc + extra.to(device="cpu", dtype=torch.float64)
+        s.div_(n)
+        if out is not None:
+            out.copy_(s.to(dtype))
+            return out
+        return s.to(dtype)
+    a = acc.reshape(-1).numpy()
+    if out is None or out.dtype != dtype or out.shape != acc.shape or not out.is_contiguous():
+        out = torch.empty(acc.shape, dtype=dtype)
+    o = out.reshape(-1).numpy()
+    scratch = np.empty(min(_PIECE, a.size), dtype=np.float64)
+    for i in range(0, a.size, _PIECE):
+        k = min(_PIECE, a.size - i)
+        buf = scratch[:k]
+        if x is not None:
+            np.add(a[i:i + k], x[i:i + k], out=buf)
+            np.divide(buf, n, out=buf)
+        else:
+            np.divide(a[i:i + k], n, out=buf)
+        if dtype == torch.float16:
+            o[i:i + k] = buf.astype(np.float32)
+        else:
+            o[i:i + k] = buf
+    return out
+
+
 def _add_into(acc: torch.Tensor, t: torch.Tensor) -> None:
     """``acc += t`` with ``acc`` a float64 CPU tensor, without a float64 copy of ``t``."""
     import numpy as np
@@ -221,6 +257,11 @@ class RunningSum:
     def add(self, name: str, state: Mapping[str, torch.Tensor]) -> None:
         """Validate ``state`` and add it to the sum (keeps no reference to it)."""
         self.validate(name, state)
+        self._accumulate(name, state)
+
+    @torch.no_grad()
+    def _accumulate(self, name: str, state: Mapping[str, torch.Tensor]) -> None:
+        """``add`` for a state already validated against this sum (greedy: by ``mean_with``)."""
         if not self._spec:
             for key, t in state.items():
                 t = t.detach()
@@ -249,32 +290,31 @@ class RunningSum:
         for key, (_shape_, dtype) in self._spec.items():
             acc = self._data[key]
             if _is_averaged(dtype):
-                out[key] = (acc / n).to(dtype)
+                out[key] = _mean_tensor(acc, None, n, dtype)
             else:
                 out[key] = acc.clone()
         return out
 
     @torch.no_grad()
-    def mean_with(self, name: str, state: Mapping[str, torch.Tensor]) -> StateDict:
+    def mean_with(self, name: str, state: Mapping[str, torch.Tensor],
+                  out: StateDict | None = None) -> StateDict:
         """``(sum + state) / (count + 1)`` without changing the sum (the greedy candidate).
 
-        The result is bit-identical to ``add(name, state)`` followed by ``mean()``.
+        The result is bit-identical to ``add(name, state)`` followed by ``mean()``. ``out``: a
+        previous result of this sum to overwrite (its tensors are reused) instead of allocating.
         """
         self._require()
         self.validate(name, state)
-        out: StateDict = {}
+        result: StateDict = {}
         n = float(self.count + 1)
         for key, (_shape_, dtype) in self._spec.items():
             acc = self._data[key]
             if _is_averaged(dtype):
-                s = acc.clone()
-                _add_into(s, state[key].detach())
-                s.div_(n)
-                out[key] = s.to(dtype)
-                del s
+                result[key] = _mean_tensor(acc, state[key].detach(), n, dtype,
+                                           out.get(key) if out is not None else None)
             else:
-                out[key] = acc.clone()
-        return out
+                result[key] = acc.clone()
+        return result
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,6 +370,23 @@ def _checked_acc(acc: float, name: str) -> float:
     return value
 
 
+def _unshared(state: StateDict) -> bool:
+    """Whether only ``state`` (and the caller's own names) refer to these tensors and their
+    storage, so they may be overwritten: nothing kept the dict, a tensor, or a view of one."""
+    import sys
+
+    if sys.getrefcount(state) > 3:  # the caller's name, this argument, getrefcount's own
+        return False
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    for t in state.values():
+        if sys.getrefcount(t) > 3:  # the dict, the loop name, getrefcount's own
+            return False
+        # 2: the tensor and the temporary storage object made to ask
+        if use_count is not None and use_count(t.untyped_storage()._cdata) > 2:
+            return False
+    return True
+
+
 def greedy_select(ranked: Sequence[tuple[str, Loader, float]],
                   evaluate: Callable[[StateDict], float]) -> GreedyResult:
     """Greedy soup (PAPER.md stage 4).
@@ -338,7 +395,9 @@ def greedy_select(ranked: Sequence[tuple[str, Loader, float]],
     missing/NaN accuracies last). The first is always kept; each next member is kept if the
     average with it scores ``>=`` the best so far on ``evaluate`` (the pooled training-domain
     validation accuracy). Each member is loaded exactly once: the candidate is
-    ``(sum + member) / (k + 1)`` from a running sum of the kept members.
+    ``(sum + member) / (k + 1)`` from a running sum of the kept members. Candidates are written
+    into the previous candidate's tensors when ``evaluate`` kept no reference to them (the dict,
+    a tensor or a view), so a step allocates nothing.
     """
     order = [m for _, m in sorted(enumerate(ranked), key=_sort_key)]
     if not order:
@@ -346,6 +405,7 @@ def greedy_select(ranked: Sequence[tuple[str, Loader, float]],
     rs = RunningSum()
     trace: list[GreedyStep] = []
     best = -math.inf
+    scratch: StateDict | None = None
     for i, (name, load, _own_acc) in enumerate(order):
         state = load()
         if i == 0:
@@ -357,12 +417,15 @@ def greedy_select(ranked: Sequence[tuple[str, Loader, float]],
             best = acc
             trace.append(GreedyStep(name, acc, True))
             continue
-        candidate = rs.mean_with(name, state)
+        candidate = rs.mean_with(name, state, out=scratch)
+        scratch = None  # its tensors now belong to candidate
         acc = _checked_acc(evaluate(candidate), name)
+        # the next candidate reuses these tensors unless evaluate kept a reference to them
+        scratch = candidate if _unshared(candidate) else None
         del candidate
         kept = acc >= best
         if kept:
-            rs.add(name, state)
+            rs._accumulate(name, state)  # mean_with validated it against this very sum
             best = acc
         del state
         trace.append(GreedyStep(name, acc, kept))

@@ -382,18 +382,18 @@ def _rrc_boxes(n: int, size: int, g: torch.Generator, scale=(0.7, 1.0),
     w = torch.round(torch.sqrt(target * ar))
     h = torch.round(torch.sqrt(target / ar))
     ok = (w > 0) & (w <= size) & (h > 0) & (h <= size)
-    first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((n,), -1, dtype=torch.int64))
-    boxes = torch.empty(n, 4, dtype=torch.float64)
-    for k in range(n):  # n is a batch (tens of images): cheap
-        j = int(first[k])
-        if j < 0:  # fallback: whole image (ratio always fits for square inputs)
-            boxes[k] = torch.tensor([0.0, 0.0, float(size), float(size)], dtype=torch.float64)
-            continue
-        wk, hk = float(w[k, j]), float(h[k, j])
-        top = math.floor(u[k, j, 2].item() * (size - hk + 1))
-        left = math.floor(u[k, j, 3].item() * (size - wk + 1))
-        boxes[k] = torch.tensor([left, top, left + wk, top + hk], dtype=torch.float64)
-    return boxes
+    found = ok.any(1)
+    j = ok.float().argmax(1).unsqueeze(1)  # first accepted try (0 where none: masked below)
+    wk = w.gather(1, j).squeeze(1)
+    hk = h.gather(1, j).squeeze(1)
+    uj = u.gather(1, j.unsqueeze(2).expand(n, 1, 4)).squeeze(1)
+    # the same float64 arithmetic as math.floor(u * (size - h + 1)) on Python floats
+    top = torch.floor(uj[:, 2] * (size - hk + 1))
+    left = torch.floor(uj[:, 3] * (size - wk + 1))
+    boxes = torch.stack((left, top, left + wk, top + hk), 1)
+    # fallback: whole image (ratio always fits for square inputs)
+    whole = torch.tensor([0.0, 0.0, float(size), float(size)], dtype=torch.float64)
+    return torch.where(found.unsqueeze(1), boxes, whole)
 
 
 def augment_batch(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -439,7 +439,7 @@ def augment_batch(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
                 hsv = _rgb_to_hsv(xs)
                 h = torch.remainder(hsv[:, 0] + hue[idx], 1.0)
                 y = _hsv_to_rgb(torch.stack((h, hsv[:, 1], hsv[:, 2]), 1))
-            xf = xf.index_copy(0, idx, y)
+            xf.index_copy_(0, idx, y)  # in place: xf is this function's own tensor
     # RandomGrayscale(p=0.1), 3 output channels
     gray = (torch.rand(b, generator=g) < 0.1).to(dev)
     xf = torch.where(gray.view(b, 1, 1, 1), _grayscale(xf).expand(-1, 3, -1, -1), xf)

@@ -288,33 +288,71 @@ def _set_rng_state(st: dict) -> None:
 # ------------------------------------------------------------------------------------- loop
 
 class BatchSource:
-    """The training batches of the remaining steps, in order, and the time spent making them.
+    """The training batches of the remaining steps, in order, and the time waited for them.
 
     On the CPU a batch (sampling + batched augmentation: many small tensor ops) is made with
-    ``ctx.data_threads`` intra-op threads (1 from :func:`select_device`), restored right after:
-    with every core's OpenMP thread on those small ops they stall whenever the CPU is shared
-    (measured on a loaded 2-core machine: 586 ms vs 41 ms for a 96-image 32 px batch, 1.5 s vs
-    0.15 s at 64 px). A background thread cannot do this safely: setting the thread count there
-    changes the process-wide OpenMP/MKL defaults the training step uses. ``wait_seconds`` is
-    the time the loop spent waiting for data (on the CPU, all of the data time).
+    ``ctx.data_threads`` intra-op threads (1 from :func:`select_device`): with every core's
+    OpenMP thread on those small ops they stall whenever the CPU is shared (measured on a loaded
+    2-core machine: 586 ms vs 41 ms for a 96-image 32 px batch, 1.5 s vs 0.15 s at 64 px).
+
+    When the process itself runs one intra-op thread (``OMP_NUM_THREADS=1``, as the operator's
+    pods may), batch ``s+1`` is made in a background thread while step ``s`` runs, on another
+    core. (With more threads it is made in the loop: a background thread cannot lower its own
+    thread count without changing the process-wide OpenMP/MKL defaults the step uses.) The
+    sampler and augmentation generators are only used by one thread, one batch after the other,
+    so the batches are the same either way; :meth:`state` is the stream state *before* the next
+    batch the loop will take, which is what a checkpoint records to resume exactly.
     """
 
-    def __init__(self, stream: TrainStream, ctx: DeviceContext):
+    def __init__(self, stream: TrainStream, ctx: DeviceContext, remaining: int):
         self.stream = stream
         self.ctx = ctx
+        self.remaining = int(remaining)
         self.wait_seconds = 0.0
+        self._pool = None
+        self._pending = None
+        if (ctx.prefetch and not ctx.is_cuda and self.remaining > 0
+                and torch.get_num_threads() == 1):
+            from concurrent.futures import ThreadPoolExecutor
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        t0 = time.perf_counter()
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="ratatouille-batches")
+            self._pending = self._pool.submit(self._make, True)
+
+    @property
+    def prefetching(self) -> bool:
+        return self._pool is not None
+
+    def _make(self, with_state: bool):
+        state = self.stream.get_state() if with_state else None
         with self.ctx.data_scope():
             xb, yb = self.stream.next_raw()
             x = self.ctx.input(train_transform(self.ctx.to_device(xb), self.stream.aug_gen))
             y = self.ctx.to_device(yb)
+        return state, x, y
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        t0 = time.perf_counter()
+        if self._pending is None:
+            _, x, y = self._make(False)
+        else:
+            _, x, y = self._pending.result()
+            self.remaining -= 1
+            self._pending = self._pool.submit(self._make, True) if self.remaining > 0 else None
         self.wait_seconds += time.perf_counter() - t0
         return x, y
 
     def state(self) -> dict:
+        if self._pending is not None:
+            return self._pending.result()[0]
         return self.stream.get_state()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            if self._pending is not None:
+                self._pending.cancel()
+            self._pool.shutdown(wait=True)
+            self._pool = None
+            self._pending = None
 
 
 @dataclass
@@ -394,67 +432,70 @@ def train(net: Network, stream: TrainStream, evaluator: Evaluator, *, steps: int
     net.train()
     loss_sum, loss_n = 0.0, 0
     last_score: ValScore | None = None
-    batches = BatchSource(stream, ctx)
-    for step in range(start, steps):
-        # phase switch: a fresh Adam over the new phase's parameters (reference: head warm-up)
-        new_idx = phase_index(phases, step)
-        if new_idx != pidx:
-            opt = make_optimizer(net, phases[new_idx])
-            pidx = new_idx
-        phase = phases[pidx]
+    batches = BatchSource(stream, ctx, steps - start)
+    try:
+        for step in range(start, steps):
+            # phase switch: a fresh Adam over the new phase's parameters (reference: head warm-up)
+            new_idx = phase_index(phases, step)
+            if new_idx != pidx:
+                opt = make_optimizer(net, phases[new_idx])
+                pidx = new_idx
+            phase = phases[pidx]
 
-        t0 = time.perf_counter()
-        x, y = batches.next()
-        with ctx.autocast():
-            if phase.trainable == "head":
-                with torch.no_grad():
-                    feats = net.features(x)
-                logits = net.head(feats)
-            else:
-                logits = fwd(x)
-        loss = F.cross_entropy(logits.float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        loss_v = float(loss.item())
-        if ctx.is_cuda:
-            torch.cuda.synchronize()
-        train_seconds += time.perf_counter() - t0
-        images_seen += int(y.shape[0])
-        loss_sum += loss_v
-        loss_n += 1
-        ips = images_seen / train_seconds if train_seconds > 0 else 0.0
+            t0 = time.perf_counter()
+            x, y = batches.next()
+            with ctx.autocast():
+                if phase.trainable == "head":
+                    with torch.no_grad():
+                        feats = net.features(x)
+                    logits = net.head(feats)
+                else:
+                    logits = fwd(x)
+            loss = F.cross_entropy(logits.float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_v = float(loss.item())
+            if ctx.is_cuda:
+                torch.cuda.synchronize()
+            train_seconds += time.perf_counter() - t0
+            images_seen += int(y.shape[0])
+            loss_sum += loss_v
+            loss_n += 1
+            ips = images_seen / train_seconds if train_seconds > 0 else 0.0
 
-        is_eval = (eval_every > 0 and step % eval_every == 0) or step == steps - 1
-        if is_eval:
-            score = evaluator.score(net)
-            last_score = score
-            point = {"step": step, "loss": loss_sum / max(loss_n, 1), "valAccuracy": score.mean,
-                     "valAccuracyPooled": score.pooled}
-            curve.append(point)
-            loss_sum, loss_n = 0.0, 0
-            improved = best is None or score.mean > best["score"]
-            if improved:
-                best = {"step": step, "score": score.mean, "pooled": score.pooled,
-                        "perDomain": score.per_domain, "dir": Checkpointer.dirname(step)}
-                if keep == "best":
-                    best_state = cpu_state(net)
-            if on_eval is not None:
-                on_eval(step, score)
-            if checkpointer is not None:
-                opt_tensors, opt_meta = optimizer_to_flat(opt)
-                checkpointer.save(step, cpu_state(net), opt_tensors, {
-                    "step": step, "steps": steps, "phase": pidx, "optimizer": opt_meta,
-                    "stream": batches.state(), "rng": _rng_state(), "curve": curve,
-                    "best": best if keep == "best" else None,
-                    "trainSeconds": train_seconds, "imagesSeen": images_seen,
-                })
-            if progress is not None:
-                progress.update(step + 1, loss=point["loss"], val=score.mean, images_per_second=ips)
-        elif progress is not None:
-            progress.update(step + 1, loss=loss_v, images_per_second=ips)
-        if abort_at is not None and step + 1 >= abort_at:
-            raise SimulatedCrash(f"aborted after step {step} (RATATOUILLE_ABORT_AT_STEP={abort_at})")
+            is_eval = (eval_every > 0 and step % eval_every == 0) or step == steps - 1
+            if is_eval:
+                score = evaluator.score(net)
+                last_score = score
+                point = {"step": step, "loss": loss_sum / max(loss_n, 1), "valAccuracy": score.mean,
+                         "valAccuracyPooled": score.pooled}
+                curve.append(point)
+                loss_sum, loss_n = 0.0, 0
+                improved = best is None or score.mean > best["score"]
+                if improved:
+                    best = {"step": step, "score": score.mean, "pooled": score.pooled,
+                            "perDomain": score.per_domain, "dir": Checkpointer.dirname(step)}
+                    if keep == "best":
+                        best_state = cpu_state(net)
+                if on_eval is not None:
+                    on_eval(step, score)
+                if checkpointer is not None:
+                    opt_tensors, opt_meta = optimizer_to_flat(opt)
+                    checkpointer.save(step, cpu_state(net), opt_tensors, {
+                        "step": step, "steps": steps, "phase": pidx, "optimizer": opt_meta,
+                        "stream": batches.state(), "rng": _rng_state(), "curve": curve,
+                        "best": best if keep == "best" else None,
+                        "trainSeconds": train_seconds, "imagesSeen": images_seen,
+                    })
+                if progress is not None:
+                    progress.update(step + 1, loss=point["loss"], val=score.mean, images_per_second=ips)
+            elif progress is not None:
+                progress.update(step + 1, loss=loss_v, images_per_second=ips)
+            if abort_at is not None and step + 1 >= abort_at:
+                raise SimulatedCrash(f"aborted after step {step} (RATATOUILLE_ABORT_AT_STEP={abort_at})")
+    finally:
+        batches.close()
 
     ips = images_seen / train_seconds if train_seconds > 0 else 0.0
     if keep == "best":

@@ -1,0 +1,145 @@
+"""The trainer's data path changes of issue 7: batches made with one intra-op thread, made ahead
+in a background thread when the process runs one thread, and the vectorised crop sampling —
+all giving exactly the batches (and checkpoints) of the plain path. Fast, no timing assertions."""
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+from ratatouille_trainer import data as D
+from ratatouille_trainer.device import DeviceContext, select_device
+from ratatouille_trainer.training import BatchSource
+
+
+def _dataset(size=16, per_domain=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    domains = []
+    for i, name in enumerate(["a", "b", "c"]):
+        images = torch.randint(0, 256, (per_domain, 3, size, size), generator=g, dtype=torch.uint8)
+        labels = torch.randint(0, 4, (per_domain,), generator=g)
+        out_idx, in_idx = D.split_indices(per_domain, 0.2, i)
+        domains.append(D.Domain(name, i, images, labels, torch.tensor(out_idx), torch.tensor(in_idx)))
+    return D.DomainDataset(uri="memory://t", root="", classes=list("wxyz"), domains=domains,
+                           input_size=size)
+
+
+def _reference_boxes(n, size, g, scale=(0.7, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0)):
+    """The per-image loop the vectorised sampler replaced (torchvision's get_params)."""
+    area = float(size * size)
+    u = torch.rand(n, 10, 4, generator=g, dtype=torch.float64)
+    target = area * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
+    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[..., 1]
+    ar = torch.exp(log_r)
+    w = torch.round(torch.sqrt(target * ar))
+    h = torch.round(torch.sqrt(target / ar))
+    ok = (w > 0) & (w <= size) & (h > 0) & (h <= size)
+    boxes = torch.empty(n, 4, dtype=torch.float64)
+    for k in range(n):
+        js = [j for j in range(10) if bool(ok[k, j])]
+        if not js:
+            boxes[k] = torch.tensor([0.0, 0.0, float(size), float(size)], dtype=torch.float64)
+            continue
+        j = js[0]
+        wk, hk = float(w[k, j]), float(h[k, j])
+        top = math.floor(u[k, j, 2].item() * (size - hk + 1))
+        left = math.floor(u[k, j, 3].item() * (size - wk + 1))
+        boxes[k] = torch.tensor([left, top, left + wk, top + hk], dtype=torch.float64)
+    return boxes
+
+
+def test_vectorised_crop_boxes_equal_the_loop():
+    for size in (8, 32, 224):
+        for seed in range(4):
+            a = D._rrc_boxes(300, size, torch.Generator().manual_seed(seed))
+            b = _reference_boxes(300, size, torch.Generator().manual_seed(seed))
+            assert torch.equal(a, b), (size, seed)
+    # no try fits: every image falls back to the whole frame
+    a = D._rrc_boxes(50, 16, torch.Generator().manual_seed(1), scale=(0.99, 1.0), ratio=(3.0, 4.0))
+    b = _reference_boxes(50, 16, torch.Generator().manual_seed(1), scale=(0.99, 1.0), ratio=(3.0, 4.0))
+    assert torch.equal(a, b) and torch.equal(a[0], torch.tensor([0.0, 0.0, 16.0, 16.0], dtype=torch.float64))
+
+
+def test_data_scope_uses_one_thread_and_restores():
+    ctx = select_device({"RATATOUILLE_DEVICE": "cpu"})
+    assert ctx.data_threads == 1 and ctx.prefetch
+    before = torch.get_num_threads()
+    seen = []
+    with ctx.data_scope():
+        seen.append(torch.get_num_threads())
+    assert seen == [1] and torch.get_num_threads() == before
+    assert select_device({"RATATOUILLE_DEVICE": "cpu", "RATATOUILLE_PREFETCH": "0"}).prefetch is False
+    assert select_device({"RATATOUILLE_DEVICE": "cpu", "RATATOUILLE_DATA_THREADS": ""}).data_threads is None
+
+
+def _batches(ctx, n, take_state_at=None):
+    ds = _dataset()
+    src = BatchSource(D.TrainStream(ds, 4, seed=3), ctx, n)
+    out, state = [], None
+    try:
+        for i in range(n):
+            if i == take_state_at:
+                state = src.state()
+            out.append(src.next())
+        return out, state, src.prefetching, src.wait_seconds
+    finally:
+        src.close()
+
+
+def test_prefetched_batches_and_checkpoint_state_equal_the_plain_ones():
+    plain_ctx = DeviceContext(device=torch.device("cpu"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pf_ctx = select_device({"RATATOUILLE_DEVICE": "cpu"})
+        got, state, prefetching, waited = _batches(pf_ctx, 6, take_state_at=4)
+    finally:
+        torch.set_num_threads(threads)
+    assert prefetching and waited > 0
+    ref, ref_state, ref_prefetching, _ = _batches(plain_ctx, 6, take_state_at=4)
+    assert not ref_prefetching
+    for (x, y), (rx, ry) in zip(got, ref):
+        assert torch.equal(x, rx) and torch.equal(y, ry)
+    # the state a checkpoint records before step 4 resumes at batch 4, with prefetching too
+    assert state == ref_state
+    ds = _dataset()
+    stream = D.TrainStream(ds, 4, seed=3)
+    stream.set_state(state)
+    src = BatchSource(stream, plain_ctx, 2)
+    x, y = src.next()
+    assert torch.equal(x, got[4][0]) and torch.equal(y, got[4][1])
+
+
+def test_train_with_prefetch_matches_train_without(tmp_path):
+    """Whole loop in a one-thread process: prefetching on and off give the same model."""
+    code = textwrap.dedent("""
+        import sys, torch
+        torch.set_num_threads(1)
+        sys.path.insert(0, %r)
+        from test_trainer_perf import _dataset
+        from ratatouille_trainer.data import TrainStream
+        from ratatouille_trainer.device import select_device
+        from ratatouille_trainer.models import build_network, freeze_bn
+        from ratatouille_trainer.training import Evaluator, Phase, train
+        outs = []
+        for pf in ("1", "0"):
+            ds = _dataset()
+            torch.manual_seed(0)
+            net = freeze_bn(build_network("test_resnet", 4, 0.1, 16))
+            ctx = select_device({"RATATOUILLE_DEVICE": "cpu", "RATATOUILLE_PREFETCH": pf})
+            res = train(net, TrainStream(ds, 4, 1), Evaluator(ds.validation_sets(), ctx), steps=5,
+                        eval_every=2, phases=[Phase(0, "head", 1e-3, 0.0), Phase(2, "all", 1e-4, 0.0)],
+                        ctx=ctx, keep="last", seed=1)
+            outs.append((res.state, res.data_wait_seconds))
+        (a, wa), (b, wb) = outs
+        assert all(torch.equal(a[k], b[k]) for k in a), "models differ"
+        assert wa > 0 and wb > 0
+        print("same")
+    """) % str(__import__("pathlib").Path(__file__).parent)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith("same")
