@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[trainer,operator,demo,test]'
+	$(PY) -m pip install -q -e '.[trainer,operator,demo,bench,test]'
 	touch $@
 
 # Prometheus (promtool too) for the observability tests; kubectl is used when present.

@@ -30,6 +30,12 @@ pytest.importorskip("timm")
 LP, AUX, TARGET, AVG = "linear-probe", "aux", "target", "average"
 
 
+
+def wait_event(cluster, ns: str, name: str, reason: str, timeout: float = 15) -> None:
+    """Events are posted right after the status patch that a test waits on: give them a moment."""
+    cluster.wait_for(lambda: any(e["reason"] == reason for e in cluster.events(ns, name)), timeout,
+                     f"a {reason} Event for {ns}/{name}")
+
 def stage_of(job) -> str:
     return (job["metadata"].get("labels") or {}).get("ratatouille.dev/stage", "")
 
@@ -195,6 +201,7 @@ def test_full_run_succeeds_with_model_lineage_columns_metrics_and_no_key_materia
     assert re.fullmatch(r"\d\.\d{3}", row[4]), out
 
     # One Event per phase transition, in order.
+    wait_event(cluster, ns, "soup", "Succeeded")
     reasons = [e["reason"] for e in sorted(cluster.events(ns, "soup"), key=lambda e: e["metadata"]["creationTimestamp"])]
     for reason in ("Accepted", "TargetStage", "Averaging", "Succeeded"):
         assert reasons.count(reason) == 1, reasons
@@ -266,6 +273,7 @@ def test_operator_killed_three_times_completes_without_duplicates_or_retraining(
     assert {k: v for k, v in ctl.starts.items() if k.startswith(ns + "/")} == {f"{ns}/{n}": 1 for n in names}
     assert {k: v for k, v in ctl.processes.items() if k.startswith(ns + "/")} == {f"{ns}/{n}": 1 for n in names}
     assert operator_process.starts >= 4
+    wait_event(cluster, ns, "phoenix", "Succeeded")
     reasons = [e["reason"] for e in cluster.events(ns, "phoenix")]
     assert reasons.count("Succeeded") == 1, reasons
 
@@ -316,6 +324,7 @@ def test_run_fails_with_min_succeeded_not_met(cluster, operator_process):
     assert (failed["status"], failed["reason"]) == ("True", "MinSucceededNotMet")
     assert "minSucceeded=2" in failed["message"]
     assert condition(run, "Complete")["status"] == "False"
+    wait_event(cluster, ns, "doomed", "MinSucceededNotMet")
     events = [e for e in cluster.events(ns, "doomed") if e["reason"] == "MinSucceededNotMet"]
     assert len(events) == 1 and events[0]["type"] == "Warning"
     assert {"doomed-target-1-a1", "doomed-target-1-a2"} <= cluster.job_names(ns, "doomed")
@@ -357,6 +366,7 @@ def test_suspend_stops_children_and_creates_none_then_resume_completes(cluster, 
     assert run["status"]["phase"] == "Succeeded"
     assert condition(run, "Suspended")["status"] == "False"
     assert ctl.starts[f"{ns}/nap-lp-0-a1"] == 2  # the suspended pod was replaced on resume
+    wait_event(cluster, ns, "nap", "Resumed")
     reasons = [e["reason"] for e in cluster.events(ns, "nap")]
     assert "Suspended" in reasons and "Resumed" in reasons
 
@@ -371,6 +381,7 @@ def test_active_deadline_fails_the_run_and_stops_children(cluster, operator_proc
     run = cluster.wait_phase(ns, "late", ("Succeeded", "Failed"), timeout=30, operator=operator_process)
     failed = condition(run, "Failed")
     assert (run["status"]["phase"], failed["reason"]) == ("Failed", "DeadlineExceeded")
+    wait_event(cluster, ns, "late", "DeadlineExceeded")
     assert any(e["reason"] == "DeadlineExceeded" and e["type"] == "Warning" for e in cluster.events(ns, "late"))
     cluster.wait_for(lambda: not cluster.job_names(ns, "late"), 15, "the running child to be deleted")
     cluster.wait_for(lambda: not [n for n in ctl.running() if n.startswith("late-")], 15, "its process to stop")
