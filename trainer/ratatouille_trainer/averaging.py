@@ -51,6 +51,7 @@ from .streamavg import (  # noqa: E402
     PICKLE_SUFFIXES,
     AveragingError,
     UnsafeWeightsError,
+    check_same_keys,
     describe_head as _describe_head,
     refuse_pickle,
 )
@@ -229,16 +230,7 @@ class RunningSum:
                 raise AveragingError(f"member {name!r}: tensor {key!r} has complex dtype "
                                      f"{t.dtype}, which is not supported")
         if self._spec:
-            missing = [k for k in self._spec if k not in state]
-            if missing:
-                more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-                raise AveragingError(f"member {name!r}: tensor {missing[0]!r} is missing"
-                                     f"{more}; member {self._names[0]!r} has it")
-            extra = [k for k in state if k not in self._spec]
-            if extra:
-                more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
-                raise AveragingError(f"member {name!r}: unexpected tensor {extra[0]!r}{more}; "
-                                     f"member {self._names[0]!r} has no such tensor")
+            check_same_keys(name, state, self._names[0], self._spec)
             for key, (shape, dtype) in self._spec.items():
                 t = state[key]
                 if _shape(t) != shape:

@@ -123,6 +123,20 @@ def _fmt_shape(shape: tuple[int, ...]) -> str:
     return "(" + ", ".join(str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
 
 
+def check_same_keys(name: str, keys, first: str, expected) -> None:
+    """Refuse a member whose tensor names differ from the first member's, naming one of them."""
+    missing = [k for k in expected if k not in keys]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise AveragingError(f"member {name!r}: tensor {missing[0]!r} is missing{more}; "
+                             f"member {first!r} has it")
+    extra = [k for k in keys if k not in expected]
+    if extra:
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise AveragingError(f"member {name!r}: unexpected tensor {extra[0]!r}{more}; "
+                             f"member {first!r} has no such tensor")
+
+
 @dataclass(frozen=True)
 class _Tensor:
     key: str
@@ -301,16 +315,7 @@ class StreamingAverage:
     def _check(self, name: str, tensors: list[_Tensor]) -> None:
         first = self.names[0]
         keys = {t.key: t for t in tensors}
-        missing = [k for k in self._spec if k not in keys]
-        if missing:
-            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            raise AveragingError(f"member {name!r}: tensor {missing[0]!r} is missing{more}; "
-                                 f"member {first!r} has it")
-        extra = [k for k in keys if k not in self._spec]
-        if extra:
-            more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
-            raise AveragingError(f"member {name!r}: unexpected tensor {extra[0]!r}{more}; "
-                                 f"member {first!r} has no such tensor")
+        check_same_keys(name, keys, first, self._spec)
         for key, ref in self._spec.items():
             t = keys[key]
             if t.shape != ref.shape:
