@@ -356,7 +356,7 @@ class Storage:
 # ---------------------------------------------------------------------------------- local files
 
 
-def _atomic_write(path: str, write: Callable[[Any], None]) -> None:
+def atomic_write(path: str, write: Callable[[Any], None]) -> None:
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=directory)
@@ -403,7 +403,7 @@ class LocalStorage(Storage):
 
     def _write_bytes(self, uri: str, data: bytes) -> None:
         try:
-            _atomic_write(_local_path(uri), lambda fh: fh.write(data))
+            atomic_write(_local_path(uri), lambda fh: fh.write(data))
         except OSError as exc:
             raise _os_error(uri, exc) from None
 
@@ -414,7 +414,7 @@ class LocalStorage(Storage):
             raise _os_error(src_name, exc) from None
         try:
             with src_fh:
-                _atomic_write(dst, lambda fh: shutil.copyfileobj(src_fh, fh, _CHUNK))
+                atomic_write(dst, lambda fh: shutil.copyfileobj(src_fh, fh, _CHUNK))
         except OSError as exc:
             raise _os_error(dst_name, exc) from None
 
@@ -929,7 +929,7 @@ def _ensure_parent(path: str) -> str:
 
 def _write_manifest(path: str, prefix_uri: str, objects: dict) -> None:
     payload = json.dumps({"source": prefix_uri.rstrip("/"), "objects": objects}, sort_keys=True)
-    _atomic_write(path, lambda fh: fh.write(payload.encode("utf-8")))
+    atomic_write(path, lambda fh: fh.write(payload.encode("utf-8")))
 
 
 _BACKENDS: dict[str, type[Storage]] = {"file": LocalStorage, "s3": S3Storage}

@@ -34,6 +34,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from .storage import atomic_write
+
 __all__ = [
     "AveragingError",
     "UnsafeWeightsError",
@@ -449,30 +451,20 @@ class StreamingAverage:
             pos += nbytes
         raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
         raw += b" " * (-len(raw) % 8)
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
         h = hashlib.sha256()
-        try:
-            with os.fdopen(fd, "wb") as f:
-                for block in (struct.pack("<Q", len(raw)), raw):
-                    f.write(block)
-                    h.update(block)
-                for t in self._order:
-                    for arr in self._mean_pieces(t):
-                        mv = memoryview(np.ascontiguousarray(arr)).cast("B")
-                        f.write(mv)
-                        h.update(mv)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+
+        def emit(f) -> None:
+            for block in (struct.pack("<Q", len(raw)), raw):
+                f.write(block)
+                h.update(block)
+            for t in self._order:
+                for arr in self._mean_pieces(t):
+                    mv = memoryview(np.ascontiguousarray(arr)).cast("B")
+                    f.write(mv)
+                    h.update(mv)
+
+        # the project's one atomic writer: temporary file beside it, fsync, rename, or nothing left
+        atomic_write(os.fspath(path), emit)
         return h.hexdigest()
 
     def mean_keys(self) -> list[str]:
