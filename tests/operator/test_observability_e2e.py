@@ -35,7 +35,10 @@ pytestmark = pytest.mark.slow
 
 RELEASE_NAMESPACE = "ratatouille"
 RUN_NS, FAILED_NS = "obs-main", "obs-failing"
-TARGET_STEPS = 40
+# Long enough that each target trains for ~10 s on an idle 2-core machine: Prometheus 2.x's
+# discovery manager passes target changes to the scrape pools at most every 5 s, so a pod that lives
+# only a few seconds (40-step targets did) may never be scraped at all.
+TARGET_STEPS = 600
 
 # Dashboard panels that legitimately show nothing after these two runs: no storage operation
 # failed, no handler raised, no average collapsed. Every other panel must have data.
@@ -218,7 +221,7 @@ def test_chart_deployment_operator_is_scraped_and_every_chart_query_evaluates(
     local = write_datasets(tmp_path / "data")
     dataset = cluster.upload_dir(local["target"], "datasets/obs-target")
     manifest = run_manifest("observed", dataset=dataset, runs=2, min_succeeded=1, max_attempts=2)
-    manifest["spec"]["finetune"].update(steps=TARGET_STEPS, evalEvery=10)
+    manifest["spec"]["finetune"].update(steps=TARGET_STEPS, evalEvery=150)
     manifest["spec"]["storage"] = {"uri": "s3://ratatouille/runs"}  # endpoint and Secret: the chart's defaults
     ctl.set_fail("observed-target-1-a1", 1)  # one retried Job: failure and retry panels get data
     ctl.instant = lambda job: job["metadata"]["namespace"] == failing_ns
