@@ -96,13 +96,13 @@ def worker(mode: str, paths: list[str], extra: dict) -> dict:
         wall = time.perf_counter() - t0
         digest = _digest(mean)
     elif mode == "ours":
-        sa, _ = streamavg.average_paths(None, paths)
+        sa, _ = streamavg.average_paths(None, paths, block_elems=extra["block_elems"])
         mean = sa.mean_arrays()
         wall = time.perf_counter() - t0
         digest = _digest(mean)
     elif mode == "ours+w":
         out = extra["out"]
-        _sa, sha = streamavg.average_paths(out, paths)
+        _sa, sha = streamavg.average_paths(out, paths, block_elems=extra["block_elems"])
         wall = time.perf_counter() - t0
         os.unlink(out)
         digest = sha[:16]
@@ -137,32 +137,46 @@ def worker(mode: str, paths: list[str], extra: dict) -> dict:
         shutil.rmtree(scratch)
         digest = str(total)
     elif mode == "s3serial":
-        sa = streamavg.StreamingAverage()
+        # the same blocks from the same one GET per member, read when the engine needs them
+        # (no prefetch thread, so no overlap of download and arithmetic)
+        opened = [streamavg._s3_member(store, uri) for uri in paths]
+        members = [m for m, _ in opened]
+        streams = [st for _, st in opened]
 
-        class Body:
-            def __init__(self, body):
-                self.body = body
+        class Range:
+            def __init__(self, st, left):
+                self.st, self.left = st, left
 
             def readinto(self, mv):
-                data = self.body.read(len(mv))
-                mv[:len(data)] = data
-                return len(data)
+                k = self.st.reader.readinto(mv[:min(len(mv), self.left)]) if self.left else 0
+                self.left -= k
+                self.st.pos += k
+                return k
 
-        for uri in paths:
-            bucket, key = store._object_bk(uri)
-            resp = client.get_object(Bucket=bucket, Key=key)
-            sa.add(uri, Body(resp["Body"]), size=int(resp["ContentLength"]))
-            resp["Body"].close()
-        mean = sa.mean_arrays()
+            def close(self):
+                pass
+
+        def opener(mi, start, end):
+            st = streams[mi]
+            scratch = memoryview(bytearray(1 << 20))
+            while st.pos < start:  # a small gap: read and drop
+                st.pos += st.reader.readinto(scratch[:min(len(scratch), start - st.pos)])
+            return Range(st, end - start)
+
+        sa = streamavg.StreamingAverage(members, opener, block_elems=extra["block_elems"])
+        mean = sa.compute(streamavg.PIECE)
+        for st in streams:
+            st.body.close()
         wall = time.perf_counter() - t0
         digest = _digest(mean)
     elif mode == "s3ours":
-        summary = streamavg.average_uris(None, paths, storage=store)
+        summary = streamavg.average_uris(None, paths, storage=store, block_elems=extra["block_elems"])
         mean = summary["average"].mean_arrays()
         wall = time.perf_counter() - t0
         digest = _digest(mean)
     elif mode == "s3ours+w":
-        summary = streamavg.average_uris(extra["out"], paths, storage=store)
+        summary = streamavg.average_uris(extra["out"], paths, storage=store,
+                                         block_elems=extra["block_elems"])
         wall = time.perf_counter() - t0
         os.unlink(extra["out"])
         digest = summary["sha256"][:16]
@@ -261,6 +275,9 @@ def main() -> int:
     ap.add_argument("--skip-local", action="store_true")
     ap.add_argument("--skip-s3", action="store_true")
     ap.add_argument("--skip-torch", action="store_true")
+    ap.add_argument("--block-mb", type=float, default=None,
+                    help="float64 accumulator per block in MiB (default: the product's, "
+                         "streamavg.BLOCK_ELEMS x 8 bytes)")
     ap.add_argument("--dir", help="where to write the members (default: a temp dir, deleted)")
     ap.add_argument("--out")
     ap.add_argument("paths", nargs="*")
@@ -270,7 +287,8 @@ def main() -> int:
         return 0
 
     env = common.bench_env(**common.S3_ENV)
-    figures: dict = {"machine_start": common.machine(), "member_bytes": None, "local": {}, "s3": {}}
+    figures: dict = {"machine_start": common.machine(), "member_bytes": None, "local": {}, "s3": {},
+                     "block_elems": block_elems(args)}
     tmp = Path(tempfile.mkdtemp(prefix="bench-avg-", dir=args.dir))
     moto = common.MotoServer() if not args.skip_s3 else None
     try:
@@ -302,6 +320,14 @@ def main() -> int:
     return 0
 
 
+def block_elems(args) -> int:
+    if args.block_mb is None:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "trainer"))
+        from ratatouille_trainer.streamavg import BLOCK_ELEMS
+        return BLOCK_ELEMS
+    return int(args.block_mb * (1 << 20)) // 8
+
+
 def _paired(results: list[dict], mode: str, ref: str, n: int) -> float:
     """Median of ours/ref over the runs made back to back (same load)."""
     ours = [r["wall"] for r in results if r["mode"] == mode and r["n"] == n]
@@ -317,7 +343,8 @@ def bench_local(paths: list[str], member_bytes: int, args, env: dict, tmp: Path)
         modes = ["bare", "ours", "ours+w"] + ([] if args.skip_torch else ["torch"])
         for r in range(args.repeat):
             for mode in (modes if r % 2 == 0 else modes[::-1]):
-                res = run_mode(mode, sub, {"out": str(tmp / "out.safetensors")}, env)
+                res = run_mode(mode, sub, {"out": str(tmp / "out.safetensors"),
+                                           "block_elems": block_elems(args)}, env)
                 results.append(res)
                 print(f"local n={n} {mode:7s} {res['wall']:.3f} s  cpu {res['cpu']:.3f} s  "
                       f"peak {res['peak_rss'] / 1e6:.0f} MB", flush=True)
@@ -347,7 +374,7 @@ def bench_s3(uris: list[str], member_bytes: int, args, env: dict, tmp: Path, end
         modes = ["s3dl", "s3ours", "s3serial", "s3ours+w", "s3dlfile"]
         for r in range(args.repeat):
             for mode in (modes if r % 2 == 0 else modes[::-1]):
-                res = run_mode(mode, uris[:n], {"endpoint": endpoint,
+                res = run_mode(mode, uris[:n], {"endpoint": endpoint, "block_elems": block_elems(args),
                                                 "out": str(tmp / "out.safetensors")}, env)
                 results.append(res)
                 print(f"s3 n={n} {mode:9s} {res['wall']:.3f} s  cpu {res['cpu']:.3f} s  "

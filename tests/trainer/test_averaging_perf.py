@@ -89,16 +89,24 @@ def test_streaming_files_bit_identical_to_running_sum(tmp_path):
     assert summary["parameters"] == sum(t.numel() for t in states[0].values())
 
 
-def test_small_pieces_split_tensors_and_still_match(tmp_path):
-    # 64-byte pieces: every larger tensor is added in several pieces, runs merge across tensors
+@pytest.mark.parametrize("block_elems", [1, 7, 500, 1 << 22])
+def test_blocks_and_small_pieces_still_match(tmp_path, block_elems):
+    # 64-byte pieces split every larger tensor; tiny blocks cut tensors across blocks and put
+    # several tensors (and the integer buffers) in one block
     states = [make_state(s) for s in range(3)]
     paths = write_members(tmp_path, states)
-    sa = streamavg.StreamingAverage(piece_bytes=64)
-    for p in paths:
-        with open(p, "rb", buffering=0) as f:
-            sa.add(str(p), f)
-    sa.write(tmp_path / "avg.safetensors")
+    members = [streamavg._local_member(str(p), str(p)) for p in paths]
+    sa = streamavg.StreamingAverage(members, streamavg._Opener(members), piece_bytes=64,
+                                    block_elems=block_elems)
+    floats = sum(t.numel() for t in states[0].values() if t.is_floating_point())
+    assert sa.accumulator_bytes == 8 * min(block_elems, floats)  # memory: one block, not the model
+    sa.write(tmp_path / "avg.safetensors", streamavg._meta(sa, None))
+    assert sa.bytes_read <= sum(p.stat().st_size for p in paths)
     assert_same(load_file(str(tmp_path / "avg.safetensors")), running_sum_mean(states))
+    # the file is the same whatever the block size
+    whole, _ = streamavg.average_paths(tmp_path / "whole.safetensors", paths)
+    assert len(whole.blocks) == 1 and whole.accumulator_bytes == 8 * floats
+    assert (tmp_path / "whole.safetensors").read_bytes() == (tmp_path / "avg.safetensors").read_bytes()
 
 
 def test_members_with_another_tensor_layout(tmp_path):
@@ -214,8 +222,10 @@ def test_s3_prefetch_reads_each_member_once_and_matches_files(tmp_path, s3_bucke
     out = tmp_path / "from-s3.safetensors"
     summary = streamavg.average_uris(str(out), uris, endpoint=moto_server)
     assert summary["count"] == 5
-    assert summary["gets"] == 5                       # one GET per member, no re-reads
-    assert summary["bytesRead"] == sum(p.stat().st_size for p in paths)
+    # one GET per member (its header read from the front), every byte fetched once
+    assert summary["gets"] == 5 and summary["blocks"] == 1
+    # (members after the first skip their integer/bool tensors, here the last bytes of the file)
+    assert 0 <= sum(p.stat().st_size for p in paths) - summary["bytesTransferred"] <= 4 * 16
     local = tmp_path / "from-files.safetensors"
     average_files(local, paths)
     assert out.read_bytes() == local.read_bytes()     # same bytes, so the same sha256
@@ -226,12 +236,9 @@ def test_s3_prefetch_reads_each_member_once_and_matches_files(tmp_path, s3_bucke
     assert store.read_bytes(join(s3_bucket, "avg", "model.safetensors")) == local.read_bytes()
 
 
-def test_s3_prefetch_resumes_a_broken_transfer(tmp_path, s3_bucket, moto_server):
-    states = [make_state(s) for s in range(3)]
-    store, paths, uris = _upload_members(tmp_path, s3_bucket, moto_server, states)
-    from ratatouille_trainer.storage import RetryPolicy
-
-    s3 = open_storage(s3_bucket, moto_server, retry=RetryPolicy(attempts=3, base_delay=0.0))
+def _recording_client(s3, *, break_after=None, break_key=None):
+    """Wrap the client's get_object: record every call; the body of the first GET of
+    ``break_key`` breaks after ``break_after`` bytes."""
     client = s3.client
     real_get = client.get_object
     calls = []
@@ -240,10 +247,10 @@ def test_s3_prefetch_resumes_a_broken_transfer(tmp_path, s3_bucket, moto_server)
         def __init__(self, body, after):
             self.body, self.left = body, after
 
-        def read(self, n):
+        def read(self, n=-1):
             if self.left <= 0:
                 raise ConnectionError("connection reset by peer (test)")
-            data = self.body.read(min(n, self.left))
+            data = self.body.read(min(n, self.left) if n and n > 0 else self.left)
             self.left -= len(data)
             return data
 
@@ -251,21 +258,98 @@ def test_s3_prefetch_resumes_a_broken_transfer(tmp_path, s3_bucket, moto_server)
             self.body.close()
 
     def get_object(**kw):
-        calls.append(kw)
+        calls.append(dict(kw))
         resp = real_get(**kw)
-        if len(calls) == 2:  # member 1, first attempt: break after 1000 bytes
-            resp["Body"] = Breaking(resp["Body"], 1000)
+        if kw["Key"] == break_key and break_after is not None \
+                and sum(c["Key"] == break_key for c in calls) == 1:
+            resp["Body"] = Breaking(resp["Body"], break_after)
         return resp
 
     client.get_object = get_object
+    return calls
+
+
+def _range(call):
+    a, b = call["Range"][len("bytes="):].split("-")
+    return int(a), int(b) + 1
+
+
+def test_s3_blocks_one_get_per_member_each_byte_once(tmp_path, s3_bucket, moto_server):
+    states = [make_state(s) for s in range(4)]
+    store, paths, uris = _upload_members(tmp_path, s3_bucket, moto_server, states)
+    s3 = open_storage(s3_bucket, moto_server)
+    calls = _recording_client(s3)
+    # blocks of 500 elements: every member is read in several blocks, through its one GET
+    summary = streamavg.average_uris(str(tmp_path / "avg.safetensors"), uris, storage=s3,
+                                     block_elems=500)
+    assert summary["blocks"] > 4
+    local = tmp_path / "from-files.safetensors"
+    average_files(local, paths)
+    assert (tmp_path / "avg.safetensors").read_bytes() == local.read_bytes()
+    assert len(calls) == summary["gets"] == 4 and not any("Range" in c for c in calls)
+    assert summary["bytesTransferred"] <= sum(p.stat().st_size for p in paths)
+
+
+def test_s3_reordered_member_and_few_open_streams_use_ranged_gets(tmp_path, s3_bucket, moto_server):
+    states = [make_state(s) for s in range(4)]
+    store, paths, uris = _upload_members(tmp_path, s3_bucket, moto_server, states[:3])
+    odd = tmp_path / "reordered.safetensors"
+    write_safetensors_reordered(odd, states[3])
+    uris.append(join(s3_bucket, "run", "target", "odd", "model.safetensors"))
+    store.upload(odd, uris[-1])
+    s3 = open_storage(s3_bucket, moto_server)
+    calls = _recording_client(s3)
+    summary = streamavg.average_uris(None, uris, storage=s3, block_elems=500, max_streams=2)
+    exp = running_sum_mean(states)
+    got = summary["average"].mean_arrays()
+    for k in ("head.weight", "featurizer.conv.weight", "featurizer.half", "featurizer.f64"):
+        assert np.array_equal(got[k], exp[k].numpy()), k
+    ranged = [c for c in calls if "Range" in c]
+    assert ranged and all(c.get("IfMatch") for c in ranged)  # pinned to the header's version
+    assert summary["gets"] == len(calls) > 4
+
+
+def test_s3_prefetch_resumes_a_broken_transfer(tmp_path, s3_bucket, moto_server):
+    states = [make_state(s) for s in range(3)]
+    store, paths, uris = _upload_members(tmp_path, s3_bucket, moto_server, states)
+    from ratatouille_trainer.storage import RetryPolicy
+
+    s3 = open_storage(s3_bucket, moto_server, retry=RetryPolicy(attempts=3, base_delay=0.0))
+    key1 = "run/target/1/model.safetensors"
+    calls = _recording_client(s3, break_after=3000, break_key=key1)  # past the header
     summary = streamavg.average_uris(None, uris, storage=s3)
-    assert summary["gets"] == 4 and s3.retries == 1
-    assert calls[2]["Range"] == "bytes=1000-" and calls[2]["IfMatch"]
+    assert s3.retries == 1
+    mine = [c for c in calls if c["Key"] == key1]
+    assert len(mine) == 2 and "Range" not in mine[0]
+    assert _range(mine[1]) == (3000, paths[1].stat().st_size) and mine[1]["IfMatch"]
     got = summary["average"].mean_arrays()
     exp = running_sum_mean(states)
     for k in ("head.weight", "featurizer.conv.weight", "featurizer.half", "featurizer.f64"):
         assert np.array_equal(got[k], exp[k].numpy()), k
     assert got["featurizer.bf16"].tolist() == exp["featurizer.bf16"].view(torch.int16).numpy().view(np.uint16).tolist()
+
+
+def test_s3_member_replaced_during_the_average_is_refused(tmp_path, s3_bucket, moto_server):
+    states = [make_state(s) for s in range(3)]
+    store, paths, uris = _upload_members(tmp_path, s3_bucket, moto_server, states)
+    s3 = open_storage(s3_bucket, moto_server)
+    calls = _recording_client(s3, break_after=3000, break_key="run/target/2/model.safetensors")
+    real_member = streamavg._s3_member
+
+    def member_then_replace(storage, uri):
+        got = real_member(storage, uri)
+        if uri == uris[2]:  # another writer replaces it after its header was read
+            store.upload(paths[0], uri)
+        return got
+
+    out = tmp_path / "avg.safetensors"
+    import unittest.mock
+    with unittest.mock.patch.object(streamavg, "_s3_member", member_then_replace):
+        # the broken transfer is resumed with a ranged GET pinned to the first ETag: refused
+        with pytest.raises(Exception, match="PreconditionFailed|Precondition"):
+            streamavg.average_uris(str(out), uris, storage=s3)
+    assert not out.exists()
+    assert [c for c in calls if c["Key"].endswith("2/model.safetensors")][-1]["IfMatch"]
 
 
 def test_s3_bad_member_stops_the_prefetch_thread(tmp_path, s3_bucket, moto_server):

@@ -693,7 +693,8 @@ class S3Storage(Storage):
                      "mode": "standard"},
             connect_timeout=float(opts.get("connect_timeout", 10)),
             read_timeout=float(opts.get("read_timeout", 60)),
-            max_pool_connections=max(10, int(opts.get("max_concurrency", 4)) * 2),
+            # streaming averages keep one GET open per member (up to streamavg.MAX_STREAMS = 64)
+            max_pool_connections=max(72, int(opts.get("max_concurrency", 4)) * 2),
             # Only send/validate flexible checksums when an operation needs them: several
             # S3-compatible servers reject the newer default trailers. Integrity is kept by
             # Content-MD5 on PUTs and a size check after transfers.

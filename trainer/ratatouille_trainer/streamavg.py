@@ -1,18 +1,26 @@
 """Uniform averaging of safetensors members straight from their byte streams (no torch).
 
-What ``ratatouille average`` and :func:`ratatouille_trainer.averaging.average_uris` run. Each
-member is read once, front to back, in 1 MiB pieces into one reused buffer; every piece is
-checked (finite) and added to a single flat float64 accumulator while it is still in cache. So:
+What ``ratatouille average`` and :func:`ratatouille_trainer.averaging.average_uris` run.
 
-- memory is the accumulator (8 bytes per averaged element: 2x an fp32 member) plus a few MiB,
-  however many members, and the process never imports torch (~650 MB of RSS on its own);
-- from S3, a prefetch thread streams the objects (member ``i+1`` while ``i`` is being added)
-  into a bounded queue of pieces, so download and arithmetic overlap; an interrupted transfer is
-  resumed with a ranged GET pinned to the object's ETag, never restarted into the sum;
-- the result is bit-identical to :class:`~ratatouille_trainer.averaging.RunningSum` (float64
-  sum, one division, cast back to each tensor's dtype the way torch casts: float64 -> float32 ->
-  float16/bfloat16 with round-to-nearest-even);
-- the output is written as safetensors piece by piece (temporary file, fsync, rename) and its
+Every member's header is read and checked against the first member's before any weight is read.
+Then the parameters are averaged **one block at a time** (``BLOCK_ELEMS`` floating elements, a
+32 MiB float64 accumulator): for each block, each member's bytes for it are read in 1 MiB
+pieces into one reused buffer, checked (finite) and added while in cache; the block's mean is
+cast back and written; the accumulator is reused for the next block. So:
+
+- memory is one block's accumulator plus a few MiB, whatever the model size or member count
+  (an accumulator for the whole model would be 2x an fp32 member), and the process never
+  imports torch (~650 MB of RSS on its own);
+- each member byte is read once. From S3, each member is one GET of the whole object, opened
+  (in parallel) to read its header and then left open: a prefetch thread continues each body
+  block by block, ahead of the arithmetic, into a bounded ring of buffers, so download and
+  arithmetic overlap; the unread rest of a body waits in its connection. A transfer that breaks
+  is resumed with a ranged GET pinned to the object's ETag, never restarted into the sum;
+- the result is bit-identical to :class:`~ratatouille_trainer.averaging.RunningSum` (per element,
+  a float64 sum in member order, one division, cast back to each tensor's dtype the way torch
+  casts: float64 -> float32 -> float16/bfloat16 with round-to-nearest-even), whatever the block
+  size;
+- the output is written as safetensors block by block (temporary file, fsync, rename) and its
   sha256 is computed while writing.
 
 Weights are untrusted: only the safetensors format is parsed (header JSON, bounds and overlap
@@ -30,7 +38,7 @@ import struct
 import tempfile
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -52,6 +60,8 @@ PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
 PIECE = 1 << 20                  # bytes read, checked and added at a time (fits in L2)
 MAX_HEADER = 100 * 1000 * 1000   # the safetensors library's own limit
 PREFETCH_BYTES = 16 << 20        # S3: at most this much downloaded ahead of the arithmetic
+BLOCK_ELEMS = 4 << 20            # floating elements per block: a 32 MiB float64 accumulator
+MAX_STREAMS = 64                 # S3: members read through an open GET at once (the others re-open)
 
 
 class AveragingError(ValueError):
@@ -256,187 +266,256 @@ def _cast_mean(y: np.ndarray, dtype: str) -> np.ndarray:
     return _f32_to_bf16(y32)
 
 
-@dataclass
-class _Run:
-    """Tensors that are contiguous both in a member's file and in the accumulator."""
-    dtype: str
-    start: int              # byte offset in the member's data section
-    acc: int                # element offset in the accumulator
-    numel: int
-    tensors: list           # [(element offset within the run, key)]
+# ------------------------------------------------------------------------------ the block plan
 
-    def key_at(self, elem: int) -> str:
-        key = self.tensors[0][1]
-        for off, k in self.tensors:
-            if off > elem:
-                break
-            key = k
-        return key
+@dataclass
+class _Member:
+    """One member as its header describes it, and where its bytes come from."""
+    name: str                       # as given (messages name it)
+    tensors: dict[str, _Tensor]
+    data_start: int                 # file offset of the data section (8 + header length)
+    size: int
+    meta: dict[str, str]
+    path: str | None = None         # a local file, or
+    uri: str | None = None          # an S3 object (with its ETag, and its first bytes kept)
+    etag: str | None = None
+
+
+@dataclass(frozen=True)
+class _Item:
+    """Elements [lo, hi) of tensor ``key`` within one block. Floating pieces are summed into the
+    block's accumulator from element ``acc``; other dtypes (``acc == -1``) are copied from the
+    first member."""
+    key: str
+    dtype: str
+    lo: int
+    hi: int
+    acc: int
+
+
+def _plan_blocks(order: Sequence[_Tensor], block_elems: int) -> list[list[_Item]]:
+    """Cut the first member's tensors, in file order, into blocks of at most ``block_elems``
+    floating elements (a tensor may span blocks; integer tensors ride along whole)."""
+    blocks: list[list[_Item]] = [[]]
+    used = 0
+    for t in order:
+        if not _DTYPES[t.dtype][2]:
+            blocks[-1].append(_Item(t.key, t.dtype, 0, t.numel, -1))
+            continue
+        if t.numel == 0:
+            blocks[-1].append(_Item(t.key, t.dtype, 0, 0, used))
+            continue
+        lo = 0
+        while lo < t.numel:
+            if used == block_elems:
+                blocks.append([])
+                used = 0
+            hi = min(t.numel, lo + block_elems - used)
+            blocks[-1].append(_Item(t.key, t.dtype, lo, hi, used))
+            used += hi - lo
+            lo = hi
+    return blocks
+
+
+def _check_like(first: _Member, m: _Member) -> None:
+    """Refuse a member whose tensors differ from the first member's (names, shapes, dtypes)."""
+    check_same_keys(m.name, m.tensors, first.name, first.tensors)
+    for key, ref in first.tensors.items():
+        t = m.tensors[key]
+        if t.shape != ref.shape:
+            raise AveragingError(f"member {m.name!r}: tensor {key!r} has shape "
+                                 f"{_fmt_shape(t.shape)}, expected {_fmt_shape(ref.shape)}")
+        if t.dtype != ref.dtype:
+            raise AveragingError(f"member {m.name!r}: tensor {key!r} has dtype "
+                                 f"{_TORCH_NAMES[t.dtype]}, expected {_TORCH_NAMES[ref.dtype]}")
 
 
 class StreamingAverage:
-    """Running float64 sum of safetensors members fed as byte streams, in constant memory.
+    """Uniform average of safetensors members, one block of the parameters at a time.
 
-    ``add(name, stream)``: ``stream`` has ``readinto`` (a file opened ``rb``, a prefetch
-    reader). The first member fixes keys, shapes and dtypes; floating tensors (F64/F32/F16/BF16)
-    are summed, integer and bool tensors are kept from the first member. A member that does not
-    match, or holds NaN/Inf, raises :class:`AveragingError` (the sum is then unusable: averaging
-    stops, nothing is written).
+    The parameters (the first member's tensors in file order) are cut into blocks of at most
+    ``block_elems`` floating elements. For each block, every member's bytes for it are read
+    (``opener(member_index, start, end)`` gives a ``readinto`` stream of exactly those file
+    bytes), checked finite and added into a float64 accumulator the size of one block; then the
+    block's mean is cast back to each tensor's dtype and emitted. Memory is one block's
+    accumulator plus a piece buffer, whatever the model size or the member count; each member
+    byte is read once; the result is bit-identical to one float64 sum per element in member
+    order (the same additions, one division, the same casts).
+
+    Every member's header is read and checked against the first member's (names, shapes, dtypes)
+    before any weight is read, so a mismatched member is refused before work is spent.
     """
 
-    def __init__(self, piece_bytes: int = PIECE) -> None:
+    def __init__(self, members: Sequence[_Member], opener: Callable[[int, int, int], Any], *,
+                 piece_bytes: int = PIECE, block_elems: int = BLOCK_ELEMS) -> None:
+        if not members:
+            raise AveragingError("no members to average")
+        first = members[0]
+        if not first.tensors:
+            raise AveragingError(f"member {first.name!r}: state dict is empty")
+        for m in members[1:]:
+            _check_like(first, m)
+        self.members = list(members)
+        self.names = [m.name for m in members]
+        self.metadata = dict(first.meta)
+        self._order = sorted(first.tensors.values(), key=lambda t: (t.start, t.end))
+        self.opener = opener
         self.piece = max(8, piece_bytes // 8 * 8)
+        self.block_elems = max(1, int(block_elems))
+        self.blocks = _plan_blocks(self._order, self.block_elems)
+        width = max(sum(it.hi - it.lo for it in b if it.acc >= 0) for b in self.blocks)
+        self._acc = np.zeros(width, dtype=np.float64)
         self._buf = bytearray(self.piece)
-        self._spec: dict[str, _Tensor] = {}
-        self._order: list[_Tensor] = []       # first member's tensors in file order
-        self._acc_off: dict[str, int] = {}
-        self._kept: dict[str, bytes] = {}
-        self._acc: np.ndarray | None = None
-        self.names: list[str] = []
-        self.metadata: dict[str, str] = {}
+        self._arrays: dict[str, np.ndarray] | None = None
         self.bytes_read = 0
+        self._ran = False
 
     @property
     def count(self) -> int:
         return len(self.names)
 
-    # -- layout ---------------------------------------------------------------------------------
-    def _fix_layout(self, tensors: list[_Tensor], meta: Mapping[str, str]) -> None:
-        if not tensors:
-            raise AveragingError(f"member {self._pending!r}: state dict is empty")
-        total = 0
-        for t in tensors:
-            self._spec[t.key] = t
-            if _DTYPES[t.dtype][2]:
-                self._acc_off[t.key] = total
-                total += t.numel
-        self._order = list(tensors)
-        self._acc = np.zeros(total, dtype=np.float64)
-        self.metadata = dict(meta)
+    @property
+    def parameters(self) -> int:
+        return int(sum(t.numel for t in self._order))
 
-    def _check(self, name: str, tensors: list[_Tensor]) -> None:
-        first = self.names[0]
-        keys = {t.key: t for t in tensors}
-        check_same_keys(name, keys, first, self._spec)
-        for key, ref in self._spec.items():
-            t = keys[key]
-            if t.shape != ref.shape:
-                raise AveragingError(f"member {name!r}: tensor {key!r} has shape "
-                                     f"{_fmt_shape(t.shape)}, expected {_fmt_shape(ref.shape)}")
-            if t.dtype != ref.dtype:
-                raise AveragingError(f"member {name!r}: tensor {key!r} has dtype "
-                                     f"{_TORCH_NAMES[t.dtype]}, expected {_TORCH_NAMES[ref.dtype]}")
+    @property
+    def accumulator_bytes(self) -> int:
+        return int(self._acc.nbytes)
 
-    def _plan(self, tensors: list[_Tensor]) -> list:
-        """[("skip", nbytes) | ("keep", key, nbytes) | ("add", _Run)] in the member's file order."""
-        ops: list = []
-        pos = 0
-        for t in tensors:
-            if t.start > pos:
-                ops.append(("skip", t.start - pos))
-            nbytes = t.end - t.start
-            if not _DTYPES[t.dtype][2]:
-                ops.append(("keep", t.key, nbytes))
+    def mean_keys(self) -> list[str]:
+        return [t.key for t in self._order]
+
+    # -- what is read, in order -----------------------------------------------------------------
+    def ranges(self, b: int, mi: int, gap: int = 0) -> list[tuple[int, int, list]]:
+        """[(start, end, [(seg_start, nbytes, item)])]: member ``mi``'s file ranges for block
+        ``b`` in file order; segments closer than ``gap`` bytes share a range (the bytes between
+        them are read and dropped). Integer tensors are read from the first member only."""
+        member = self.members[mi]
+        segs = []
+        for it in self.blocks[b]:
+            if it.acc < 0 and mi:
+                continue
+            t = member.tensors[it.key]
+            item = _DTYPES[it.dtype][0]
+            n = (it.hi - it.lo) * item
+            if n:
+                segs.append((member.data_start + t.start + it.lo * item, n, it))
+        segs.sort(key=lambda s: s[0])
+        out: list[list] = []
+        for s in segs:
+            if out and s[0] - out[-1][1] <= gap:
+                out[-1][1] = s[0] + s[1]
+                out[-1][2].append(s)
             else:
-                acc = self._acc_off[t.key]
-                last = ops[-1] if ops else None
-                if (last is not None and last[0] == "add" and last[1].dtype == t.dtype
-                        and last[1].start + last[1].numel * _DTYPES[t.dtype][0] == t.start
-                        and last[1].acc + last[1].numel == acc):
-                    run = last[1]
-                    run.tensors.append((run.numel, t.key))
-                    run.numel += t.numel
-                else:
-                    ops.append(("add", _Run(t.dtype, t.start, acc, t.numel, [(0, t.key)])))
-            pos = t.end
-        return ops
+                out.append([s[0], s[0] + s[1], [s]])
+        return [(a, e, segs) for a, e, segs in out]
 
-    # -- accumulation ---------------------------------------------------------------------------
-    def add(self, name: str, stream, size: int | None = None) -> None:
-        rd = _Reader(stream, name)
-        self._pending = name
-        tensors, meta, _data_len = _read_header(rd, size)
-        if self._acc is None:
-            self._fix_layout(tensors, meta)
-            keep_values = True
-        else:
-            self._check(name, tensors)
-            keep_values = False
-        acc = self._acc
+    def schedule(self, gap: int = 0) -> Iterator[tuple[int, int, int]]:
+        """(member index, start, end) of every read, in the order :meth:`run` makes them."""
+        for b in range(len(self.blocks)):
+            for mi in range(self.count):
+                for start, end, _ in self.ranges(b, mi, gap):
+                    yield mi, start, end
+
+    # -- the pass -------------------------------------------------------------------------------
+    def _add(self, rd: _Reader, name: str, it: _Item, acc: np.ndarray) -> None:
+        item, npdt, _ = _DTYPES[it.dtype]
+        per = self.piece // item
+        total = it.hi - it.lo
+        done = 0
+        while done < total:
+            k = min(per, total - done)
+            rd.read_into(memoryview(self._buf)[:k * item])
+            x = np.frombuffer(self._buf, dtype=npdt, count=k)
+            if it.dtype == "BF16":
+                x = _bf16_to_f32(x)
+            # quick test (one vectorised sum, in cache); the exact one only on suspicion
+            with np.errstate(over="ignore", invalid="ignore"):
+                s = x.sum(dtype=np.float32) if it.dtype == "F16" else x.sum()
+            if not math.isfinite(float(s)) and not np.isfinite(x).all():
+                raise AveragingError(f"member {name!r}: tensor {it.key!r} contains NaN or Inf")
+            dst = acc[it.acc + done: it.acc + done + k]
+            np.add(dst, x, out=dst)
+            done += k
+
+    def run(self, emit: Callable[[_Item, int, np.ndarray], None], gap: int = 0) -> None:
+        """One pass over every block; ``emit(item, element_offset, values)`` receives the mean
+        in output order (integer tensors: their raw bytes as uint8, offset 0)."""
+        if self._ran:
+            raise RuntimeError("a StreamingAverage runs once")
+        self._ran = True
+        n = float(self.count)
         mv = memoryview(self._buf)
-        for op in self._plan(tensors):
-            kind = op[0]
-            if kind == "skip":
-                left = op[1]
-                while left:
-                    k = min(left, self.piece)
-                    rd.read_into(mv[:k])
-                    left -= k
-            elif kind == "keep":
-                _, key, nbytes = op
-                data = rd.read(nbytes)
-                if keep_values:
-                    self._kept[key] = data
-            else:
-                run: _Run = op[1]
-                item, npdt, _ = _DTYPES[run.dtype]
-                per = self.piece // item
-                done = 0
-                while done < run.numel:
-                    k = min(per, run.numel - done)
-                    rd.read_into(mv[:k * item])
-                    x = np.frombuffer(self._buf, dtype=npdt, count=k)
-                    if run.dtype == "BF16":
-                        x = _bf16_to_f32(x)
-                    # quick test (one vectorised sum, in cache); the exact one only on suspicion
-                    with np.errstate(over="ignore", invalid="ignore"):
-                        s = x.sum(dtype=np.float32) if run.dtype == "F16" else x.sum()
-                    if not math.isfinite(float(s)):
-                        bad = ~np.isfinite(x)
-                        if bad.any():
-                            key = run.key_at(done + int(np.argmax(bad)))
-                            raise AveragingError(f"member {name!r}: tensor {key!r} contains NaN or Inf")
-                    dst = acc[run.acc + done: run.acc + done + k]
-                    np.add(dst, x, out=dst)
-                    done += k
-        if size is None and not rd.at_eof():
-            raise UnsafeWeightsError(f"refusing {name}: not a safetensors file (trailing bytes)")
-        self.bytes_read += rd.pos
-        self.names.append(name)
+        per_out = max(1, self.piece // 8)
+        for b, block in enumerate(self.blocks):
+            width = sum(it.hi - it.lo for it in block if it.acc >= 0)
+            acc = self._acc[:width]
+            acc.fill(0.0)
+            kept: dict[str, bytes] = {}
+            for mi, member in enumerate(self.members):
+                for start, end, segs in self.ranges(b, mi, gap):
+                    stream = self.opener(mi, start, end)
+                    try:
+                        rd = _Reader(stream, member.name)
+                        pos = start
+                        for seg_start, nbytes, it in segs:
+                            left = seg_start - pos
+                            while left:
+                                k = min(left, self.piece)
+                                rd.read_into(mv[:k])
+                                left -= k
+                            if it.acc < 0:
+                                kept[it.key] = rd.read(nbytes)
+                            else:
+                                self._add(rd, member.name, it, acc)
+                            pos = seg_start + nbytes
+                    except BaseException:
+                        # release without draining (a prefetch stream may be what failed)
+                        (getattr(stream, "abort", None) or stream.close)()
+                        raise
+                    stream.close()
+                    self.bytes_read += end - start
+            for it in block:
+                if it.acc < 0:
+                    emit(it, 0, np.frombuffer(kept.get(it.key, b""), dtype=np.uint8))
+                    continue
+                for i in range(0, it.hi - it.lo, per_out):
+                    k = min(per_out, it.hi - it.lo - i)
+                    a = it.acc + i
+                    emit(it, it.lo + i, _cast_mean(acc[a:a + k] / n, it.dtype))
 
     # -- results --------------------------------------------------------------------------------
-    def _require(self) -> None:
-        if not self.names:
-            raise AveragingError("no members to average")
+    def compute(self, gap: int = 0) -> dict[str, np.ndarray]:
+        """Run, keeping the mean in memory: numpy arrays of each tensor's shape (bfloat16 as its
+        uint16 bits); integer and bool tensors as their raw bytes (uint8, first member's)."""
+        arrays: dict[str, np.ndarray] = {}
+        for t in self._order:
+            if _DTYPES[t.dtype][2]:
+                dt = _cast_mean(np.zeros(0), t.dtype).dtype
+                arrays[t.key] = np.empty(t.numel, dtype=dt)
 
-    def _mean_pieces(self, t: _Tensor) -> Iterator[np.ndarray]:
-        n = float(self.count)
-        if not _DTYPES[t.dtype][2]:
-            yield np.frombuffer(self._kept[t.key], dtype=np.uint8)
-            return
-        off = self._acc_off[t.key]
-        per = max(1, self.piece // 8)
-        for i in range(0, t.numel, per):
-            k = min(per, t.numel - i)
-            yield _cast_mean(self._acc[off + i: off + i + k] / n, t.dtype)
+        def emit(it: _Item, off: int, values: np.ndarray) -> None:
+            if it.acc < 0:
+                arrays[it.key] = values.copy()
+            else:
+                arrays[it.key][off: off + len(values)] = values
+
+        self.run(emit, gap)
+        for t in self._order:
+            if _DTYPES[t.dtype][2]:
+                arrays[t.key] = arrays[t.key].reshape(t.shape)
+        self._arrays = arrays
+        return arrays
 
     def mean_arrays(self) -> dict[str, np.ndarray]:
-        """The average as numpy arrays of each tensor's shape (bfloat16 as its uint16 bits);
-        integer and bool buffers as their raw bytes (uint8, from the first member)."""
-        self._require()
-        out = {}
-        for t in self._order:
-            parts = list(self._mean_pieces(t))
-            if not parts:
-                out[t.key] = np.zeros(t.shape, dtype=np.float64).astype(_cast_mean(np.zeros(0), t.dtype).dtype)
-                continue
-            arr = np.concatenate(parts) if len(parts) > 1 else parts[0]
-            out[t.key] = arr.reshape(t.shape) if _DTYPES[t.dtype][2] else arr
-        return out
+        if self._arrays is None:
+            raise RuntimeError("the average was not kept in memory (see compute())")
+        return self._arrays
 
-    def write(self, path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> str:
-        """Write the average as safetensors atomically; returns its sha256 (hex)."""
-        self._require()
+    def write(self, path: str | os.PathLike, metadata: Mapping[str, str] | None = None,
+              gap: int = 0) -> str:
+        """Run, writing the average as safetensors atomically (temporary file, fsync, rename;
+        nothing is left on error); returns its sha256 (hex)."""
         meta = dict(metadata or {})
         for k, v in meta.items():
             if not isinstance(k, str) or not isinstance(v, str):
@@ -453,26 +532,150 @@ class StreamingAverage:
         raw += b" " * (-len(raw) % 8)
         h = hashlib.sha256()
 
-        def emit(f) -> None:
-            for block in (struct.pack("<Q", len(raw)), raw):
+        def emit_file(f) -> None:
+            def out(block) -> None:
                 f.write(block)
                 h.update(block)
-            for t in self._order:
-                for arr in self._mean_pieces(t):
-                    mv = memoryview(np.ascontiguousarray(arr)).cast("B")
-                    f.write(mv)
-                    h.update(mv)
+
+            out(struct.pack("<Q", len(raw)))
+            out(raw)
+            self.run(lambda it, off, values: out(memoryview(np.ascontiguousarray(values)).cast("B")), gap)
 
         # the project's one atomic writer: temporary file beside it, fsync, rename, or nothing left
-        atomic_write(os.fspath(path), emit)
+        atomic_write(os.fspath(path), emit_file)
         return h.hexdigest()
 
-    def mean_keys(self) -> list[str]:
-        return [t.key for t in self._order]
+
+# ------------------------------------------------------------------------------ sources
+
+def _local_member(name: str, path: str) -> _Member:
+    with open(path, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        rd = _Reader(f, name)
+        tensors, meta, _ = _read_header(rd, size)
+    return _Member(name, {t.key: t for t in tensors}, rd.pos, size, meta, path=path)
+
+
+class _BodyReader:
+    """``readinto`` over a botocore body (straight into the caller's buffer when the body
+    exposes http.client's response: botocore asks urllib3 for the undecoded bytes too, so this
+    is the same content without a second copy)."""
+
+    def __init__(self, body) -> None:
+        self.body = body
+        raw = getattr(getattr(body, "_raw_stream", None), "_fp", None)
+        self.raw = raw if raw is not None and hasattr(raw, "readinto") else None
+
+    def readinto(self, mv: memoryview) -> int:
+        if self.raw is not None:
+            return self.raw.readinto(mv) or 0
+        data = self.body.read(len(mv))
+        mv[:len(data)] = data
+        return len(data)
+
+
+@dataclass
+class _Stream:
+    """An open GET of one member: its body, and the object offset of the next byte it gives."""
+    body: Any
+    reader: _BodyReader
+    pos: int
+
+
+def _s3_member(storage, uri: str) -> tuple[_Member, _Stream]:
+    """Open one GET of the whole object and read its header from the front of the body. The
+    body stays open: the weights are read from it later, block by block (one GET per member)."""
+    s3 = storage._for(uri)
+    bucket, key = s3._object_bk(uri)
+
+    def get():
+        return s3.client.get_object(Bucket=bucket, Key=key)
+
+    resp = s3._call("read", uri, get)  # retried like every storage call
+    body = resp["Body"]
+    try:
+        size = int(resp["ContentLength"])
+        rd = _Reader(_BodyReader(body), uri)
+        tensors, meta, _ = _read_header(rd, size)
+    except BaseException:
+        body.close()
+        raise
+    member = _Member(uri, {t.key: t for t in tensors}, rd.pos, size, meta, uri=uri,
+                     etag=resp.get("ETag"))
+    return member, _Stream(body, rd.raw, rd.pos)
+
+
+class _Chain:
+    """``readinto`` over a prefetched range (nothing when the range is empty)."""
+
+    def __init__(self, tail=None) -> None:
+        self.tail = tail
+
+    def readinto(self, mv: memoryview) -> int:
+        return self.tail.readinto(mv) if self.tail is not None else 0
+
+    def close(self) -> None:
+        if self.tail is not None:
+            self.tail.close()
+
+    def abort(self) -> None:
+        self.tail = None
+
+
+class _Opener:
+    """Gives the engine its byte ranges: local files by seek and read; S3 objects from one
+    :class:`S3Prefetcher` that reads every range, in the engine's order, ahead of the
+    arithmetic, from each member's one open GET."""
+
+    def __init__(self, members: Sequence[_Member], storage=None, streams=None, *, gap: int = 0,
+                 prefetch_bytes: int = PREFETCH_BYTES, max_streams: int = MAX_STREAMS) -> None:
+        self.max_streams = max_streams
+        self.members = members
+        self.storage = storage
+        self.streams: dict[int, _Stream] = dict(streams or {})
+        self.gap = gap
+        self.prefetch_bytes = prefetch_bytes
+        self.pre: S3Prefetcher | None = None
+        self._jobs: list[tuple[int, int, int]] = []
+        self._next = 0
+        self._closed = False
+        self.header_gets = sum(m.uri is not None for m in members)
+        self.transferred = sum(m.data_start for m in members if m.uri is not None)
+
+    def plan(self, engine: StreamingAverage) -> None:
+        jobs = [(mi, start, end) for mi, start, end in engine.schedule(self.gap)
+                if self.members[mi].uri is not None]
+        self._jobs = jobs
+        if jobs or self.streams:
+            self.pre = S3Prefetcher(self.storage, self.members, jobs, self.streams,
+                                    max_bytes=self.prefetch_bytes, gap=max(self.gap, PIECE),
+                                    max_streams=self.max_streams)
+            self.streams = {}
+
+    def __call__(self, mi: int, start: int, end: int):
+        m = self.members[mi]
+        if m.uri is None:
+            f = open(m.path, "rb", buffering=0)
+            f.seek(start)
+            return f
+        job = self._next
+        self._next += 1
+        if self._jobs[job] != (mi, start, end):  # pragma: no cover - invariant
+            raise RuntimeError("prefetch schedule out of order")
+        return _Chain(self.pre.reader(job))
 
     @property
-    def parameters(self) -> int:
-        return int(sum(t.numel for t in self._order))
+    def gets(self) -> int:
+        return self.header_gets + (self.pre.gets if self.pre else 0)
+
+    def close(self) -> None:
+        for st in self.streams.values():
+            st.body.close()
+        self.streams = {}
+        if self.pre is not None and not self._closed:
+            self._closed = True
+            self.pre.close()
+            self.transferred += self.pre.bytes
 
 
 # ------------------------------------------------------------------------------ S3 prefetch
@@ -482,29 +685,42 @@ class _Stop(Exception):
 
 
 class S3Prefetcher:
-    """Streams S3 objects, in order, into a bounded ring of buffers from a background thread.
+    """Streams byte ranges of S3 members, in the engine's order, into a bounded ring of buffers
+    from a background thread.
 
-    ``reader(i)`` gives a ``readinto`` stream for object ``i``; objects must be consumed in
-    order. The thread reads the HTTP body straight into one of ``max_bytes // piece``
-    preallocated buffers (recycled once the consumer has copied them out), so at most
-    ``max_bytes`` are held ahead of the arithmetic: member ``i+1`` downloads while member ``i``
-    is being added, without a second member in memory. A transfer that breaks part way is
-    resumed from the byte it reached (a ranged GET with ``IfMatch`` on the first response's
-    ETag), under the storage's retry policy.
+    ``jobs`` are ``(member index, start, end)``; ``reader(i)`` gives a ``readinto`` stream of
+    job ``i``'s bytes, and jobs must be consumed in order. Each member is read through one open
+    GET (``streams``: those opened to read the headers): a job that starts where the member's
+    stream stands continues it, a small gap is read and dropped, anything else (a member laid
+    out in another order, a stream that was closed) costs a ranged GET. The unread rest of each
+    body waits in the connection (TCP flow control), not in memory. The thread reads each body
+    straight into one of ``max_bytes // piece`` preallocated buffers (recycled once the consumer
+    has copied them out), so at most ``max_bytes`` are held ahead of the arithmetic. A ranged
+    GET is pinned to the ETag the header was read from (``IfMatch``): an object replaced
+    meanwhile fails the average instead of mixing two versions. A transfer that breaks part way
+    is resumed from the byte it reached, under the storage's retry policy.
     """
 
-    def __init__(self, storage, uris: Sequence[str], *, piece: int = PIECE,
-                 max_bytes: int = PREFETCH_BYTES) -> None:
+    def __init__(self, storage, members: Sequence[_Member], jobs: Sequence[tuple[int, int, int]],
+                 streams: Mapping[int, _Stream] | None = None, *, piece: int = PIECE,
+                 max_bytes: int = PREFETCH_BYTES, gap: int = PIECE,
+                 max_streams: int = MAX_STREAMS) -> None:
         self.storage = storage
-        self.uris = list(uris)
+        self.max_streams = max(1, max_streams)
+        self.members = list(members)
+        self.jobs = list(jobs)
+        self.streams: dict[int, _Stream] = dict(streams or {})
         self.piece = piece
+        self.gap = gap
         slots = max(2, max_bytes // piece)
         self.q: queue.Queue = queue.Queue()          # filled buffers (and markers), in order
         self.free: queue.Queue = queue.Queue()       # empty buffers
         for _ in range(slots):
             self.free.put(bytearray(piece))
         self.stop = threading.Event()
-        self.gets = 0          # GET requests issued (resumes included)
+        self.gets = 0          # GET requests issued here (ranged re-opens and resumes)
+        self.bytes = 0         # bytes received here (dropped gap bytes included)
+        self._last_job = {mi: i for i, (mi, _, _) in enumerate(self.jobs)}
         self.thread = threading.Thread(target=self._run, name="ratatouille-s3-prefetch", daemon=True)
         self._next = 0
         self.thread.start()
@@ -519,77 +735,110 @@ class S3Prefetcher:
                 continue
 
     @staticmethod
-    def _fill(body, mv: memoryview) -> tuple[int, BaseException | None]:
-        """Read up to len(mv) bytes of the body into mv (fewer only at the end of the body or
-        on an error, which is returned so the bytes already read are kept)."""
-        raw = getattr(getattr(body, "_raw_stream", None), "_fp", None)
+    def _fill(reader: _BodyReader, mv: memoryview) -> tuple[int, BaseException | None]:
+        """Read up to len(mv) bytes into mv (fewer only at the end of the body or on an error,
+        which is returned so the bytes already read are kept)."""
         got = 0
         try:
-            if raw is not None and hasattr(raw, "readinto"):
-                # http.client's response: straight into our buffer (botocore asks urllib3 for
-                # the undecoded bytes too, so this is the same content without two copies)
-                while got < len(mv):
-                    n = raw.readinto(mv[got:])
-                    if not n:
-                        break
-                    got += n
-            else:
-                while got < len(mv):
-                    data = body.read(len(mv) - got)
-                    if not data:
-                        break
-                    mv[got:got + len(data)] = data
-                    got += len(data)
+            while got < len(mv):
+                n = reader.readinto(mv[got:])
+                if not n:
+                    break
+                got += n
         except Exception as exc:
             return got, exc
         return got, None
 
-    def _stream(self, index: int, uri: str) -> None:
-        from .storage import TransientStorageError, _is_transient, _s3_error
+    def _close_stream(self, mi: int) -> None:
+        st = self.streams.pop(mi, None)
+        if st is not None:
+            try:
+                st.body.close()
+            except Exception:  # closing a broken connection: nothing left to lose
+                pass
 
-        s3 = self.storage._for(uri)
-        bucket, key = s3._object_bk(uri)
+    def _open(self, mi: int, at: int) -> _Stream:
+        m = self.members[mi]
+        s3 = self.storage._for(m.uri)
+        bucket, key = s3._object_bk(m.uri)
+        kwargs: dict[str, Any] = {"Bucket": bucket, "Key": key, "Range": f"bytes={at}-{m.size - 1}"}
+        if m.etag:
+            kwargs["IfMatch"] = m.etag
+        self.gets += 1
+        resp = s3.client.get_object(**kwargs)
+        while len(self.streams) >= self.max_streams:  # the least recently used gives way
+            self._close_stream(next(iter(self.streams)))
+        st = _Stream(resp["Body"], _BodyReader(resp["Body"]), at)
+        if int(resp["ContentLength"]) != m.size - at:
+            st.body.close()
+            from .storage import StorageError
+            raise StorageError(f"{m.uri}: the server answered a ranged read with "
+                               f"{resp['ContentLength']} bytes, not {m.size - at}")
+        self.streams[mi] = st
+        return st
+
+    def _position(self, mi: int, at: int) -> _Stream:
+        """The member's stream, standing at byte ``at``."""
+        st = self.streams.pop(mi, None)
+        if st is not None:
+            self.streams[mi] = st  # most recently used last
+        if st is not None and st.pos <= at <= st.pos + self.gap:
+            scratch = self._take_free()
+            try:
+                while st.pos < at:
+                    n, error = self._fill(st.reader, memoryview(scratch)[:min(self.piece, at - st.pos)])
+                    st.pos += n
+                    self.bytes += n
+                    if error is not None:
+                        raise error
+                    if not n:
+                        raise ConnectionError(f"{self.members[mi].uri}: stream ended at byte {st.pos}")
+            finally:
+                self.free.put(scratch)
+            return st
+        self._close_stream(mi)
+        return self._open(mi, at)
+
+    def _stream(self, index: int, mi: int, start: int, end: int) -> None:
+        from .storage import StorageError, TransientStorageError, _is_transient, _s3_error
+
+        m = self.members[mi]
+        s3 = self.storage._for(m.uri)
         policy = s3.retry
-        pos, total, etag, failures = 0, None, None, 0
+        total = end - start
+        pos, failures = 0, 0
+        self.q.put(("begin", index, total))
         while True:
             try:
-                kwargs: dict[str, Any] = {"Bucket": bucket, "Key": key}
-                if pos:
-                    kwargs["Range"] = f"bytes={pos}-"
-                    kwargs["IfMatch"] = etag
-                self.gets += 1
-                resp = s3.client.get_object(**kwargs)
-                body = resp["Body"]
-                if total is None:
-                    total = int(resp["ContentLength"])
-                    etag = resp.get("ETag")
-                    self.q.put(("begin", index, total))
-                try:
-                    while pos < total:
-                        buf = self._take_free()
-                        want = min(self.piece, total - pos)
-                        n, error = self._fill(body, memoryview(buf)[:want])
-                        if n:
-                            pos += n
-                            self.q.put(("data", buf, n))
-                        else:
-                            self.free.put(buf)
-                        if error is not None:
-                            raise error
-                        if n < want:
-                            raise ConnectionError(f"{uri}: stream ended at byte {pos} of {total}")
-                finally:
-                    body.close()
+                st = self._position(mi, start + pos)
+                while pos < total:
+                    buf = self._take_free()
+                    want = min(self.piece, total - pos)
+                    n, error = self._fill(st.reader, memoryview(buf)[:want])
+                    if n:
+                        pos += n
+                        st.pos += n
+                        self.bytes += n
+                        self.q.put(("data", buf, n))
+                    else:
+                        self.free.put(buf)
+                    if error is not None:
+                        raise error
+                    if n < want:
+                        raise ConnectionError(f"{m.uri}: stream ended at byte {start + pos} of {end}")
+                if self._last_job.get(mi) == index:
+                    self._close_stream(mi)
                 self.q.put(("end", index, pos))
                 return
-            except _Stop:
+            except (_Stop, StorageError):
                 raise
             except Exception as exc:
+                self._close_stream(mi)  # resumed, if at all, by a ranged GET from `pos`
                 if not _is_transient(exc):
-                    raise _s3_error(uri, "read", exc) from None
+                    raise _s3_error(m.uri, "read", exc) from None
                 failures += 1
                 if failures >= policy.attempts:
-                    raise TransientStorageError(f"{uri}: read failed after {failures} attempts: "
+                    raise TransientStorageError(f"{m.uri}: read failed after {failures} attempts: "
                                                 f"{type(exc).__name__}: {exc}") from None
                 with s3._lock:
                     s3.retries += 1
@@ -597,12 +846,15 @@ class S3Prefetcher:
 
     def _run(self) -> None:
         try:
-            for i, uri in enumerate(self.uris):
-                self._stream(i, uri)
+            for i, job in enumerate(self.jobs):
+                self._stream(i, *job)
         except _Stop:
             return
         except BaseException as exc:  # handed to the consumer
             self.q.put(("error", -1, exc))
+        finally:
+            for mi in list(self.streams):
+                self._close_stream(mi)
 
     def _get(self):
         item = self.q.get()
@@ -612,7 +864,7 @@ class S3Prefetcher:
 
     def reader(self, index: int) -> "_PrefetchReader":
         if index != self._next:
-            raise ValueError("prefetched objects must be read in order")
+            raise ValueError("prefetched ranges must be read in order")
         self._next += 1
         kind, i, total = self._get()
         if kind != "begin" or i != index:  # pragma: no cover - protocol invariant
@@ -654,35 +906,15 @@ class _PrefetchReader:
         self._view = self._view[n:]
         return n
 
-    def drain(self) -> None:
-        """Consume what is left of this object (to reach the next one)."""
+    def close(self) -> None:
+        """Consume what is left of this range, up to its end marker (to reach the next one)."""
         scratch = memoryview(bytearray(1 << 16))
         while self.readinto(scratch):
             pass
+        self._release()
 
 
 # ------------------------------------------------------------------------------ entry points
-
-def average_paths(out_path: str | os.PathLike | None, in_paths: Sequence[str | os.PathLike],
-                  metadata: Mapping[str, str] | None = None) -> tuple[StreamingAverage, str | None]:
-    """Average local safetensors files (each checked for pickle content before anything is read)
-    into ``out_path`` (None: keep the result in memory only). Returns the sum and the sha256."""
-    paths = [os.fspath(p) for p in in_paths]
-    if not paths:
-        raise AveragingError("no input checkpoints to average")
-    for p in paths:
-        refuse_pickle(p)
-        if not os.path.isfile(p):
-            raise FileNotFoundError(f"no such weights file: {p}")
-    sa = StreamingAverage()
-    for p in paths:
-        with open(p, "rb", buffering=0) as f:
-            sa.add(p, f, size=os.fstat(f.fileno()).st_size)
-    digest = None
-    if out_path is not None:
-        digest = sa.write(out_path, _meta(sa, metadata))
-    return sa, digest
-
 
 def _meta(sa: StreamingAverage, extra: Mapping[str, str] | None) -> dict[str, str]:
     meta = {"format": "pt", "ratatouille.averaged": str(sa.count), "ratatouille.selection": "uniform"}
@@ -690,58 +922,108 @@ def _meta(sa: StreamingAverage, extra: Mapping[str, str] | None) -> dict[str, st
     return meta
 
 
+def average_paths(out_path: str | os.PathLike | None, in_paths: Sequence[str | os.PathLike],
+                  metadata: Mapping[str, str] | None = None, *,
+                  block_elems: int = BLOCK_ELEMS) -> tuple[StreamingAverage, str | None]:
+    """Average local safetensors files (each checked for pickle content, then every header
+    checked, before any weight is read) into ``out_path`` (None: keep the mean in memory, see
+    :meth:`StreamingAverage.mean_arrays`). Returns the engine and the output's sha256."""
+    paths = [os.fspath(p) for p in in_paths]
+    if not paths:
+        raise AveragingError("no input checkpoints to average")
+    for p in paths:
+        refuse_pickle(p)
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"no such weights file: {p}")
+    members = [_local_member(p, p) for p in paths]
+    sa = StreamingAverage(members, _Opener(members), block_elems=block_elems)
+    if out_path is None:
+        sa.compute()
+        return sa, None
+    return sa, sa.write(out_path, _meta(sa, metadata))
+
+
 def average_uris(out_uri: str | None, in_uris: Sequence[str], *, endpoint: str | None = None,
-                 metadata: Mapping[str, str] | None = None, storage=None) -> dict:
+                 metadata: Mapping[str, str] | None = None, storage=None,
+                 block_elems: int = BLOCK_ELEMS, prefetch_bytes: int = PREFETCH_BYTES,
+                 max_streams: int = MAX_STREAMS) -> dict:
     """`ratatouille average OUT IN IN...` for paths or URIs (file://, s3://), streaming.
 
-    S3 members are streamed through an :class:`S3Prefetcher` (no scratch files); local ones are
-    read from disk. The output is written (locally first for s3://) only when every member was
-    added. ``out_uri=None`` computes the average without writing it (benchmarks).
+    Every header is read first: an S3 member's from the front of one GET of the whole object
+    (opened in parallel), which then stays open. Blocks are then read in order: S3 bytes by one
+    :class:`S3Prefetcher` that continues each member's GET ahead of the arithmetic (one GET per
+    member, each byte fetched once, no scratch files), local ones from disk. The output is
+    written (locally first for s3://) only when every member was added. ``out_uri=None``
+    computes the average without writing it (benchmarks, tests).
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     from .storage import open_storage, split_uri
 
     if not in_uris:
         raise AveragingError("no input checkpoints to average")
     for uri in in_uris:
         refuse_pickle(uri)  # by name before anything is fetched
-    remote = [u for u in in_uris if split_uri(u)[0] == "s3"]
+    remote = [i for i, u in enumerate(in_uris) if split_uri(u)[0] == "s3"]
     store = storage
     if remote and store is None:
-        store = open_storage(remote[0], endpoint=endpoint)
-    pre = S3Prefetcher(store, remote) if remote else None
-    sa = StreamingAverage()
+        store = open_storage(in_uris[remote[0]], endpoint=endpoint)
+    paths: dict[int, str] = {}
+    for i, uri in enumerate(in_uris):
+        scheme, root, key = split_uri(uri)
+        if scheme != "s3":
+            path = os.path.join(root, key)
+            refuse_pickle(path)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"no such weights file: {path}")
+            paths[i] = path
+    heads: dict[int, _Member] = {}
+    streams: dict[int, _Stream] = {}
+    opener = None
     try:
-        r = 0
-        for uri in in_uris:
-            scheme, root, key = split_uri(uri)
-            if scheme == "s3":
-                reader = pre.reader(r)
-                r += 1
-                sa.add(uri, reader, size=reader.size)
-                reader.drain()
-            else:
-                path = os.path.join(root, key)
-                refuse_pickle(path)
-                if not os.path.isfile(path):
-                    raise FileNotFoundError(f"no such weights file: {path}")
-                with open(path, "rb", buffering=0) as f:
-                    sa.add(uri, f, size=os.fstat(f.fileno()).st_size)
+        if remote:
+            with ThreadPoolExecutor(max_workers=min(8, len(remote)),
+                                    thread_name_prefix="ratatouille-head") as pool:
+                futures = {i: pool.submit(_s3_member, store, in_uris[i]) for i in remote}
+                errors = []
+                for i, fut in futures.items():  # every one collected, so no body is left open
+                    try:
+                        heads[i], streams[i] = fut.result()
+                    except BaseException as exc:
+                        errors.append(exc)
+                if errors:
+                    raise errors[0]
+            for i in remote[max_streams:]:  # re-opened with a ranged GET when their turn comes
+                streams.pop(i).body.close()
+        members = [heads[i] if i in heads else _local_member(uri, paths[i])
+                   for i, uri in enumerate(in_uris)]
+        gap = PIECE if remote else 0   # S3: read and drop small gaps rather than re-open
+        opener = _Opener(members, store, streams, gap=gap, prefetch_bytes=prefetch_bytes,
+                         max_streams=max_streams)
+        streams = {}
+        sa = StreamingAverage(members, opener, block_elems=block_elems)
+        opener.plan(sa)
+        summary = {"path": out_uri, "count": sa.count, "members": list(in_uris),
+                   "tensors": len(sa._order), "parameters": sa.parameters, "sha256": None,
+                   "blocks": len(sa.blocks)}
+        if out_uri is None:
+            sa.compute(gap)
+            summary["average"] = sa
+        elif split_uri(out_uri)[0] == "s3":
+            with tempfile.TemporaryDirectory(prefix="ratatouille-average-") as scratch:
+                tmp_out = os.path.join(scratch, "average.safetensors")
+                summary["sha256"] = sa.write(tmp_out, _meta(sa, metadata), gap)
+                opener.close()
+                (store or open_storage(out_uri, endpoint=endpoint)).upload(tmp_out, out_uri)
+        else:
+            _, root, key = split_uri(out_uri)
+            summary["sha256"] = sa.write(os.path.join(root, key), _meta(sa, metadata), gap)
     finally:
-        if pre is not None:
-            pre.close()
-    summary = {"path": out_uri, "count": sa.count, "members": list(in_uris),
-               "tensors": len(sa._order), "parameters": sa.parameters, "sha256": None,
-               "bytesRead": sa.bytes_read, "gets": pre.gets if pre is not None else 0}
-    if out_uri is None:
-        summary["average"] = sa
-        return summary
-    meta = _meta(sa, metadata)
-    if split_uri(out_uri)[0] == "s3":
-        with tempfile.TemporaryDirectory(prefix="ratatouille-average-") as scratch:
-            tmp_out = os.path.join(scratch, "average.safetensors")
-            summary["sha256"] = sa.write(tmp_out, meta)
-            (store or open_storage(out_uri, endpoint=endpoint)).upload(tmp_out, out_uri)
-    else:
-        _, root, key = split_uri(out_uri)
-        summary["sha256"] = sa.write(os.path.join(root, key), meta)
+        for st in streams.values():
+            st.body.close()
+        if opener is not None:
+            opener.close()
+    summary["bytesRead"] = sa.bytes_read + sum(m.data_start for m in members)
+    summary["bytesTransferred"] = opener.transferred
+    summary["gets"] = opener.gets
     return summary
