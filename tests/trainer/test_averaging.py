@@ -204,6 +204,10 @@ def test_bad_member_is_refused_and_sum_unchanged(mutate, words):
         rs.add("target-1", bad)
     for w in words:
         assert w in str(e.value)
+    # greedy's candidate (mean_with) refuses it too, the finiteness test fused into its pass
+    with pytest.raises(AveragingError) as e2:
+        rs.mean_with("target-1", bad)
+    assert str(e2.value) == str(e.value)
     assert rs.count == 1
     mean = rs.mean()
     for k in first:

@@ -132,15 +132,20 @@ def _all_finite(t: torch.Tensor) -> bool:
 
 
 def _mean_tensor(acc: torch.Tensor, extra: torch.Tensor | None, n: float,
-                 dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+                 dtype: torch.dtype, out: torch.Tensor | None = None,
+                 check: tuple[str, str] | None = None) -> torch.Tensor:
     """``((acc + extra) / n).to(dtype)`` (``extra`` optional) in cache-sized pieces, without a
     float64 copy of the whole tensor; the same IEEE operations as torch, so the same bits
     (float16 goes through float32 as torch's conversion does). ``out``: a tensor of the
-    result's shape and dtype to write into (fresh pages cost more than the arithmetic)."""
+    result's shape and dtype to write into (fresh pages cost more than the arithmetic).
+    ``check=(member, key)``: refuse a non-finite ``extra`` (``acc`` is a sum of finite values)
+    within the same pass, naming the member and the tensor."""
     import numpy as np
 
     x = _numpy_view(extra) if extra is not None else None
     if dtype not in _NUMPY_FLOATS or not acc.is_contiguous() or (extra is not None and x is None):
+        if check is not None and extra is not None and extra.numel() and not _all_finite(extra):
+            raise AveragingError(f"member {check[0]!r}: tensor {check[1]!r} contains NaN or Inf")
         s = acc.clone() if extra is None else acc + extra.to(device="cpu", dtype=torch.float64)
         s.div_(n)
         if out is not None:
@@ -157,9 +162,17 @@ def _mean_tensor(acc: torch.Tensor, extra: torch.Tensor | None, n: float,
         buf = scratch[:k]
         if x is not None:
             np.add(a[i:i + k], x[i:i + k], out=buf)
-            np.divide(buf, n, out=buf)
+            if check is not None:
+                # a finite sum plus a finite piece sums finite (or overflows): the exact test
+                # only when the piece's sum is not finite
+                with np.errstate(over="ignore", invalid="ignore"):
+                    total = buf.sum()
+                if not math.isfinite(float(total)) and not bool(np.isfinite(x[i:i + k]).all()):
+                    raise AveragingError(f"member {check[0]!r}: tensor {check[1]!r} contains NaN or Inf")
+            src = buf
         else:
-            np.divide(a[i:i + k], n, out=buf)
+            src = a[i:i + k]
+        np.divide(src, n, out=buf)
         if dtype == torch.float16:
             o[i:i + k] = buf.astype(np.float32)
         else:
@@ -217,6 +230,13 @@ class RunningSum:
 
     def validate(self, name: str, state: Mapping[str, torch.Tensor]) -> None:
         """Raise :class:`AveragingError` if ``state`` cannot join this sum."""
+        self._validate_structure(name, state)
+        for key, t in state.items():
+            if _is_averaged(t.dtype) and t.numel() and not _all_finite(t):
+                raise AveragingError(f"member {name!r}: tensor {key!r} contains NaN or Inf")
+
+    def _validate_structure(self, name: str, state: Mapping[str, torch.Tensor]) -> None:
+        """``validate`` without the finiteness test (names, types, shapes, dtypes)."""
         if not isinstance(state, Mapping):
             raise AveragingError(f"member {name!r}: loader returned {type(state).__name__}, "
                                  "expected a state dict")
@@ -239,9 +259,6 @@ class RunningSum:
                 if t.dtype != dtype:
                     raise AveragingError(f"member {name!r}: tensor {key!r} has dtype "
                                          f"{t.dtype}, expected {dtype}")
-        for key, t in state.items():
-            if _is_averaged(t.dtype) and t.numel() and not _all_finite(t):
-                raise AveragingError(f"member {name!r}: tensor {key!r} contains NaN or Inf")
 
     # -- accumulation -------------------------------------------------------------------------
 
@@ -296,14 +313,15 @@ class RunningSum:
         previous result of this sum to overwrite (its tensors are reused) instead of allocating.
         """
         self._require()
-        self.validate(name, state)
+        self._validate_structure(name, state)  # finiteness: checked during the pass below
         result: StateDict = {}
         n = float(self.count + 1)
         for key, (_shape_, dtype) in self._spec.items():
             acc = self._data[key]
             if _is_averaged(dtype):
                 result[key] = _mean_tensor(acc, state[key].detach(), n, dtype,
-                                           out.get(key) if out is not None else None)
+                                           out.get(key) if out is not None else None,
+                                           check=(name, key))
             else:
                 result[key] = acc.clone()
         return result
