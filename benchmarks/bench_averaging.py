@@ -139,9 +139,8 @@ def worker(mode: str, paths: list[str], extra: dict) -> dict:
     elif mode == "s3serial":
         # the same blocks from the same one GET per member, read when the engine needs them
         # (no prefetch thread, so no overlap of download and arithmetic)
-        opened = [streamavg._s3_member(store, uri) for uri in paths]
-        members = [m for m, _ in opened]
-        streams = [st for _, st in opened]
+        members = [streamavg._s3_member(store, uri) for uri in paths]
+        streams = [m.stream for m in members]
 
         class Range:
             def __init__(self, st, left):
@@ -156,7 +155,7 @@ def worker(mode: str, paths: list[str], extra: dict) -> dict:
             def close(self):
                 pass
 
-        def opener(mi, start, end):
+        def opener(mi, start, end, member):
             st = streams[mi]
             scratch = memoryview(bytearray(1 << 20))
             while st.pos < start:  # a small gap: read and drop

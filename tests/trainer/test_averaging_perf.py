@@ -96,7 +96,7 @@ def test_blocks_and_small_pieces_still_match(tmp_path, block_elems):
     states = [make_state(s) for s in range(3)]
     paths = write_members(tmp_path, states)
     members = [streamavg._local_member(str(p), str(p)) for p in paths]
-    sa = streamavg.StreamingAverage(members, streamavg._Opener(members), piece_bytes=64,
+    sa = streamavg.StreamingAverage(members, streamavg._Opener(), piece_bytes=64,
                                     block_elems=block_elems)
     floats = sum(t.numel() for t in states[0].values() if t.is_floating_point())
     assert sa.accumulator_bytes == 8 * min(block_elems, floats)  # memory: one block, not the model
@@ -107,6 +107,20 @@ def test_blocks_and_small_pieces_still_match(tmp_path, block_elems):
     whole, _ = streamavg.average_paths(tmp_path / "whole.safetensors", paths)
     assert len(whole.blocks) == 1 and whole.accumulator_bytes == 8 * floats
     assert (tmp_path / "whole.safetensors").read_bytes() == (tmp_path / "avg.safetensors").read_bytes()
+
+
+def test_negative_zeros_keep_their_sign_as_in_running_sum(tmp_path):
+    # the sum starts from the first member's values (not from +0.0), as RunningSum's does
+    states = [{"w": torch.tensor([-0.0, 1.0, -0.0]), "h": torch.tensor([-0.0], dtype=torch.float16)}
+              for _ in range(3)]
+    states[1]["w"][2] = 0.0
+    paths = write_members(tmp_path, states)
+    average_files(tmp_path / "avg.safetensors", paths)
+    got, exp = load_file(str(tmp_path / "avg.safetensors")), running_sum_mean(states)
+    for k in exp:
+        assert got[k].view(torch.int16 if k == "h" else torch.int32).tolist() == \
+            exp[k].view(torch.int16 if k == "h" else torch.int32).tolist(), k
+    assert torch.signbit(got["w"]).tolist() == [True, False, False]
 
 
 def test_members_with_another_tensor_layout(tmp_path):

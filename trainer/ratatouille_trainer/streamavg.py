@@ -277,8 +277,9 @@ class _Member:
     size: int
     meta: dict[str, str]
     path: str | None = None         # a local file, or
-    uri: str | None = None          # an S3 object (with its ETag, and its first bytes kept)
-    etag: str | None = None
+    uri: str | None = None          # an S3 object, with its ETag and the GET its header was
+    etag: str | None = None         # read from (left open for the weights, taken by the
+    stream: Any = None              # prefetcher)
 
 
 @dataclass(frozen=True)
@@ -346,17 +347,23 @@ class StreamingAverage:
     before any weight is read, so a mismatched member is refused before work is spent.
     """
 
-    def __init__(self, members: Sequence[_Member], opener: Callable[[int, int, int], Any], *,
-                 piece_bytes: int = PIECE, block_elems: int = BLOCK_ELEMS) -> None:
+    def __init__(self, members: Sequence[Any], opener: Callable[[int, int, int], Any], *,
+                 piece_bytes: int = PIECE, block_elems: int = BLOCK_ELEMS,
+                 names: Sequence[str] | None = None) -> None:
         if not members:
             raise AveragingError("no members to average")
-        first = members[0]
+        # a member is a _Member, or a future of one (S3: its header is still on its way; it is
+        # waited for, and checked against the first member, when its turn comes)
+        self._given = list(members)
+        self._members: list[_Member | None] = [None] * len(members)
+        self._lock = threading.Lock()
+        first = self.member(0)
         if not first.tensors:
             raise AveragingError(f"member {first.name!r}: state dict is empty")
-        for m in members[1:]:
-            _check_like(first, m)
-        self.members = list(members)
-        self.names = [m.name for m in members]
+        for mi, m in enumerate(members):
+            if isinstance(m, _Member):
+                self.member(mi)
+        self.names = list(names) if names is not None else [m.name for m in members]
         self.metadata = dict(first.meta)
         self._order = sorted(first.tensors.values(), key=lambda t: (t.start, t.end))
         self.opener = opener
@@ -369,6 +376,20 @@ class StreamingAverage:
         self._arrays: dict[str, np.ndarray] | None = None
         self.bytes_read = 0
         self._ran = False
+
+    def member(self, mi: int) -> _Member:
+        """Member ``mi`` (waiting for its header if needed), checked against the first."""
+        m = self._members[mi]
+        if m is not None:
+            return m
+        given = self._given[mi]
+        m = given if isinstance(given, _Member) else given.result()
+        with self._lock:
+            if self._members[mi] is None:
+                if mi:
+                    _check_like(self.member(0), m)
+                self._members[mi] = m
+        return m
 
     @property
     def count(self) -> int:
@@ -390,7 +411,7 @@ class StreamingAverage:
         """[(start, end, [(seg_start, nbytes, item)])]: member ``mi``'s file ranges for block
         ``b`` in file order; segments closer than ``gap`` bytes share a range (the bytes between
         them are read and dropped). Integer tensors are read from the first member only."""
-        member = self.members[mi]
+        member = self.member(mi)
         segs = []
         for it in self.blocks[b]:
             if it.acc < 0 and mi:
@@ -418,7 +439,9 @@ class StreamingAverage:
                     yield mi, start, end
 
     # -- the pass -------------------------------------------------------------------------------
-    def _add(self, rd: _Reader, name: str, it: _Item, acc: np.ndarray) -> None:
+    def _add(self, rd: _Reader, name: str, it: _Item, acc: np.ndarray, first: bool) -> None:
+        """Read item ``it``'s elements, check them, and add them into ``acc`` (the first member
+        copies them in: its values start the sum, as in RunningSum, so no zeroing pass)."""
         item, npdt, _ = _DTYPES[it.dtype]
         per = self.piece // item
         total = it.hi - it.lo
@@ -435,7 +458,10 @@ class StreamingAverage:
             if not math.isfinite(float(s)) and not np.isfinite(x).all():
                 raise AveragingError(f"member {name!r}: tensor {it.key!r} contains NaN or Inf")
             dst = acc[it.acc + done: it.acc + done + k]
-            np.add(dst, x, out=dst)
+            if first:
+                np.copyto(dst, x)
+            else:
+                np.add(dst, x, out=dst)
             done += k
 
     def run(self, emit: Callable[[_Item, int, np.ndarray], None], gap: int = 0) -> None:
@@ -444,17 +470,20 @@ class StreamingAverage:
         if self._ran:
             raise RuntimeError("a StreamingAverage runs once")
         self._ran = True
+        start = getattr(self.opener, "start", None)
+        if start is not None:
+            start(self)
         n = float(self.count)
         mv = memoryview(self._buf)
         per_out = max(1, self.piece // 8)
         for b, block in enumerate(self.blocks):
             width = sum(it.hi - it.lo for it in block if it.acc >= 0)
-            acc = self._acc[:width]
-            acc.fill(0.0)
+            acc = self._acc[:width]  # every element is set by the first member
             kept: dict[str, bytes] = {}
-            for mi, member in enumerate(self.members):
+            for mi in range(self.count):
+                member = self.member(mi)
                 for start, end, segs in self.ranges(b, mi, gap):
-                    stream = self.opener(mi, start, end)
+                    stream = self.opener(mi, start, end, member)
                     try:
                         rd = _Reader(stream, member.name)
                         pos = start
@@ -467,7 +496,7 @@ class StreamingAverage:
                             if it.acc < 0:
                                 kept[it.key] = rd.read(nbytes)
                             else:
-                                self._add(rd, member.name, it, acc)
+                                self._add(rd, member.name, it, acc, first=mi == 0)
                             pos = seg_start + nbytes
                     except BaseException:
                         # release without draining (a prefetch stream may be what failed)
@@ -582,7 +611,7 @@ class _Stream:
     pos: int
 
 
-def _s3_member(storage, uri: str) -> tuple[_Member, _Stream]:
+def _s3_member(storage, uri: str) -> _Member:
     """Open one GET of the whole object and read its header from the front of the body. The
     body stays open: the weights are read from it later, block by block (one GET per member)."""
     s3 = storage._for(uri)
@@ -600,9 +629,8 @@ def _s3_member(storage, uri: str) -> tuple[_Member, _Stream]:
     except BaseException:
         body.close()
         raise
-    member = _Member(uri, {t.key: t for t in tensors}, rd.pos, size, meta, uri=uri,
-                     etag=resp.get("ETag"))
-    return member, _Stream(body, rd.raw, rd.pos)
+    return _Member(uri, {t.key: t for t in tensors}, rd.pos, size, meta, uri=uri,
+                   etag=resp.get("ETag"), stream=_Stream(body, rd.raw, rd.pos))
 
 
 class _Chain:
@@ -627,55 +655,41 @@ class _Opener:
     :class:`S3Prefetcher` that reads every range, in the engine's order, ahead of the
     arithmetic, from each member's one open GET."""
 
-    def __init__(self, members: Sequence[_Member], storage=None, streams=None, *, gap: int = 0,
+    def __init__(self, remote: bool = False, storage=None, *, gap: int = 0,
                  prefetch_bytes: int = PREFETCH_BYTES, max_streams: int = MAX_STREAMS) -> None:
-        self.max_streams = max_streams
-        self.members = members
+        self.remote = remote
         self.storage = storage
-        self.streams: dict[int, _Stream] = dict(streams or {})
         self.gap = gap
         self.prefetch_bytes = prefetch_bytes
+        self.max_streams = max_streams
         self.pre: S3Prefetcher | None = None
-        self._jobs: list[tuple[int, int, int]] = []
-        self._next = 0
         self._closed = False
-        self.header_gets = sum(m.uri is not None for m in members)
-        self.transferred = sum(m.data_start for m in members if m.uri is not None)
 
-    def plan(self, engine: StreamingAverage) -> None:
-        jobs = [(mi, start, end) for mi, start, end in engine.schedule(self.gap)
-                if self.members[mi].uri is not None]
-        self._jobs = jobs
-        if jobs or self.streams:
-            self.pre = S3Prefetcher(self.storage, self.members, jobs, self.streams,
-                                    max_bytes=self.prefetch_bytes, gap=max(self.gap, PIECE),
+    def start(self, engine: "StreamingAverage") -> None:
+        if self.remote:
+            self.pre = S3Prefetcher(self.storage, engine, gap=max(self.gap, PIECE),
+                                    range_gap=self.gap, max_bytes=self.prefetch_bytes,
                                     max_streams=self.max_streams)
-            self.streams = {}
 
-    def __call__(self, mi: int, start: int, end: int):
-        m = self.members[mi]
-        if m.uri is None:
-            f = open(m.path, "rb", buffering=0)
+    def __call__(self, mi: int, start: int, end: int, member: _Member):
+        if member.uri is None:
+            f = open(member.path, "rb", buffering=0)
             f.seek(start)
             return f
-        job = self._next
-        self._next += 1
-        if self._jobs[job] != (mi, start, end):  # pragma: no cover - invariant
-            raise RuntimeError("prefetch schedule out of order")
-        return _Chain(self.pre.reader(job))
+        return _Chain(self.pre.reader((mi, start, end)))
 
     @property
     def gets(self) -> int:
-        return self.header_gets + (self.pre.gets if self.pre else 0)
+        return self.pre.gets if self.pre else 0
+
+    @property
+    def transferred(self) -> int:
+        return self.pre.bytes if self.pre else 0
 
     def close(self) -> None:
-        for st in self.streams.values():
-            st.body.close()
-        self.streams = {}
         if self.pre is not None and not self._closed:
             self._closed = True
             self.pre.close()
-            self.transferred += self.pre.bytes
 
 
 # ------------------------------------------------------------------------------ S3 prefetch
@@ -701,15 +715,14 @@ class S3Prefetcher:
     is resumed from the byte it reached, under the storage's retry policy.
     """
 
-    def __init__(self, storage, members: Sequence[_Member], jobs: Sequence[tuple[int, int, int]],
-                 streams: Mapping[int, _Stream] | None = None, *, piece: int = PIECE,
-                 max_bytes: int = PREFETCH_BYTES, gap: int = PIECE,
+    def __init__(self, storage, engine: "StreamingAverage", *, piece: int = PIECE,
+                 max_bytes: int = PREFETCH_BYTES, gap: int = PIECE, range_gap: int = PIECE,
                  max_streams: int = MAX_STREAMS) -> None:
         self.storage = storage
+        self.engine = engine
+        self.range_gap = range_gap
         self.max_streams = max(1, max_streams)
-        self.members = list(members)
-        self.jobs = list(jobs)
-        self.streams: dict[int, _Stream] = dict(streams or {})
+        self.streams: dict[int, _Stream] = {}
         self.piece = piece
         self.gap = gap
         slots = max(2, max_bytes // piece)
@@ -720,9 +733,7 @@ class S3Prefetcher:
         self.stop = threading.Event()
         self.gets = 0          # GET requests issued here (ranged re-opens and resumes)
         self.bytes = 0         # bytes received here (dropped gap bytes included)
-        self._last_job = {mi: i for i, (mi, _, _) in enumerate(self.jobs)}
         self.thread = threading.Thread(target=self._run, name="ratatouille-s3-prefetch", daemon=True)
-        self._next = 0
         self.thread.start()
 
     def _take_free(self) -> bytearray:
@@ -758,7 +769,7 @@ class S3Prefetcher:
                 pass
 
     def _open(self, mi: int, at: int) -> _Stream:
-        m = self.members[mi]
+        m = self.engine.member(mi)
         s3 = self.storage._for(m.uri)
         bucket, key = s3._object_bk(m.uri)
         kwargs: dict[str, Any] = {"Bucket": bucket, "Key": key, "Range": f"bytes={at}-{m.size - 1}"}
@@ -780,6 +791,11 @@ class S3Prefetcher:
     def _position(self, mi: int, at: int) -> _Stream:
         """The member's stream, standing at byte ``at``."""
         st = self.streams.pop(mi, None)
+        m = self.engine.member(mi)
+        if st is None and m.stream is not None:  # the GET its header came from
+            st, m.stream = m.stream, None
+            while len(self.streams) >= self.max_streams:  # the least recently used gives way
+                self._close_stream(next(iter(self.streams)))
         if st is not None:
             self.streams[mi] = st  # most recently used last
         if st is not None and st.pos <= at <= st.pos + self.gap:
@@ -792,22 +808,22 @@ class S3Prefetcher:
                     if error is not None:
                         raise error
                     if not n:
-                        raise ConnectionError(f"{self.members[mi].uri}: stream ended at byte {st.pos}")
+                        raise ConnectionError(f"{m.uri}: stream ended at byte {st.pos}")
             finally:
                 self.free.put(scratch)
             return st
         self._close_stream(mi)
         return self._open(mi, at)
 
-    def _stream(self, index: int, mi: int, start: int, end: int) -> None:
+    def _stream(self, mi: int, start: int, end: int) -> None:
         from .storage import StorageError, TransientStorageError, _is_transient, _s3_error
 
-        m = self.members[mi]
+        m = self.engine.member(mi)
         s3 = self.storage._for(m.uri)
         policy = s3.retry
         total = end - start
         pos, failures = 0, 0
-        self.q.put(("begin", index, total))
+        self.q.put(("begin", (mi, start, end), total))
         while True:
             try:
                 st = self._position(mi, start + pos)
@@ -826,9 +842,7 @@ class S3Prefetcher:
                         raise error
                     if n < want:
                         raise ConnectionError(f"{m.uri}: stream ended at byte {start + pos} of {end}")
-                if self._last_job.get(mi) == index:
-                    self._close_stream(mi)
-                self.q.put(("end", index, pos))
+                self.q.put(("end", (mi, start, end), pos))
                 return
             except (_Stop, StorageError):
                 raise
@@ -846,8 +860,9 @@ class S3Prefetcher:
 
     def _run(self) -> None:
         try:
-            for i, job in enumerate(self.jobs):
-                self._stream(i, *job)
+            for mi, start, end in self.engine.schedule(self.range_gap):
+                if self.engine.member(mi).uri is not None:
+                    self._stream(mi, start, end)
         except _Stop:
             return
         except BaseException as exc:  # handed to the consumer
@@ -862,14 +877,12 @@ class S3Prefetcher:
             raise item[2]
         return item
 
-    def reader(self, index: int) -> "_PrefetchReader":
-        if index != self._next:
-            raise ValueError("prefetched ranges must be read in order")
-        self._next += 1
-        kind, i, total = self._get()
-        if kind != "begin" or i != index:  # pragma: no cover - protocol invariant
-            raise RuntimeError("prefetch stream out of order")
-        return _PrefetchReader(self, index, total)
+    def reader(self, job: tuple[int, int, int]) -> "_PrefetchReader":
+        """The next range's bytes; ``job`` = (member index, start, end) must be the next one."""
+        kind, got, total = self._get()
+        if kind != "begin" or got != job:  # pragma: no cover - protocol invariant
+            raise RuntimeError(f"prefetch stream out of order: {got} instead of {job}")
+        return _PrefetchReader(self, job, total)
 
     def close(self) -> None:
         self.stop.set()
@@ -936,7 +949,7 @@ def average_paths(out_path: str | os.PathLike | None, in_paths: Sequence[str | o
         if not os.path.isfile(p):
             raise FileNotFoundError(f"no such weights file: {p}")
     members = [_local_member(p, p) for p in paths]
-    sa = StreamingAverage(members, _Opener(members), block_elems=block_elems)
+    sa = StreamingAverage(members, _Opener(), block_elems=block_elems)
     if out_path is None:
         sa.compute()
         return sa, None
@@ -949,12 +962,14 @@ def average_uris(out_uri: str | None, in_uris: Sequence[str], *, endpoint: str |
                  max_streams: int = MAX_STREAMS) -> dict:
     """`ratatouille average OUT IN IN...` for paths or URIs (file://, s3://), streaming.
 
-    Every header is read first: an S3 member's from the front of one GET of the whole object
-    (opened in parallel), which then stays open. Blocks are then read in order: S3 bytes by one
-    :class:`S3Prefetcher` that continues each member's GET ahead of the arithmetic (one GET per
-    member, each byte fetched once, no scratch files), local ones from disk. The output is
-    written (locally first for s3://) only when every member was added. ``out_uri=None``
-    computes the average without writing it (benchmarks, tests).
+    An S3 member is one GET of the whole object: all are opened at once (a few threads), each
+    reads its header from the front of its body and leaves the body open. The blocks start as
+    soon as the first member's header is in; each later member is waited for, and checked
+    against the first, when its turn comes, so the server preparing the later objects overlaps
+    the arithmetic. S3 bytes are read by one :class:`S3Prefetcher` that continues each member's
+    GET ahead of the arithmetic (each byte fetched once, no scratch files); local ones from
+    disk. The output is written (locally first for s3://) only when every member was added.
+    ``out_uri=None`` computes the average without writing it (benchmarks, tests).
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -977,32 +992,19 @@ def average_uris(out_uri: str | None, in_uris: Sequence[str], *, endpoint: str |
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"no such weights file: {path}")
             paths[i] = path
-    heads: dict[int, _Member] = {}
-    streams: dict[int, _Stream] = {}
+    pool = ThreadPoolExecutor(max_workers=min(8, len(remote)), thread_name_prefix="ratatouille-head") \
+        if remote else None
+    futures = {}
     opener = None
     try:
-        if remote:
-            with ThreadPoolExecutor(max_workers=min(8, len(remote)),
-                                    thread_name_prefix="ratatouille-head") as pool:
-                futures = {i: pool.submit(_s3_member, store, in_uris[i]) for i in remote}
-                errors = []
-                for i, fut in futures.items():  # every one collected, so no body is left open
-                    try:
-                        heads[i], streams[i] = fut.result()
-                    except BaseException as exc:
-                        errors.append(exc)
-                if errors:
-                    raise errors[0]
-            for i in remote[max_streams:]:  # re-opened with a ranged GET when their turn comes
-                streams.pop(i).body.close()
-        members = [heads[i] if i in heads else _local_member(uri, paths[i])
+        for i in remote:
+            futures[i] = pool.submit(_s3_member, store, in_uris[i])
+        members = [futures[i] if i in futures else _local_member(uri, paths[i])
                    for i, uri in enumerate(in_uris)]
         gap = PIECE if remote else 0   # S3: read and drop small gaps rather than re-open
-        opener = _Opener(members, store, streams, gap=gap, prefetch_bytes=prefetch_bytes,
+        opener = _Opener(bool(remote), store, gap=gap, prefetch_bytes=prefetch_bytes,
                          max_streams=max_streams)
-        streams = {}
-        sa = StreamingAverage(members, opener, block_elems=block_elems)
-        opener.plan(sa)
+        sa = StreamingAverage(members, opener, block_elems=block_elems, names=list(in_uris))
         summary = {"path": out_uri, "count": sa.count, "members": list(in_uris),
                    "tensors": len(sa._order), "parameters": sa.parameters, "sha256": None,
                    "blocks": len(sa.blocks)}
@@ -1019,11 +1021,16 @@ def average_uris(out_uri: str | None, in_uris: Sequence[str], *, endpoint: str |
             _, root, key = split_uri(out_uri)
             summary["sha256"] = sa.write(os.path.join(root, key), _meta(sa, metadata), gap)
     finally:
-        for st in streams.values():
-            st.body.close()
         if opener is not None:
             opener.close()
-    summary["bytesRead"] = sa.bytes_read + sum(m.data_start for m in members)
-    summary["bytesTransferred"] = opener.transferred
-    summary["gets"] = opener.gets
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+            for fut in futures.values():  # bodies no block was read from (e.g. after an error)
+                if fut.done() and not fut.cancelled() and fut.exception() is None \
+                        and fut.result().stream is not None:
+                    fut.result().stream.body.close()
+                    fut.result().stream = None
+    summary["bytesRead"] = sa.bytes_read + sum(sa.member(i).data_start for i in range(sa.count))
+    summary["bytesTransferred"] = opener.transferred + sum(sa.member(i).data_start for i in remote)
+    summary["gets"] = opener.gets + len(remote)
     return summary
