@@ -26,6 +26,15 @@ from .spec import API_GROUP, API_VERSION, PLURAL
 
 log = logging.getLogger("ratatouille.operator")
 RUNS = (API_GROUP, API_VERSION, PLURAL)
+#: Threads for kopf's synchronous handlers. A reconcile mostly waits on the API and storage,
+#: so more of them than cores; a new run's create handler must not queue behind a few slow
+#: reconciles of other runs.
+HANDLER_THREADS = 16
+#: How long a reconcile asked for by a Job event waits before it reads the run's Jobs, so that
+#: the events that come with it (a Job's several status updates, the Jobs of a stage created or
+#: finishing together) are served by the same reconcile. It delays only Job-driven reconciles;
+#: a new run's first Jobs come from its create handler, which does not wait.
+JOB_EVENT_SETTLE_S = 0.05
 
 
 class _State:
@@ -64,7 +73,15 @@ def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.finalizer = "ratatouille.dev/finalizer"
     settings.posting.enabled = False  # we post our own Events, one per transition
     settings.watching.server_timeout = 300
-    settings.batching.worker_limit = 8
+    # No cap on kopf's per-object workers (its default). A worker serves one object and lingers
+    # `queueing.idle_timeout` (5 s) after that object's last event, so a cap of N let only N runs
+    # (and N Jobs) be processed at a time: the runs created after the first N waited seconds for
+    # their create handler, behind older runs whose status writes kept their workers busy, and
+    # Job events (the index of children) lagged behind the same way. Workers are asyncio tasks;
+    # what runs our (synchronous) handlers is the thread pool below, and Job events are coalesced
+    # per run (Reconciler.reconcile_coalesced), so unbounded workers do not mean unbounded threads.
+    settings.queueing.worker_limit = None
+    settings.execution.max_workers = HANDLER_THREADS
 
     cfg = Settings.from_env()
     if cfg.watch_namespaces:
@@ -78,7 +95,7 @@ def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     start_http_server(cfg.metrics_port, metrics.registry)
     STATE.metrics = metrics
     STATE.reconciler = Reconciler(_api_client(), cfg, storage_view=StorageView(_open_storage, metrics),
-                                  metrics=metrics)
+                                  metrics=metrics, settle=JOB_EVENT_SETTLE_S)
     STATE.stop.clear()
     threading.Thread(target=_resync_loop, name="ratatouille-resync", daemon=True).start()
     log.info("ratatouille operator started: metrics on :%d, resync every %ss, namespaces %s",
@@ -136,16 +153,45 @@ def run_changed(body: kopf.Body, namespace: str, name: str, run_jobs: kopf.Index
     _reconcile(dict(body), run_jobs.get((namespace, name), []), handler="run_changed")
 
 
+def _snapshot(index: kopf.Index, key: Any) -> list[dict]:
+    """The index's values for key, copied (kopf updates its indexes in the event loop's thread
+    while handlers run in others)."""
+    for _ in range(3):
+        try:
+            return list(index.get(key, []))
+        except RuntimeError:  # changed during the copy
+            continue
+    return list(index.get(key, []))
+
+
+def _owner_run(bodies: list[dict], run_uid_label: str | None) -> dict | None:
+    for b in bodies:
+        uid = (b.get("metadata") or {}).get("uid") or ""
+        if uid == run_uid_label or planner.label_value(uid) == run_uid_label:
+            return b
+    return None
+
+
 @kopf.on.event("batch", "v1", "jobs", labels={planner.LABEL_RUN_UID: kopf.PRESENT}, id="job_changed")
 def job_changed(namespace: str, labels: dict, run_jobs: kopf.Index, runs: kopf.Index, **_: Any) -> None:
     run_name = labels.get(planner.LABEL_RUN)
-    bodies = [b for b in runs.get((namespace, run_name), [])
-              if (b.get("metadata") or {}).get("uid") == labels.get(planner.LABEL_RUN_UID)
-              or planner.label_value((b.get("metadata") or {}).get("uid") or "") == labels.get(planner.LABEL_RUN_UID)]
-    if not bodies:
+    key = (namespace, run_name)
+    run_uid = labels.get(planner.LABEL_RUN_UID)
+    if _owner_run(_snapshot(runs, key), run_uid) is None:
         return  # the run is gone (owner references take its Jobs with it), or it is another run's Job
+    if STATE.reconciler is None:
+        return  # starting: the resync covers it
+
+    def read():
+        # Read when the reconcile starts, not when this event came: the reconcile may be one
+        # asked for by several Job events of the run (coalesced), the last of them after this.
+        # Those may be events of Jobs of an earlier run of the same name: reconcile the run there
+        # is now (the reconciler looks only at the Jobs of its uid).
+        bodies = _snapshot(runs, key)
+        return _owner_run(bodies, run_uid) or (bodies[0] if bodies else None), _snapshot(run_jobs, key)
+
     try:
-        _reconcile(bodies[0], run_jobs.get((namespace, run_name), []), handler="job_changed")
+        STATE.reconciler.reconcile_coalesced(key, read, handler="job_changed")
     except Exception as exc:  # noqa: BLE001 - event handlers are not retried: the resync will
         if STATE.metrics is not None:
             STATE.metrics.reconcile_errors.labels(handler="job_changed").inc()

@@ -3,10 +3,11 @@
 Level-based: every call recomputes from the run object and its child Jobs (from kopf's index or a
 LIST), so it does the same thing whichever event woke it, and after a restart it rebuilds
 everything it needs. The only memory it keeps is a cache of facts that never change once true
-(a member's metrics, an auxiliary cache entry being DONE), the names it created moments ago
-whose watch events have not arrived yet, and the status it last wrote per run (used only when
-the run body it is handed is older than that write, so that a stale body from an index never
-repeats a phase-transition Event).
+(a member's metrics, an auxiliary cache entry being DONE), for a while the Succeeded Jobs that
+left no metrics anywhere (so that every reconcile does not read storage and LIST pods again for
+each of them), the names it created moments ago whose watch events have not arrived yet, and the
+status it last wrote per run (used only when the run body it is handed is older than that write,
+so that a stale body from an index never repeats a phase-transition Event).
 """
 from __future__ import annotations
 
@@ -24,6 +25,12 @@ from .spec import API_GROUP, API_VERSION, PLURAL, SpecError
 from .validation import validate_manifest
 
 log = logging.getLogger("ratatouille.operator")
+
+#: How long a Succeeded Job whose metrics were found neither in storage nor in its pod's
+#: termination message is not looked for again (seconds).
+MISSING_METRICS_RECHECK_S = 60.0
+#: Past this many remembered missing-metrics entries, the expired ones are dropped.
+MAX_REMEMBERED = 10_000
 
 
 @dataclass(frozen=True)
@@ -147,6 +154,11 @@ class StorageView:
     def remember_metrics(self, prefix: str, data: dict) -> None:
         self._metrics.setdefault(prefix, data)
 
+    def said_missing(self, prefix: str) -> bool:
+        """Whether storage answered that prefix has no metrics.json (not: could not be read), or
+        there is no storage to read."""
+        return self._open is None or prefix in self._missing
+
 
 @dataclass
 class ReconcileResult:
@@ -166,7 +178,9 @@ class Reconciler:
     """Plans one run at a time against the Kubernetes API (kubernetes client, injected)."""
 
     def __init__(self, api_client, settings: Settings, *, storage_view: StorageView | None = None,
-                 metrics=None, clock: Callable[[], float] = time.time):
+                 metrics=None, clock: Callable[[], float] = time.time, settle: float = 0.0):
+        """settle: seconds reconcile_coalesced waits before it reads its inputs, so that a burst
+        of requests (the Job events of one run) is served by one reconcile."""
         from kubernetes import client as k8s
 
         self.k8s = k8s
@@ -177,8 +191,16 @@ class Reconciler:
         self.storage = storage_view or StorageView(None)
         self.metrics = metrics
         self.clock = clock
+        self.settle = settle
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        # Coalescing of event-driven reconciles (reconcile_coalesced): runs one of them is busy
+        # with, and those of them that got another request meanwhile.
+        self._busy: set[tuple[str, str]] = set()
+        self._dirty: set[tuple[str, str]] = set()
+        # (run uid, Job name) of Succeeded Jobs whose metrics were found neither in storage nor
+        # in a pod's termination message -> when that was last checked (see _member_metrics).
+        self._no_metrics: dict[tuple[str, str], float] = {}
         # Names created moments ago whose watch event may not have reached the index yet.
         self._recent: dict[str, tuple[float, str, planner.ObservedJob]] = {}
         # The status this process last wrote per run (uid, resourceVersion after the write,
@@ -222,6 +244,48 @@ class Reconciler:
             finally:
                 if self.metrics is not None:
                     self.metrics.reconcile_duration.labels(handler=handler).observe(time.perf_counter() - started)
+
+    def reconcile_coalesced(self, key: tuple[str, str],
+                            read: Callable[[], tuple[Mapping | None, Iterable[Mapping] | None]], *,
+                            handler: str = "reconcile") -> ReconcileResult | None:
+        """Reconcile the run `key` (namespace, name) from what `read()` returns (its body, or None
+        when it is gone, and its Jobs, or None to LIST them), for callers that are told that
+        something changed (child Job events) and come in bursts.
+
+        Level-based, so one reconcile that reads its inputs after a change covers every change
+        before it. A call made while another one for the same run is busy does not wait for it
+        (a thread blocked on the run's lock per Job event would starve the handlers of other
+        runs): it marks the run and returns None at once, and the busy call reconciles again,
+        from a new `read()`, when it is done. The busy call first waits `settle` seconds, so that
+        the rest of a burst (a Job's several status updates, the Jobs of a stage finishing
+        together) joins it. Returns the last reconcile's result, or None.
+        """
+        with self._locks_guard:
+            if key in self._busy:
+                self._dirty.add(key)
+                return None
+            self._busy.add(key)
+        result = None
+        try:
+            while True:
+                if self.settle > 0:
+                    time.sleep(self.settle)
+                with self._locks_guard:
+                    self._dirty.discard(key)
+                # Read only now: a request that found this run busy came after its change was
+                # visible to `read` (kopf updates its indexes before it calls the handlers).
+                body, jobs = read()
+                if body is not None:
+                    result = self.reconcile(body, jobs, handler=handler)
+                with self._locks_guard:
+                    if key not in self._dirty:
+                        self._busy.discard(key)
+                        return result
+        except BaseException:
+            with self._locks_guard:
+                self._busy.discard(key)
+                self._dirty.discard(key)
+            raise
 
     def _previous_status(self, namespace: str, name: str, meta: Mapping, body: Mapping) -> dict:
         prev = dict(body.get("status") or {})
@@ -311,39 +375,64 @@ class Reconciler:
 
     def _member_metrics(self, spec, run, jobs: Iterable[planner.ObservedJob]) -> dict[str, dict]:
         out = {}
+        now = self.clock()
         for j in jobs:
             if j.state != "Succeeded" or j.stage == planner.STAGE_AUX:
                 continue
             prefix = planner.member_output(spec, run, j.stage, j.member)
+            missing_key = (run.uid, j.name)
+            checked = self._no_metrics.get(missing_key)
+            if checked is not None and now - checked < MISSING_METRICS_RECHECK_S:
+                # Looked for moments ago and found nowhere: a finished member's metrics do not
+                # appear later (the trainer writes them before it exits), so do not read storage
+                # and LIST pods again for it on every reconcile; look again now and then.
+                continue
             data = self.storage.metrics(prefix, spec.storage.endpoint)
+            answered = True
             if data is None:
-                data = self._termination_message(run.namespace, j.name)
+                answered = self.storage.said_missing(prefix)
+                data, final = self._termination_message(run.namespace, j.name)
+                answered = answered and final
                 if data is not None:
                     self.storage.remember_metrics(prefix, data)
             if data is not None:
+                self._no_metrics.pop(missing_key, None)
                 out[f"{j.stage}/{j.member}"] = data
+            elif answered:  # not after a failed read: that one is tried again next time
+                self._no_metrics[missing_key] = now
+        if len(self._no_metrics) > MAX_REMEMBERED:
+            for k, t in list(self._no_metrics.items()):
+                if now - t >= MISSING_METRICS_RECHECK_S:
+                    self._no_metrics.pop(k, None)
         return out
 
-    def _termination_message(self, namespace: str, job_name: str) -> dict | None:
-        """The trainer writes its metrics summary as the pod's termination message."""
+    def _termination_message(self, namespace: str, job_name: str) -> tuple[dict | None, bool]:
+        """The trainer writes its metrics summary as the pod's termination message. Returns it
+        (or None) and whether the pods could be listed."""
         try:
             resp = self.core.list_namespaced_pod(namespace, label_selector=f"job-name={job_name}",
                                                  _preload_content=False)
             pods = json.loads(resp.data).get("items") or []
         except (self.k8s.ApiException, ValueError) as exc:
             log.debug("cannot read the pods of Job %s/%s: %s", namespace, job_name, exc)
-            return None
+            return None, False
+        final = True  # every container has terminated: what it said is all it will say
         for pod in pods:
-            for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            statuses = (pod.get("status") or {}).get("containerStatuses") or []
+            if not statuses:
+                final = False
+            for cs in statuses:
                 term = (cs.get("state") or {}).get("terminated") or {}
+                if not term:
+                    final = False
                 if term.get("exitCode") == 0 and term.get("message"):
                     try:
                         data = json.loads(term["message"])
                     except ValueError:
                         continue
                     if isinstance(data, dict):
-                        return data
-        return None
+                        return data, True
+        return None, final
 
     # -- writing ---------------------------------------------------------------------------
     def _create(self, run: planner.RunRef, spec, body: Mapping, action: planner.CreateJob) -> bool:
