@@ -304,6 +304,19 @@ def test_s3_blocks_one_get_per_member_each_byte_once(tmp_path, s3_bucket, moto_s
     assert summary["bytesTransferred"] <= sum(p.stat().st_size for p in paths)
 
 
+@pytest.mark.parametrize("piece", [12, 1000])
+def test_s3_pieces_that_split_elements_are_copied_across_buffers(tmp_path, s3_bucket, moto_server, piece):
+    # prefetched buffers of 12 or 1000 bytes: float64/bf16/fp16 elements straddle buffers (the
+    # copying path), the rest is read in place from the buffers
+    states = [make_state(s) for s in range(3)]
+    store, paths, uris = _upload_members(tmp_path, s3_bucket, moto_server, states)
+    out = tmp_path / "avg.safetensors"
+    streamavg.average_uris(str(out), uris, endpoint=moto_server, piece_bytes=piece, block_elems=300)
+    local = tmp_path / "from-files.safetensors"
+    average_files(local, paths)
+    assert out.read_bytes() == local.read_bytes()
+
+
 def test_s3_reordered_member_and_few_open_streams_use_ranged_gets(tmp_path, s3_bucket, moto_server):
     states = [make_state(s) for s in range(4)]
     store, paths, uris = _upload_members(tmp_path, s3_bucket, moto_server, states[:3])

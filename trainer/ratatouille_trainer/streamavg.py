@@ -446,10 +446,17 @@ class StreamingAverage:
         per = self.piece // item
         total = it.hi - it.lo
         done = 0
+        readview = getattr(rd.raw, "readview", None)
         while done < total:
             k = min(per, total - done)
-            rd.read_into(memoryview(self._buf)[:k * item])
-            x = np.frombuffer(self._buf, dtype=npdt, count=k)
+            view = readview(k * item, item) if readview is not None else None
+            if view is not None:  # the prefetched bytes themselves, no copy
+                k = len(view) // item
+                rd.pos += len(view)
+                x = np.frombuffer(view, dtype=npdt, count=k)
+            else:
+                rd.read_into(memoryview(self._buf)[:k * item])
+                x = np.frombuffer(self._buf, dtype=npdt, count=k)
             if it.dtype == "BF16":
                 x = _bf16_to_f32(x)
             # quick test (one vectorised sum, in cache); the exact one only on suspicion
@@ -634,13 +641,16 @@ def _s3_member(storage, uri: str) -> _Member:
 
 
 class _Chain:
-    """``readinto`` over a prefetched range (nothing when the range is empty)."""
+    """``readinto`` (and ``readview``) over a prefetched range (nothing when it is empty)."""
 
     def __init__(self, tail=None) -> None:
         self.tail = tail
 
     def readinto(self, mv: memoryview) -> int:
         return self.tail.readinto(mv) if self.tail is not None else 0
+
+    def readview(self, n: int, unit: int = 1) -> memoryview | None:
+        return self.tail.readview(n, unit) if self.tail is not None else None
 
     def close(self) -> None:
         if self.tail is not None:
@@ -656,8 +666,10 @@ class _Opener:
     arithmetic, from each member's one open GET."""
 
     def __init__(self, remote: bool = False, storage=None, *, gap: int = 0,
-                 prefetch_bytes: int = PREFETCH_BYTES, max_streams: int = MAX_STREAMS) -> None:
+                 prefetch_bytes: int = PREFETCH_BYTES, max_streams: int = MAX_STREAMS,
+                 piece: int = PIECE) -> None:
         self.remote = remote
+        self.piece = piece
         self.storage = storage
         self.gap = gap
         self.prefetch_bytes = prefetch_bytes
@@ -669,6 +681,7 @@ class _Opener:
         if self.remote:
             self.pre = S3Prefetcher(self.storage, engine, gap=max(self.gap, PIECE),
                                     range_gap=self.gap, max_bytes=self.prefetch_bytes,
+                                    piece=self.piece,
                                     max_streams=self.max_streams)
 
     def __call__(self, mi: int, start: int, end: int, member: _Member):
@@ -903,21 +916,40 @@ class _PrefetchReader:
             self.owner.free.put(self._buf)
             self._buf = None
 
-    def readinto(self, mv: memoryview) -> int:
+    def _refill(self) -> bool:
         if not len(self._view):
             self._release()
             if self._done:
-                return 0
+                return False
             kind, buf, n = self.owner._get()
             if kind == "end":
                 self._done = True
-                return 0
+                return False
             self._buf = buf
             self._view = memoryview(buf)[:n]
+        return True
+
+    def readinto(self, mv: memoryview) -> int:
+        if not self._refill():
+            return 0
         n = min(len(mv), len(self._view))
         mv[:n] = self._view[:n]
         self._view = self._view[n:]
         return n
+
+    def readview(self, n: int, unit: int = 1) -> memoryview | None:
+        """Up to ``n`` bytes, a whole number of ``unit``-byte elements, as a view of the
+        prefetched buffer itself (valid until the next read); None when not even one element
+        lies in the current buffer (then ``readinto`` copies across buffers)."""
+        if not self._refill():
+            return None
+        take = min(n, len(self._view))
+        take -= take % unit
+        if not take:
+            return None
+        out = self._view[:take]
+        self._view = self._view[take:]
+        return out
 
     def close(self) -> None:
         """Consume what is left of this range, up to its end marker (to reach the next one)."""
@@ -959,7 +991,7 @@ def average_paths(out_path: str | os.PathLike | None, in_paths: Sequence[str | o
 def average_uris(out_uri: str | None, in_uris: Sequence[str], *, endpoint: str | None = None,
                  metadata: Mapping[str, str] | None = None, storage=None,
                  block_elems: int = BLOCK_ELEMS, prefetch_bytes: int = PREFETCH_BYTES,
-                 max_streams: int = MAX_STREAMS) -> dict:
+                 max_streams: int = MAX_STREAMS, piece_bytes: int = PIECE) -> dict:
     """`ratatouille average OUT IN IN...` for paths or URIs (file://, s3://), streaming.
 
     An S3 member is one GET of the whole object: all are opened at once (a few threads), each
@@ -1003,8 +1035,9 @@ def average_uris(out_uri: str | None, in_uris: Sequence[str], *, endpoint: str |
                    for i, uri in enumerate(in_uris)]
         gap = PIECE if remote else 0   # S3: read and drop small gaps rather than re-open
         opener = _Opener(bool(remote), store, gap=gap, prefetch_bytes=prefetch_bytes,
-                         max_streams=max_streams)
-        sa = StreamingAverage(members, opener, block_elems=block_elems, names=list(in_uris))
+                         max_streams=max_streams, piece=piece_bytes)
+        sa = StreamingAverage(members, opener, block_elems=block_elems, names=list(in_uris),
+                              piece_bytes=piece_bytes)
         summary = {"path": out_uri, "count": sa.count, "members": list(in_uris),
                    "tensors": len(sa._order), "parameters": sa.parameters, "sha256": None,
                    "blocks": len(sa.blocks)}
