@@ -469,7 +469,9 @@ def test_greedy_reuses_candidate_buffers_when_evaluate_keeps_nothing():
         return _score(sd)
 
     res = greedy_select(ranked, evaluate)
-    assert len(set(ptrs[1:])) == 1          # every candidate after the first in one buffer
+    # two buffers for everything: the soup's and the candidate's (a kept candidate becomes the
+    # soup, and the old soup's buffer takes the next candidate)
+    assert len(ptrs) == len(states) and len(set(ptrs)) == 2
     ref = greedy_select(_greedy_members()[1], lambda sd: _score({k: v.clone() for k, v in sd.items()}))
     assert res.selected == ref.selected and res.trace == ref.trace
     assert_same(res.state_dict, ref.state_dict)

@@ -405,9 +405,10 @@ def greedy_select(ranked: Sequence[tuple[str, Loader, float]],
     missing/NaN accuracies last). The first is always kept; each next member is kept if the
     average with it scores ``>=`` the best so far on ``evaluate`` (the pooled training-domain
     validation accuracy). Each member is loaded exactly once: the candidate is
-    ``(sum + member) / (k + 1)`` from a running sum of the kept members. Candidates are written
-    into the previous candidate's tensors when ``evaluate`` kept no reference to them (the dict,
-    a tensor or a view), so a step allocates nothing.
+    ``(sum + member) / (k + 1)`` from a running sum of the kept members; a kept candidate is the
+    soup (bit-identical to the sum's mean), so the result is not recomputed. Candidates are
+    written into a rejected candidate's (or the previous soup's) tensors when ``evaluate`` kept no
+    reference to them (the dict, a tensor or a view), so a step allocates nothing.
     """
     order = [m for _, m in sorted(enumerate(ranked), key=_sort_key)]
     if not order:
@@ -416,30 +417,32 @@ def greedy_select(ranked: Sequence[tuple[str, Loader, float]],
     trace: list[GreedyStep] = []
     best = -math.inf
     scratch: StateDict | None = None
+    soup: StateDict | None = None  # the kept candidate: the mean of the selection, bit for bit
     for i, (name, load, _own_acc) in enumerate(order):
         state = load()
         if i == 0:
             rs.add(name, state)
             del state
-            candidate = rs.mean()
-            acc = _checked_acc(evaluate(candidate), name)
-            del candidate
-            best = acc
-            trace.append(GreedyStep(name, acc, True))
+            soup = rs.mean()
+            best = _checked_acc(evaluate(soup), name)
+            trace.append(GreedyStep(name, best, True))
             continue
         candidate = rs.mean_with(name, state, out=scratch)
         scratch = None  # its tensors now belong to candidate
         acc = _checked_acc(evaluate(candidate), name)
-        # the next candidate reuses these tensors unless evaluate kept a reference to them
-        scratch = candidate if _unshared(candidate) else None
-        del candidate
         kept = acc >= best
         if kept:
             rs._accumulate(name, state)  # mean_with validated it against this very sum
             best = acc
+            # the candidate is the new soup (== rs.mean(), not recomputed at the end); the old
+            # soup's tensors serve the next candidate unless evaluate kept a reference to them
+            candidate, soup = soup, candidate
+        # the next candidate reuses these tensors unless evaluate kept a reference to them
+        scratch = candidate if _unshared(candidate) else None
+        del candidate
         del state
         trace.append(GreedyStep(name, acc, kept))
-    return GreedyResult(selected=rs.names, state_dict=rs.mean(), val_accuracy=best, trace=trace)
+    return GreedyResult(selected=rs.names, state_dict=soup, val_accuracy=best, trace=trace)
 
 
 @torch.no_grad()
