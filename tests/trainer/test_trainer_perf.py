@@ -143,3 +143,92 @@ def test_train_with_prefetch_matches_train_without(tmp_path):
                           env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().endswith("same")
+
+
+# ------------------------------------------------- the cheaper augmentation (issue 7, part 3)
+
+def _images(b, size, seed, kind="random"):
+    x = torch.randint(0, 256, (b, 3, size, size), generator=torch.Generator().manual_seed(seed),
+                      dtype=torch.uint8)
+    if kind == "flat":          # grey pixels: max == min (the hue's zero-chroma case)
+        x[:] = 128
+    elif kind == "ties":        # r == g everywhere, and some black and white pixels
+        x[:, 0] = x[:, 1]
+        x[:, :, :2] = 0
+        x[:, :, -2:] = 255
+    elif kind == "few":         # few distinct values: many max ties between channels
+        x = (x // 128) * 255
+    return x
+
+
+def _bits(t):
+    return t.contiguous().view(torch.int32)
+
+
+def test_augment_batch_is_bit_identical_to_the_reference():
+    """The regrouped, in-place, where/fmod-free augmentation gives exactly the numbers of the
+    straightforward form (the code before it), for batch sizes with empty and full jitter groups
+    and the hue's special cases."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cases = [(b, size, seed, kind) for size in (8, 16, 32) for b in (1, 2, 7, 96)
+                 for seed, kind in ((0, "random"), (1, "flat"), (2, "ties"), (3, "few"))]
+        cases += [(96, 64, 4, "random"), (5, 224, 5, "ties")]
+        for b, size, seed, kind in cases:
+            x = _images(b, size, seed, kind)
+            got = D.augment_batch(x, torch.Generator().manual_seed(seed))
+            ref = D.augment_batch_reference(x, torch.Generator().manual_seed(seed))
+            assert got.shape == ref.shape and got.dtype == ref.dtype
+            assert torch.equal(_bits(got), _bits(ref)), (b, size, seed, kind)
+        # the generator is left where the reference leaves it (the next batch is the same too)
+        g1, g2 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+        x = _images(12, 16, 9)
+        D.augment_batch(x, g1)
+        D.augment_batch_reference(x, g2)
+        assert torch.equal(g1.get_state(), g2.get_state())
+        # train/eval transforms: normalisation in place gives normalize()'s numbers
+        g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+        assert torch.equal(_bits(D.train_transform(x, g1)),
+                           _bits(D.normalize(D.augment_batch_reference(x, g2))))
+        assert torch.equal(_bits(D.eval_transform(x)), _bits(D.normalize(x.float() / 255.0)))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _floats(lo, hi):
+    """Every float32 in [lo, hi) (lo, hi >= 0)."""
+    a = torch.tensor([lo], dtype=torch.float32).view(torch.int32).item()
+    b = torch.tensor([hi], dtype=torch.float32).view(torch.int32).item()
+    return torch.arange(a, b, dtype=torch.int32).view(torch.float32)
+
+
+def _near(v, ulps=1 << 16):
+    """Every float32 within ``ulps`` of v (v > 0)."""
+    c = torch.tensor([v], dtype=torch.float32).view(torch.int32).item()
+    return torch.arange(c - ulps, c + ulps, dtype=torch.int32).view(torch.float32)
+
+
+def test_hue_shift_arithmetic_equals_fmod_and_remainder():
+    """The replacements in ``_hue_shift`` on the ranges their arguments lie in (the full ranges
+    were checked exhaustively when they were written; here: every float32 near the points where
+    the result jumps, the whole of [1, 2) and a random sample elsewhere)."""
+    g = torch.Generator().manual_seed(0)
+    # fmod(t, 1) on [5/6, 2) -> t - floor(t)
+    t = torch.cat([_floats(1.0, 2.0), _near(1.0), 0.5 + 1.5 * torch.rand(1 << 20, generator=g)])
+    assert torch.equal(_bits(torch.fmod(t, 1.0)), _bits(t - torch.floor(t)))
+    # remainder(t, 1) on [-0.3, 1.3] -> t - floor(t) (equal values; a zero's sign may differ,
+    # and the next op adds n >= 1 to it)
+    t = torch.cat([_floats(1.0, 1.3), _near(1.0), -_near(1.0 / 4096), -_floats(0.0, 1e-30),
+                   _floats(0.0, 1e-30), -0.3 + 1.6 * torch.rand(1 << 21, generator=g),
+                   torch.tensor([0.0, -0.0, 1.0, -0.3, 1.3])])
+    assert torch.equal(torch.remainder(t, 1.0), t - torch.floor(t))
+    # remainder(k, 6) on [1, 11] -> k - 6 * floor(k / 6)
+    k = torch.cat([_floats(5.0, 7.0), _near(6.0), _near(1.0), _near(11.0),
+                   1.0 + 10.0 * torch.rand(1 << 21, generator=g)])
+    assert torch.equal(_bits(torch.remainder(k, 6.0)), _bits(k - torch.floor(k / 6.0) * 6.0))
+    # the divisor for zero chroma: 0 / clamp_min(0, tiny) == 0 / 1, positives unchanged
+    d = torch.cat([torch.tensor([0.0]), _floats(0.0, 1e-37)[1:1 << 16], torch.rand(1 << 16, generator=g)])
+    assert torch.equal(torch.where(d == 0, torch.ones_like(d), d)[1:], d.clamp_min(D._TINY)[1:])
+    zero = torch.zeros(1)
+    assert torch.equal(_bits(zero / zero.clamp_min(D._TINY)), _bits(zero / torch.ones(1)))

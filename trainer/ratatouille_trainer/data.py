@@ -396,31 +396,150 @@ def _rrc_boxes(n: int, size: int, g: torch.Generator, scale=(0.7, 1.0),
     return torch.where(found.unsqueeze(1), boxes, whole)
 
 
+# Smallest positive float32 (subnormal): ``x.clamp_min(_TINY)`` is ``x`` for every x > 0 and
+# _TINY for x == 0, so ``0 / x.clamp_min(_TINY)`` is 0 like ``0 / where(x == 0, 1, x)``.
+_TINY = 2.0 ** -149
+_HSV_N = torch.tensor((5.0, 3.0, 1.0)).view(1, 3, 1, 1)
+
+
+def _hue_shift(xs: torch.Tensor, hue: torch.Tensor) -> torch.Tensor:
+    """``_hsv_to_rgb`` of ``_rgb_to_hsv(xs)`` with the hue shifted by ``hue`` [k, 1, 1] modulo 1:
+    bit-identical to that composition (as in :func:`augment_batch_reference`) for inputs in
+    [0, 1], in arithmetic without boolean tensors, ``where``, ``fmod`` or ``remainder`` (on the
+    CPU those are several times slower than float arithmetic):
+
+    - ``where(max == min, 1, d)`` as a divisor of ``max - min`` (0 exactly there):
+      ``d.clamp_min(_TINY)`` (d >= 0; 0 / positive is 0 like 0 / 1, positives unchanged);
+    - the masks ``max == r`` etc. as ``1 - sign(max - r)`` (max - r >= 0 is zero exactly when
+      they are equal), the same 0/1 factors as the boolean masks, multiplied and summed as before;
+    - ``fmod(t, 1)`` and ``remainder(t, 1)`` on t in [-0.3, 2) as ``t - floor(t)``, and
+      ``remainder(k, 6)`` on k in [1, 11] as ``k - 6 * floor(k / 6)``: exact (Sterbenz), the
+      same numbers (a zero may change sign where the next op adds n >= 1 to it); checked
+      exhaustively over those float32 ranges in the tests.
+    """
+    r, g, b = xs.unbind(1)
+    maxc = xs.amax(1)
+    minc = xs.amin(1)
+    cr = maxc - minc
+    s = cr / maxc.clamp_min(_TINY)
+    cr_div = cr.clamp_min(_TINY)
+    rc = (maxc - r).div_(cr_div)
+    gc = (maxc - g).div_(cr_div)
+    bc = (maxc - b).div_(cr_div)
+    not_r = torch.sign(maxc - r)                  # 0 where max == r, else 1
+    not_g = torch.sign(maxc - g)
+    hr = (1.0 - not_r).mul_(bc - gc)
+    hg = ((1.0 - not_g).mul_(not_r)).mul_((2.0 + rc).sub_(bc))
+    hb = (not_g * not_r).mul_((4.0 + gc).sub_(rc))
+    h = hr.add_(hg).add_(hb).div_(6.0).add_(1.0)
+    h = h.sub_(torch.floor(h))                    # fmod(h, 1) on [5/6, 2)
+    h = h.add_(hue)
+    h = h.sub_(torch.floor(h))                    # remainder(h, 1) on [-0.3, 1.3]
+    # _hsv_to_rgb(h, s, v = max)
+    h, s, v = h.unsqueeze(1), s.unsqueeze(1), maxc.unsqueeze(1)
+    k = _HSV_N.to(xs.device) + h * 6.0
+    k = k.sub_(torch.floor(k / 6.0).mul_(6.0))    # remainder(k, 6) on [1, 11]
+    c = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0).mul_(v * s)
+    return c.neg_().add_(v)                       # v - v * s * c
+
+
+def _blend_ops_(xs: torch.Tensor, op: torch.Tensor, factors: torch.Tensor) -> None:
+    """Brightness (op 0), contrast (1) or saturation (2) per image of ``xs`` [k, 3, S, S], in
+    place, with that op's factor from ``factors`` [k, 3]: each is ``clamp(f * x + (1 - f) *
+    base)`` with base 0, the grey mean or the grey image (``_blend`` and ``(x * f).clamp``):
+    the unused bases are multiplied by an exact 0, and adding a zero leaves the sum as it was."""
+    k = xs.shape[0]
+    dev = xs.device
+    op = op.to(dev)
+    f = factors.gather(1, op.unsqueeze(1)).view(k, 1, 1, 1)
+    is_con = (op == 1).to(xs.dtype).view(k, 1, 1, 1)
+    is_sat = (op == 2).to(xs.dtype).view(k, 1, 1, 1)
+    gray = _grayscale(xs)
+    base = (gray * is_sat).add_(gray.mean(dim=(1, 2, 3), keepdim=True) * is_con)
+    xs.mul_(f).add_((1.0 - f) * base).clamp_(0.0, 1.0)
+
+
 def augment_batch(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """DomainBed's training augmentation on a uint8 batch [B, 3, S, S] -> float [0, 1].
 
     Per image: RandomResizedCrop(S, scale=(0.7, 1)), RandomHorizontalFlip(0.5),
     ColorJitter(0.3, 0.3, 0.3, 0.3) (brightness, contrast, saturation, hue in a random order per
-    image), RandomGrayscale(0.1). Random parameters come from ``g`` (a CPU generator)."""
+    image), RandomGrayscale(0.1). Random parameters come from ``g`` (a CPU generator), drawn in
+    the order crop boxes, flips, jitter factors, jitter orders, grayscale.
+
+    Bit-identical to :func:`augment_batch_reference` (the straightforward form; the tests
+    compare them), with fewer and cheaper ops: the images are cropped in the order of the
+    position their hue op has in their jitter order (the crop's ROI order), so at every
+    position the images getting the hue are one contiguous block and the others (brightness,
+    contrast or saturation: one pass for the three, :func:`_blend_ops_`) the slices around it,
+    all worked on in place; one gather at the end restores the batch order. Flip and grayscale
+    touch only the chosen images; the hue is :func:`_hue_shift`.
+
+    On other devices (CUDA) it is :func:`augment_batch_reference` itself: the exhaustive checks
+    of the arithmetic replacements hold for the CPU's kernels (CUDA divides by a scalar through
+    its reciprocal), and there the augmentation is not what limits a step."""
+    if x.device.type != "cpu":
+        return augment_batch_reference(x, g)
+    from torchvision.ops import roi_align
+
+    b, _, s, _ = x.shape
+    dev = x.device
+    boxes = _rrc_boxes(b, s, g)
+    flip = torch.rand(b, generator=g) < 0.5
+    u = torch.rand(b, 4, generator=g)
+    order = torch.argsort(torch.rand(b, 4, generator=g), dim=1)  # order[i, pos] = op
+    gray = torch.rand(b, generator=g) < 0.1
+    factors = 0.7 + 0.6 * u[:, :3]                                # brightness, contrast, saturation
+    hue = -0.3 + 0.6 * u[:, 3]
+    # images grouped by the position of their hue op
+    hue_pos = torch.argsort(order, dim=1)[:, 3]
+    perm = torch.argsort(hue_pos, stable=True)
+    ends = torch.cumsum(torch.bincount(hue_pos, minlength=4), 0).tolist()
+    starts = [0] + ends[:3]
+    # RandomResizedCrop (bilinear crop + resize of every image to S x S in one call), in perm order
+    rois = torch.cat([perm.to(torch.float64).unsqueeze(1), boxes[perm]], 1).to(dev, torch.float32)
+    xf = roi_align(x.float().div_(255.0), rois, output_size=(s, s), spatial_scale=1.0,
+                   sampling_ratio=2, aligned=True)
+    order, factors, flip, gray = order[perm], factors[perm].to(dev), flip[perm], gray[perm]
+    hue = hue[perm].to(dev).view(b, 1, 1)
+    # Horizontal flip of the chosen images
+    idx = flip.nonzero().squeeze(1).to(dev)
+    if idx.numel():
+        xf.index_copy_(0, idx, xf.index_select(0, idx).flip(3))
+    # ColorJitter, one position after the other
+    for pos in range(4):
+        lo, hi = starts[pos], ends[pos]
+        for a, z in ((0, lo), (hi, b)):
+            if z > a:
+                _blend_ops_(xf[a:z], order[a:z, pos], factors[a:z])
+        if hi > lo:
+            xf[lo:hi] = _hue_shift(xf[lo:hi], hue[lo:hi])
+    # RandomGrayscale(p=0.1), 3 output channels
+    idx = gray.nonzero().squeeze(1).to(dev)
+    if idx.numel():
+        xf.index_copy_(0, idx, _grayscale(xf.index_select(0, idx)).expand(-1, 3, -1, -1))
+    return xf.index_select(0, torch.argsort(perm).to(dev))
+
+
+def augment_batch_reference(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """The straightforward form of :func:`augment_batch` (the same numbers, more ops): kept as
+    its specification and for the tests."""
     from torchvision.ops import roi_align
 
     b, _, s, _ = x.shape
     dev = x.device
     xf = x.float().div_(255.0)
-    # RandomResizedCrop (bilinear crop + resize of every image to S x S in one call)
     boxes = _rrc_boxes(b, s, g)
     rois = torch.cat([torch.arange(b, dtype=torch.float64).unsqueeze(1), boxes], 1).to(dev, torch.float32)
     xf = roi_align(xf, rois, output_size=(s, s), spatial_scale=1.0, sampling_ratio=2, aligned=True)
-    # Horizontal flip
     flip = (torch.rand(b, generator=g) < 0.5).to(dev)
     xf = torch.where(flip.view(b, 1, 1, 1), xf.flip(3), xf)
-    # ColorJitter: factors and a random permutation of the four operations per image
     u = torch.rand(b, 4, generator=g)
     bright = (0.7 + 0.6 * u[:, 0]).to(dev).view(b, 1, 1, 1)
     contrast = (0.7 + 0.6 * u[:, 1]).to(dev).view(b, 1, 1, 1)
     sat = (0.7 + 0.6 * u[:, 2]).to(dev).view(b, 1, 1, 1)
     hue = (-0.3 + 0.6 * u[:, 3]).to(dev).view(b, 1, 1)
-    order = torch.argsort(torch.rand(b, 4, generator=g), dim=1).to(dev)  # order[i, pos] = op
+    order = torch.argsort(torch.rand(b, 4, generator=g), dim=1).to(dev)
     for pos in range(4):
         op_at = order[:, pos]
         for op in range(4):
@@ -439,11 +558,14 @@ def augment_batch(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
                 hsv = _rgb_to_hsv(xs)
                 h = torch.remainder(hsv[:, 0] + hue[idx], 1.0)
                 y = _hsv_to_rgb(torch.stack((h, hsv[:, 1], hsv[:, 2]), 1))
-            xf.index_copy_(0, idx, y)  # in place: xf is this function's own tensor
-    # RandomGrayscale(p=0.1), 3 output channels
+            xf.index_copy_(0, idx, y)
     gray = (torch.rand(b, generator=g) < 0.1).to(dev)
     xf = torch.where(gray.view(b, 1, 1, 1), _grayscale(xf).expand(-1, 3, -1, -1), xf)
     return xf
+
+
+_MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+_STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
 
 def normalize(xf: torch.Tensor) -> torch.Tensor:
@@ -452,10 +574,17 @@ def normalize(xf: torch.Tensor) -> torch.Tensor:
     return (xf - mean) / std
 
 
+def _normalize_(xf: torch.Tensor) -> torch.Tensor:
+    """:func:`normalize` in place (the same numbers) on a float32 batch of our own."""
+    if xf.device.type == "cpu" and xf.dtype == torch.float32:
+        return xf.sub_(_MEAN).div_(_STD)
+    return normalize(xf)
+
+
 def eval_transform(x: torch.Tensor) -> torch.Tensor:
     """Evaluation: images are already resized at decode time; scale and normalize."""
-    return normalize(x.float().div_(255.0))
+    return _normalize_(x.float().div_(255.0))
 
 
 def train_transform(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    return normalize(augment_batch(x, g))
+    return _normalize_(augment_batch(x, g))
