@@ -379,6 +379,32 @@ def test_s3_member_replaced_during_the_average_is_refused(tmp_path, s3_bucket, m
     assert [c for c in calls if c["Key"].endswith("2/model.safetensors")][-1]["IfMatch"]
 
 
+@pytest.mark.parametrize("bad", ["missing", "shape", "pickle-content"])
+def test_s3_bad_later_member_fails_cleanly(tmp_path, s3_bucket, moto_server, bad):
+    # a later member's header arrives while the blocks are under way: its problem is reported
+    # (naming it), nothing is written, and no thread or open body is left behind
+    import threading
+
+    states = [make_state(s) for s in range(4)]
+    if bad == "shape":
+        states[3]["head.bias"] = torch.zeros(11)
+    store, paths, uris = _upload_members(tmp_path, s3_bucket, moto_server, states)
+    if bad == "missing":
+        store.delete(uris[3])
+    if bad == "pickle-content":
+        b, k = store._object_bk(uris[3])
+        store.client.put_object(Bucket=b, Key=k, Body=b"\x80\x04\x95" + b"\0" * 64)
+    before = set(threading.enumerate())
+    out = tmp_path / "avg.safetensors"
+    with pytest.raises(Exception) as e:
+        streamavg.average_uris(str(out), uris, endpoint=moto_server, block_elems=500)
+    assert uris[3] in str(e.value)
+    assert {"missing": "not found", "shape": "has shape (11,)", "pickle-content": "pickle"}[bad] in str(e.value)
+    assert not [p.name for p in tmp_path.iterdir() if "avg" in p.name]  # nor a temporary file
+    left = [t for t in set(threading.enumerate()) - before if t.is_alive()]
+    assert not [t for t in left if t.name.startswith(("ratatouille-s3-prefetch", "ratatouille-head"))]
+
+
 def test_s3_bad_member_stops_the_prefetch_thread(tmp_path, s3_bucket, moto_server):
     states = [make_state(s) for s in range(4)]
     states[1]["head.bias"][0] = float("nan")
