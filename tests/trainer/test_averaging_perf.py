@@ -109,6 +109,15 @@ def test_blocks_and_small_pieces_still_match(tmp_path, block_elems):
     assert (tmp_path / "whole.safetensors").read_bytes() == (tmp_path / "avg.safetensors").read_bytes()
 
 
+@pytest.mark.parametrize("total, block", [(23_500_000, 4 << 20), (100, 4 << 20), (10, 1), (3374, 500),
+                                          (8 << 20, 4 << 20)])
+def test_block_sizes_cover_everything_and_end_small(total, block):
+    sizes = streamavg._block_sizes(total, block)
+    assert sum(sizes) == total and all(0 < x <= block for x in sizes)
+    if total > block:  # what is left once the last byte is in: an eighth of a block at most
+        assert sizes[-1] <= max(1, block // 8)
+
+
 def test_negative_zeros_keep_their_sign_as_in_running_sum(tmp_path):
     # the sum starts from the first member's values (not from +0.0), as RunningSum's does
     states = [{"w": torch.tensor([-0.0, 1.0, -0.0]), "h": torch.tensor([-0.0], dtype=torch.float16)}

@@ -294,9 +294,24 @@ class _Item:
     acc: int
 
 
+def _block_sizes(total: int, block_elems: int) -> list[int]:
+    """Block sizes (floating elements) for ``total``: at most ``block_elems`` each, and a last
+    block of at most an eighth of that, so little is left to do once the last byte is in."""
+    if total <= block_elems:
+        return [total]
+    last = max(1, block_elems // 8)
+    rest = total - last
+    sizes = [block_elems] * (rest // block_elems)
+    if rest % block_elems:
+        sizes.append(rest % block_elems)
+    return sizes + [last]
+
+
 def _plan_blocks(order: Sequence[_Tensor], block_elems: int) -> list[list[_Item]]:
-    """Cut the first member's tensors, in file order, into blocks of at most ``block_elems``
+    """Cut the first member's tensors, in file order, into blocks (:func:`_block_sizes`) of
     floating elements (a tensor may span blocks; integer tensors ride along whole)."""
+    total = sum(t.numel for t in order if _DTYPES[t.dtype][2])
+    sizes = _block_sizes(total, block_elems)
     blocks: list[list[_Item]] = [[]]
     used = 0
     for t in order:
@@ -308,10 +323,10 @@ def _plan_blocks(order: Sequence[_Tensor], block_elems: int) -> list[list[_Item]
             continue
         lo = 0
         while lo < t.numel:
-            if used == block_elems:
+            if used == sizes[len(blocks) - 1]:
                 blocks.append([])
                 used = 0
-            hi = min(t.numel, lo + block_elems - used)
+            hi = min(t.numel, lo + sizes[len(blocks) - 1] - used)
             blocks[-1].append(_Item(t.key, t.dtype, lo, hi, used))
             used += hi - lo
             lo = hi
