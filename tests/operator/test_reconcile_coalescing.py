@@ -14,21 +14,8 @@ pytest.importorskip("kmock")
 kopf = pytest.importorskip("kopf")
 
 from ratatouille_operator import main as operator_main  # noqa: E402
-from ratatouille_operator.emulator import Emulator  # noqa: E402
 from ratatouille_operator.reconciler import MISSING_METRICS_RECHECK_S, Reconciler, Settings, StorageView  # noqa: E402
-from tests.operator.harness import CRD, JOBS, PODS, RUNS, run_manifest  # noqa: E402
-
-
-@pytest.fixture()
-def k8s():
-    with Emulator(crds=[CRD]) as emulator:
-        yield emulator
-
-
-@pytest.fixture()
-def api(k8s, tmp_path):
-    path = k8s.write_kubeconfig(tmp_path / "kubeconfig")
-    return kubernetes.config.new_client_from_config(config_file=str(path))
+from tests.operator.harness import JOBS, PODS, RUNS, run_manifest  # noqa: E402
 
 
 def make_run(k8s, name="r", **kw) -> dict:

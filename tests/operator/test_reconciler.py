@@ -13,23 +13,10 @@ kubernetes = pytest.importorskip("kubernetes")
 pytest.importorskip("kmock")
 
 from ratatouille_operator.devcluster import JobController, create_credentials_secret  # noqa: E402
-from ratatouille_operator.emulator import Emulator  # noqa: E402
 from ratatouille_operator.main import resync_once  # noqa: E402
 from ratatouille_operator.observability import OperatorMetrics  # noqa: E402
 from ratatouille_operator.reconciler import Reconciler, Settings, StorageView  # noqa: E402
-from tests.operator.harness import CRD, EVENTS, JOBS, PODS, RUNS, run_manifest  # noqa: E402
-
-
-@pytest.fixture()
-def k8s(tmp_path):
-    with Emulator(crds=[CRD]) as emulator:
-        yield emulator
-
-
-@pytest.fixture()
-def api(k8s, tmp_path):
-    path = k8s.write_kubeconfig(tmp_path / "kubeconfig")
-    return kubernetes.config.new_client_from_config(config_file=str(path))
+from tests.operator.harness import EVENTS, JOBS, PODS, RUNS, run_manifest  # noqa: E402
 
 
 def reconciler(api, metrics=None) -> Reconciler:
