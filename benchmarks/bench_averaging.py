@@ -162,8 +162,9 @@ def worker(mode: str, paths: list[str], extra: dict) -> dict:
                 st.pos += st.reader.readinto(scratch[:min(len(scratch), start - st.pos)])
             return Range(st, end - start)
 
-        sa = streamavg.StreamingAverage(members, opener, block_elems=extra["block_elems"])
-        mean = sa.compute(streamavg.PIECE)
+        sa = streamavg.StreamingAverage(members, opener, block_elems=extra["block_elems"],
+                                        gap=streamavg.PIECE)
+        mean = sa.compute()
         for st in streams:
             st.body.close()
         wall = time.perf_counter() - t0

@@ -186,10 +186,6 @@ class _Reader:
         self.read_into(memoryview(buf))
         return bytes(buf)
 
-    def at_eof(self) -> bool:
-        probe = bytearray(1)
-        return not self.raw.readinto(memoryview(probe))
-
 
 def _read_header(rd: _Reader, size: int | None) -> tuple[list[_Tensor], dict[str, str], int]:
     """Parse and check a safetensors header: tensors sorted by offset, metadata, data length."""
@@ -358,13 +354,15 @@ class StreamingAverage:
     byte is read once; the result is bit-identical to one float64 sum per element in member
     order (the same additions, one division, the same casts).
 
-    Every member's header is read and checked against the first member's (names, shapes, dtypes)
-    before any weight is read, so a mismatched member is refused before work is spent.
+    A member whose names, shapes or dtypes differ from the first member's is refused: local
+    members before any weight is read, S3 members (given as futures of their headers) when their
+    turn comes. ``gap``: member bytes between two wanted segments that are read and dropped
+    rather than opening a new read (the same value orders the reads and the S3 prefetch).
     """
 
     def __init__(self, members: Sequence[Any], opener: Callable[[int, int, int], Any], *,
                  piece_bytes: int = PIECE, block_elems: int = BLOCK_ELEMS,
-                 names: Sequence[str] | None = None) -> None:
+                 names: Sequence[str] | None = None, gap: int = 0) -> None:
         if not members:
             raise AveragingError("no members to average")
         # a member is a _Member, or a future of one (S3: its header is still on its way; it is
@@ -382,6 +380,7 @@ class StreamingAverage:
         self.metadata = dict(first.meta)
         self._order = sorted(first.tensors.values(), key=lambda t: (t.start, t.end))
         self.opener = opener
+        self.gap = gap
         self.piece = max(8, piece_bytes // 8 * 8)
         self.block_elems = max(1, int(block_elems))
         self.blocks = _plan_blocks(self._order, self.block_elems)
@@ -422,10 +421,10 @@ class StreamingAverage:
         return [t.key for t in self._order]
 
     # -- what is read, in order -----------------------------------------------------------------
-    def ranges(self, b: int, mi: int, gap: int = 0) -> list[tuple[int, int, list]]:
+    def ranges(self, b: int, mi: int) -> list[tuple[int, int, list]]:
         """[(start, end, [(seg_start, nbytes, item)])]: member ``mi``'s file ranges for block
-        ``b`` in file order; segments closer than ``gap`` bytes share a range (the bytes between
-        them are read and dropped). Integer tensors are read from the first member only."""
+        ``b`` in file order; segments closer than ``self.gap`` bytes share a range (the bytes
+        between them are read and dropped). Integer tensors are read from the first member only."""
         member = self.member(mi)
         segs = []
         for it in self.blocks[b]:
@@ -439,18 +438,18 @@ class StreamingAverage:
         segs.sort(key=lambda s: s[0])
         out: list[list] = []
         for s in segs:
-            if out and s[0] - out[-1][1] <= gap:
+            if out and s[0] - out[-1][1] <= self.gap:
                 out[-1][1] = s[0] + s[1]
                 out[-1][2].append(s)
             else:
                 out.append([s[0], s[0] + s[1], [s]])
         return [(a, e, segs) for a, e, segs in out]
 
-    def schedule(self, gap: int = 0) -> Iterator[tuple[int, int, int]]:
+    def schedule(self) -> Iterator[tuple[int, int, int]]:
         """(member index, start, end) of every read, in the order :meth:`run` makes them."""
         for b in range(len(self.blocks)):
             for mi in range(self.count):
-                for start, end, _ in self.ranges(b, mi, gap):
+                for start, end, _ in self.ranges(b, mi):
                     yield mi, start, end
 
     # -- the pass -------------------------------------------------------------------------------
@@ -486,7 +485,7 @@ class StreamingAverage:
                 np.add(dst, x, out=dst)
             done += k
 
-    def run(self, emit: Callable[[_Item, int, np.ndarray], None], gap: int = 0) -> None:
+    def run(self, emit: Callable[[_Item, int, np.ndarray], None]) -> None:
         """One pass over every block; ``emit(item, element_offset, values)`` receives the mean
         in output order (integer tensors: their raw bytes as uint8, offset 0)."""
         if self._ran:
@@ -504,7 +503,7 @@ class StreamingAverage:
             kept: dict[str, bytes] = {}
             for mi in range(self.count):
                 member = self.member(mi)
-                for start, end, segs in self.ranges(b, mi, gap):
+                for start, end, segs in self.ranges(b, mi):
                     stream = self.opener(mi, start, end, member)
                     try:
                         rd = _Reader(stream, member.name)
@@ -536,7 +535,7 @@ class StreamingAverage:
                     emit(it, it.lo + i, _cast_mean(acc[a:a + k] / n, it.dtype))
 
     # -- results --------------------------------------------------------------------------------
-    def compute(self, gap: int = 0) -> dict[str, np.ndarray]:
+    def compute(self) -> dict[str, np.ndarray]:
         """Run, keeping the mean in memory: numpy arrays of each tensor's shape (bfloat16 as its
         uint16 bits); integer and bool tensors as their raw bytes (uint8, first member's)."""
         arrays: dict[str, np.ndarray] = {}
@@ -551,7 +550,7 @@ class StreamingAverage:
             else:
                 arrays[it.key][off: off + len(values)] = values
 
-        self.run(emit, gap)
+        self.run(emit)
         for t in self._order:
             if _DTYPES[t.dtype][2]:
                 arrays[t.key] = arrays[t.key].reshape(t.shape)
@@ -563,8 +562,7 @@ class StreamingAverage:
             raise RuntimeError("the average was not kept in memory (see compute())")
         return self._arrays
 
-    def write(self, path: str | os.PathLike, metadata: Mapping[str, str] | None = None,
-              gap: int = 0) -> str:
+    def write(self, path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> str:
         """Run, writing the average as safetensors atomically (temporary file, fsync, rename;
         nothing is left on error); returns its sha256 (hex)."""
         meta = dict(metadata or {})
@@ -590,7 +588,7 @@ class StreamingAverage:
 
             out(struct.pack("<Q", len(raw)))
             out(raw)
-            self.run(lambda it, off, values: out(memoryview(np.ascontiguousarray(values)).cast("B")), gap)
+            self.run(lambda it, off, values: out(memoryview(np.ascontiguousarray(values)).cast("B")))
 
         # the project's one atomic writer: temporary file beside it, fsync, rename, or nothing left
         atomic_write(os.fspath(path), emit_file)
@@ -655,38 +653,17 @@ def _s3_member(storage, uri: str) -> _Member:
                    etag=resp.get("ETag"), stream=_Stream(body, rd.raw, rd.pos))
 
 
-class _Chain:
-    """``readinto`` (and ``readview``) over a prefetched range (nothing when it is empty)."""
-
-    def __init__(self, tail=None) -> None:
-        self.tail = tail
-
-    def readinto(self, mv: memoryview) -> int:
-        return self.tail.readinto(mv) if self.tail is not None else 0
-
-    def readview(self, n: int, unit: int = 1) -> memoryview | None:
-        return self.tail.readview(n, unit) if self.tail is not None else None
-
-    def close(self) -> None:
-        if self.tail is not None:
-            self.tail.close()
-
-    def abort(self) -> None:
-        self.tail = None
-
-
 class _Opener:
     """Gives the engine its byte ranges: local files by seek and read; S3 objects from one
     :class:`S3Prefetcher` that reads every range, in the engine's order, ahead of the
     arithmetic, from each member's one open GET."""
 
-    def __init__(self, remote: bool = False, storage=None, *, gap: int = 0,
+    def __init__(self, remote: bool = False, storage=None, *,
                  prefetch_bytes: int = PREFETCH_BYTES, max_streams: int = MAX_STREAMS,
                  piece: int = PIECE) -> None:
         self.remote = remote
         self.piece = piece
         self.storage = storage
-        self.gap = gap
         self.prefetch_bytes = prefetch_bytes
         self.max_streams = max_streams
         self.pre: S3Prefetcher | None = None
@@ -694,17 +671,15 @@ class _Opener:
 
     def start(self, engine: "StreamingAverage") -> None:
         if self.remote:
-            self.pre = S3Prefetcher(self.storage, engine, gap=max(self.gap, PIECE),
-                                    range_gap=self.gap, max_bytes=self.prefetch_bytes,
-                                    piece=self.piece,
-                                    max_streams=self.max_streams)
+            self.pre = S3Prefetcher(self.storage, engine, max_bytes=self.prefetch_bytes,
+                                    piece=self.piece, max_streams=self.max_streams)
 
     def __call__(self, mi: int, start: int, end: int, member: _Member):
         if member.uri is None:
             f = open(member.path, "rb", buffering=0)
             f.seek(start)
             return f
-        return _Chain(self.pre.reader((mi, start, end)))
+        return self.pre.reader((mi, start, end))
 
     @property
     def gets(self) -> int:
@@ -744,15 +719,12 @@ class S3Prefetcher:
     """
 
     def __init__(self, storage, engine: "StreamingAverage", *, piece: int = PIECE,
-                 max_bytes: int = PREFETCH_BYTES, gap: int = PIECE, range_gap: int = PIECE,
-                 max_streams: int = MAX_STREAMS) -> None:
+                 max_bytes: int = PREFETCH_BYTES, max_streams: int = MAX_STREAMS) -> None:
         self.storage = storage
         self.engine = engine
-        self.range_gap = range_gap
         self.max_streams = max(1, max_streams)
         self.streams: dict[int, _Stream] = {}
         self.piece = piece
-        self.gap = gap
         slots = max(2, max_bytes // piece)
         self.q: queue.Queue = queue.Queue()          # filled buffers (and markers), in order
         self.free: queue.Queue = queue.Queue()       # empty buffers
@@ -805,16 +777,21 @@ class S3Prefetcher:
             kwargs["IfMatch"] = m.etag
         self.gets += 1
         resp = s3.client.get_object(**kwargs)
-        while len(self.streams) >= self.max_streams:  # the least recently used gives way
-            self._close_stream(next(iter(self.streams)))
         st = _Stream(resp["Body"], _BodyReader(resp["Body"]), at)
         if int(resp["ContentLength"]) != m.size - at:
             st.body.close()
             from .storage import StorageError
             raise StorageError(f"{m.uri}: the server answered a ranged read with "
                                f"{resp['ContentLength']} bytes, not {m.size - at}")
-        self.streams[mi] = st
+        self._keep(mi, st)
         return st
+
+    def _keep(self, mi: int, st: _Stream) -> None:
+        """Hold member ``mi``'s open body (at most ``max_streams``: the least recently used
+        gives way)."""
+        while len(self.streams) >= self.max_streams:
+            self._close_stream(next(iter(self.streams)))
+        self.streams[mi] = st
 
     def _position(self, mi: int, at: int) -> _Stream:
         """The member's stream, standing at byte ``at``."""
@@ -822,11 +799,9 @@ class S3Prefetcher:
         m = self.engine.member(mi)
         if st is None and m.stream is not None:  # the GET its header came from
             st, m.stream = m.stream, None
-            while len(self.streams) >= self.max_streams:  # the least recently used gives way
-                self._close_stream(next(iter(self.streams)))
         if st is not None:
-            self.streams[mi] = st  # most recently used last
-        if st is not None and st.pos <= at <= st.pos + self.gap:
+            self._keep(mi, st)  # most recently used last
+        if st is not None and st.pos <= at <= st.pos + self.engine.gap:
             scratch = self._take_free()
             try:
                 while st.pos < at:
@@ -888,7 +863,7 @@ class S3Prefetcher:
 
     def _run(self) -> None:
         try:
-            for mi, start, end in self.engine.schedule(self.range_gap):
+            for mi, start, end in self.engine.schedule():
                 if self.engine.member(mi).uri is not None:
                     self._stream(mi, start, end)
         except _Stop:
@@ -973,6 +948,11 @@ class _PrefetchReader:
             pass
         self._release()
 
+    def abort(self) -> None:
+        """Give the buffer back without draining (after an error: the prefetcher may be what
+        failed, and it is being stopped)."""
+        self._release()
+
 
 # ------------------------------------------------------------------------------ entry points
 
@@ -1049,25 +1029,25 @@ def average_uris(out_uri: str | None, in_uris: Sequence[str], *, endpoint: str |
         members = [futures[i] if i in futures else _local_member(uri, paths[i])
                    for i, uri in enumerate(in_uris)]
         gap = PIECE if remote else 0   # S3: read and drop small gaps rather than re-open
-        opener = _Opener(bool(remote), store, gap=gap, prefetch_bytes=prefetch_bytes,
+        opener = _Opener(bool(remote), store, prefetch_bytes=prefetch_bytes,
                          max_streams=max_streams, piece=piece_bytes)
         sa = StreamingAverage(members, opener, block_elems=block_elems, names=list(in_uris),
-                              piece_bytes=piece_bytes)
+                              piece_bytes=piece_bytes, gap=gap)
         summary = {"path": out_uri, "count": sa.count, "members": list(in_uris),
                    "tensors": len(sa._order), "parameters": sa.parameters, "sha256": None,
                    "blocks": len(sa.blocks)}
         if out_uri is None:
-            sa.compute(gap)
+            sa.compute()
             summary["average"] = sa
         elif split_uri(out_uri)[0] == "s3":
             with tempfile.TemporaryDirectory(prefix="ratatouille-average-") as scratch:
                 tmp_out = os.path.join(scratch, "average.safetensors")
-                summary["sha256"] = sa.write(tmp_out, _meta(sa, metadata), gap)
+                summary["sha256"] = sa.write(tmp_out, _meta(sa, metadata))
                 opener.close()
                 (store or open_storage(out_uri, endpoint=endpoint)).upload(tmp_out, out_uri)
         else:
             _, root, key = split_uri(out_uri)
-            summary["sha256"] = sa.write(os.path.join(root, key), _meta(sa, metadata), gap)
+            summary["sha256"] = sa.write(os.path.join(root, key), _meta(sa, metadata))
     finally:
         if opener is not None:
             opener.close()
