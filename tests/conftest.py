@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from ratatouille_operator.executor import stop_process
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 _S3_ENV = {
@@ -80,12 +82,7 @@ def moto_server(tmp_path_factory):
                 time.sleep(0.1)
         yield endpoint
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 10)
         log.close()
         mp.undo()
 

@@ -315,13 +315,10 @@ def execute(jobs: list[dict], workers: int, workdir: Path, timeout: float | None
                 break
             time.sleep(1.0)
     finally:
+        from ratatouille_operator.executor import stop_process
+
         for name, (proc, job, t0, fh) in running.items():
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc, 20)
             fh.close()
     return done
 

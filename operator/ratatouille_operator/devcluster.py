@@ -45,7 +45,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-from .executor import local_command
+from .executor import local_command, stop_process
 
 log = logging.getLogger("ratatouille.devcluster")
 
@@ -598,13 +598,8 @@ class MotoS3:
                             config=Config(s3={"addressing_style": "path"}))
 
     def __exit__(self, *exc: Any) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc, 10)
         self.proc = None
 
 

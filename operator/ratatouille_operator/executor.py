@@ -79,6 +79,33 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
         pass
 
 
+def stop_process(proc: subprocess.Popen, grace: float, *, group: bool = False,
+                 signalled: bool = False) -> None:
+    """Stop ``proc`` the way a kubelet stops a container: SIGTERM (to its whole process group
+    with ``group``; not again when ``signalled``), up to ``grace`` seconds to exit, then SIGKILL.
+    Returns once it is reaped."""
+    def send(sig: int) -> None:
+        if proc.poll() is not None:
+            return
+        if group:
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                pass
+        elif sig == signal.SIGTERM:
+            proc.terminate()
+        else:
+            proc.kill()
+
+    if not signalled:
+        send(signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        send(signal.SIGKILL)
+        proc.wait()
+
+
 def trainer_executable() -> list[str]:
     """How to start `ratatouille-trainer` here: the console script beside this interpreter."""
     script = Path(sys.executable).with_name("ratatouille-trainer")
@@ -277,13 +304,8 @@ class LocalExecutor:
         elif isinstance(action, planner.DeleteJob):
             job = self.jobs.get(action.name)
             if job is not None:
-                self._signal(job, signal.SIGTERM)
                 if job.proc is not None:
-                    try:
-                        job.proc.wait(timeout=10)
-                    except subprocess.TimeoutExpired:
-                        self._signal(job, signal.SIGKILL)
-                        job.proc.wait()
+                    stop_process(job.proc, 10, group=True)
                 job.proc = None
                 if job.state in ("Active", "Pending", "Suspended"):
                     job.state = "Failed"
@@ -344,12 +366,8 @@ class LocalExecutor:
 
     def shutdown(self) -> None:
         """Stop any process still running (Ctrl-C, timeout): a later re-run resumes them."""
-        for job in self.jobs.values():
+        for job in self.jobs.values():  # all at once, then wait for each
             self._signal(job, signal.SIGTERM)
         for job in self.jobs.values():
             if job.proc is not None:
-                try:
-                    job.proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    self._signal(job, signal.SIGKILL)
-                    job.proc.wait()
+                stop_process(job.proc, 10, group=True, signalled=True)

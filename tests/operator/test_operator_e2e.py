@@ -23,6 +23,7 @@ import pytest
 from tests.operator.harness import (ACCESS_KEY, BUCKET, SECRET_KEY, JOBS, REPO, Cluster, cluster,  # noqa: F401
                                     operator_process, run_manifest, write_datasets)
 from ratatouille_operator.devcluster import free_port
+from ratatouille_operator.executor import stop_process
 
 pytest.importorskip("kopf")
 pytest.importorskip("timm")
@@ -98,12 +99,7 @@ def prometheus(tmp: Path, target_port: int):
             time.sleep(0.2)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 15)
         log.close()
 
 
