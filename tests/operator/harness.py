@@ -189,19 +189,17 @@ class Cluster:
 
     def wait_for(self, predicate: Callable[[], Any], timeout: float, what: str,
                  operator: "OperatorProcess | None" = None) -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
-            result = predicate()
-            if result:
-                return result
-            if time.monotonic() > deadline:
-                detail = ""
-                if operator is not None:
-                    detail = "\n--- operator log (tail)\n" + operator.log_tail()
-                if self.controller is not None and self.controller.errors:
-                    detail += f"\n--- job controller errors: {self.controller.errors[-5:]}"
-                raise AssertionError(f"timed out after {timeout} s waiting for {what}{detail}")
-            time.sleep(0.1)
+        """The emulator's wait_for, failing the test with the operator's log and the job
+        controller's errors when it times out."""
+        try:
+            return self.emulator.wait_for(predicate, timeout=timeout, interval=0.1)
+        except TimeoutError:
+            detail = ""
+            if operator is not None:
+                detail = "\n--- operator log (tail)\n" + operator.log_tail()
+            if self.controller is not None and self.controller.errors:
+                detail += f"\n--- job controller errors: {self.controller.errors[-5:]}"
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}{detail}") from None
 
     def wait_phase(self, namespace: str, name: str, phases: str | Iterable[str], timeout: float = 120,
                    operator: "OperatorProcess | None" = None) -> dict:
