@@ -46,10 +46,16 @@ __all__ = [
 CRD_FILE = Path(__file__).with_name("crd.yaml")
 API = f"{API_GROUP}/{API_VERSION}"
 MAX_RUN_NAME = 40
-DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+MAX_MANIFEST_BYTES = 3 << 20
+# Every regex here is applied with fullmatch: `$` would also match before a final newline, so
+# "rt\n" would pass for "rt".
+DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
-HTTP_URL = re.compile(r"^https?://[^/\s]+")
-_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+HTTP_URL = re.compile(r"https?://[^/\s?#]+(/\S*)?")
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+_S3_BUCKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
+_CONTROL_OR_SPACE = re.compile(r"[\x00-\x20\x7f]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 # Readable explanations for the schema's patterns (jsonschema would only print the regex).
 _PATTERN_HINTS = {
@@ -57,6 +63,17 @@ _PATTERN_HINTS = {
     r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$": "must be a DNS label: lowercase letters, digits and '-', "
                                         "starting and ending with a letter or digit",
     r"^(s3|file)://": "must start with s3:// or file://",
+    r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_-]+)?$": "must be a timm architecture name such as resnet50 or "
+                                           "resnet50.a1_in1k (hf-hub:, local-dir: and paths are refused; "
+                                           "weights come from foundation.weights)",
+    r"^[^/]+$": "must be one directory name of the dataset (no '/')",
+    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$":
+        "must be a DNS subdomain: lowercase letters, digits, '-' and '.', starting and ending "
+        "with a letter or digit",
+    r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$":
+        "must be a Kubernetes label value: letters, digits, '-', '_' and '.', starting and "
+        "ending with a letter or digit",
+    r"^[^\s]+$": "must not contain whitespace",
 }
 _JSON_TYPES = {"string": "a string", "integer": "an integer", "number": "a number",
                "boolean": "a boolean", "object": "an object", "array": "a list", "null": "null"}
@@ -126,10 +143,19 @@ def apply_defaults(schema: Mapping[str, Any], obj: Any) -> Any:
     return obj
 
 
+def _go_pattern(pattern: str) -> str:
+    """A CRD `pattern` (Go RE2, where `$` ends the text) as a Python regex with the same meaning:
+    a final unescaped `$` becomes `\\Z` (Python's `$` also matches before a trailing newline)."""
+    if pattern.endswith("$") and not pattern.endswith("\\$"):
+        return pattern[:-1] + "\\Z"
+    return pattern
+
+
 def _to_jsonschema(node: Any) -> Any:
     """Translate a Kubernetes structural schema into plain JSON Schema (draft 7 semantics).
 
-    x-kubernetes-* keywords are dropped; `nullable` adds "null" to the type;
+    x-kubernetes-* keywords are dropped; `nullable` adds "null" to the type; patterns are
+    anchored as Go anchors them (`_go_pattern`);
     x-kubernetes-int-or-string becomes integer|string; objects with properties and neither
     additionalProperties nor x-kubernetes-preserve-unknown-fields refuse unknown fields.
     """
@@ -145,6 +171,8 @@ def _to_jsonschema(node: Any) -> Any:
             out[key] = {name: _to_jsonschema(sub) for name, sub in value.items()}
         elif key in ("items", "additionalProperties", "not") or key in ("allOf", "anyOf", "oneOf"):
             out[key] = _to_jsonschema(value)
+        elif key == "pattern" and isinstance(value, str):
+            out[key] = _go_pattern(value)
         else:
             out[key] = copy.deepcopy(value)
     if node.get("x-kubernetes-int-or-string"):
@@ -202,6 +230,12 @@ def _type_name(value: Any) -> str:
     return type(value).__name__
 
 
+def _short(value: Any, limit: int = 80) -> str:
+    """repr() of a value for a one-line message, cut to `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _schema_error(err: jsonschema.ValidationError) -> SpecError:
     """One jsonschema error as SpecError(dotted field, short message)."""
     path = _dotted(err.absolute_path)
@@ -222,9 +256,11 @@ def _schema_error(err: jsonschema.ValidationError) -> SpecError:
             msg += f' (numbers are strings in this API: quote it, e.g. "{inst}")'
         return SpecError(path or "manifest", msg)
     if kind == "enum":
-        return SpecError(path, "must be one of " + ", ".join(map(str, arg)) + f", got {inst!r}")
+        return SpecError(path, "must be one of " + ", ".join(map(str, arg)) + f", got {_short(inst)}")
     if kind == "pattern":
-        return SpecError(path, _PATTERN_HINTS.get(arg, f"must match {arg}") + f", got {inst!r}")
+        crd_pattern = arg[:-2] + "$" if isinstance(arg, str) and arg.endswith("\\Z") else arg
+        return SpecError(path, _PATTERN_HINTS.get(crd_pattern, f"must match {crd_pattern}")
+                         + f", got {_short(inst)}")
     if kind in ("minimum", "exclusiveMinimum"):
         op = ">=" if kind == "minimum" else ">"
         return SpecError(path, f"must be {op} {arg}, got {inst!r}")
@@ -239,6 +275,8 @@ def _schema_error(err: jsonschema.ValidationError) -> SpecError:
         return SpecError(path, "must not be empty" if arg == 1 else f"must be at least {arg} characters")
     if kind == "maxLength":
         return SpecError(path, f"must be at most {arg} characters, got {len(inst)}")
+    if kind == "maxProperties":
+        return SpecError(path, f"must have at most {arg} entries")
     return SpecError(path or "manifest", err.message)
 
 
@@ -254,12 +292,31 @@ def _first_schema_error(body: Mapping[str, Any]) -> SpecError | None:
 # --------------------------------------------------------------------------- semantic rules
 
 def _check_uri(value: Any, field: str, weights: bool = False) -> None:
+    """The URI rules storage applies when the run starts (ratatouille_trainer.storage.split_uri),
+    checked here so that `validate` refuses what `run` would refuse."""
     if value is None:
         return
     text = str(value)
+    if _CONTROL_OR_SPACE.search(text):
+        raise SpecError(field, f"must not contain whitespace or control characters, got {_short(text)}")
     m = _SCHEME.match(text)
-    if m and m.group(1).lower() not in ("s3", "file"):
+    scheme = m.group(1).lower() if m else None
+    if scheme is not None and scheme not in ("s3", "file"):
         raise SpecError(field, f"must be an s3:// or file:// URI or a path, got scheme {m.group(1)}://")
+    if scheme is not None and m.group(1) != scheme:
+        raise SpecError(field, f"the scheme must be lowercase ({scheme}://), got {m.group(1)}://")
+    if scheme == "s3":
+        bucket, _, key = text[len("s3://"):].partition("/")
+        if not bucket:
+            raise SpecError(field, f"S3 URI without a bucket: expected s3://BUCKET/KEY, got {_short(text)}")
+        if not _S3_BUCKET.fullmatch(bucket):
+            raise SpecError(field, f"S3 bucket name {_short(bucket)} is not valid")
+        if weights and not key.strip("/"):
+            raise SpecError(field, f"names a bucket, not a weights file: {_short(text)}")
+    elif scheme == "file":
+        host = text[len("file://"):].partition("/")[0]
+        if host not in ("", "localhost"):
+            raise SpecError(field, f"file URIs must be local (file:///path), got host {_short(host)}")
     if weights and text.lower().rstrip("/").endswith(PICKLE_SUFFIXES):
         raise SpecError(field, "pickle checkpoints (.pt/.pth/.bin/.ckpt/.pkl) are refused: "
                                "weights must be safetensors (nothing is ever unpickled)")
@@ -292,6 +349,10 @@ def _semantic_checks(spec: Mapping[str, Any]) -> None:
     _check_uri(t["dataset"], "spec.target.dataset")
     seen: set[str] = set()
     for j, dom in enumerate(t["testDomains"]):
+        if dom in (".", "..") or "/" in dom or "\\" in dom or _CONTROL.search(dom):
+            raise SpecError(f"spec.target.testDomains[{j}]",
+                            f"must be one directory name of the dataset (no '/', not '.' or '..', "
+                            f"no control characters), got {_short(dom)}")
         if dom in seen:
             raise SpecError(f"spec.target.testDomains[{j}]", f"duplicate test domain {dom!r}")
         seen.add(dom)
@@ -344,9 +405,10 @@ def _semantic_checks(spec: Mapping[str, Any]) -> None:
         raise SpecError("spec.failurePolicy.minSucceeded",
                         f"must be at most finetune.runs ({ft['runs']}), got {fp['minSucceeded']}")
 
+    _check_uri(spec["storage"]["uri"], "spec.storage.uri")
     endpoint = spec["storage"].get("endpoint")
-    if endpoint is not None and not HTTP_URL.match(endpoint):
-        raise SpecError("spec.storage.endpoint", f"must be an http:// or https:// URL, got {endpoint!r}")
+    if endpoint is not None and not HTTP_URL.fullmatch(endpoint):
+        raise SpecError("spec.storage.endpoint", f"must be an http:// or https:// URL, got {_short(endpoint)}")
 
 
 # --------------------------------------------------------------------------- entry points
@@ -358,8 +420,8 @@ def _check_dns_label(value: Any, field: str, max_len: int) -> str:
         raise SpecError(field, f"must be at most {max_len} characters, got {len(value)}"
                         + (" (child Job names <run>-<stage>-<member>-a<attempt> must fit in 63)"
                            if max_len == MAX_RUN_NAME else ""))
-    if not DNS_LABEL.match(value):
-        raise SpecError(field, f"{_PATTERN_HINTS[DNS_LABEL.pattern]}, got {value!r}")
+    if not DNS_LABEL.fullmatch(value):
+        raise SpecError(field, f"{_PATTERN_HINTS['^' + DNS_LABEL.pattern + '$']}, got {_short(value)}")
     return value
 
 
@@ -390,9 +452,24 @@ def validate_manifest(doc: Mapping[str, Any]) -> ValidatedRun:
     return ValidatedRun(namespace=namespace, name=name, spec=spec, body=body)
 
 
+class _AliasRefused(yaml.composer.ComposerError):
+    """A manifest uses a YAML alias (valid YAML, refused on purpose)."""
+
+
 class _StrictLoader(yaml.SafeLoader):
     """SafeLoader that refuses duplicate mapping keys (PyYAML keeps the last one silently;
-    kubectl refuses them), so two `finetune:` blocks cannot hide one another."""
+    kubectl refuses them), so two `finetune:` blocks cannot hide one another, and refuses
+    aliases (`*name`, merge keys `<<: *name` included): a few hundred bytes of nested aliases
+    expand to gigabytes once the object is copied or serialised (the "billion laughs";
+    Kubernetes caps alias expansion since CVE-2019-11253). A manifest never needs them."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.events.AliasEvent):
+            event = self.peek_event()
+            raise _AliasRefused(
+                None, None, f"YAML aliases (*{event.anchor}) are refused in manifests: write the "
+                            "value out in full", event.start_mark)
+        return super().compose_node(parent, index)
 
 
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
@@ -416,7 +493,12 @@ _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _c
 def read_manifest_file(path: str | Path) -> dict:
     """Parse a manifest file holding exactly one YAML mapping; SpecError(field='manifest') otherwise."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_MANIFEST_BYTES + 1)
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise SpecError("manifest", f"{path} is larger than {MAX_MANIFEST_BYTES // (1 << 20)} MiB "
+                                        "(the Kubernetes API's request limit)")
+        text = data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError("manifest", f"cannot read {path}: {exc}") from None
     try:
@@ -425,7 +507,8 @@ def read_manifest_file(path: str | Path) -> dict:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise SpecError("manifest", f"{path} is not valid YAML{where}: {problem}") from None
+        what = "refused" if isinstance(exc, _AliasRefused) else "is not valid YAML"
+        raise SpecError("manifest", f"{path} {what}{where}: {problem}") from None
     if not docs:
         raise SpecError("manifest", f"{path} is empty: expected one RatatouilleRun")
     if len(docs) > 1:
@@ -484,9 +567,10 @@ def apply_overrides(doc: Mapping[str, Any], overrides: Iterable[str]) -> dict:
         raw_path = raw_path.strip()
         parts = _parse_path(raw_path)
         try:
-            value = yaml.safe_load(raw_value) if raw_value.strip() else None
-        except yaml.YAMLError:
-            raise SpecError(raw_path, f"--set value is not valid YAML: {raw_value!r}") from None
+            value = yaml.load(raw_value, Loader=_StrictLoader) if raw_value.strip() else None
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or "not valid YAML"
+            raise SpecError(raw_path, f"--set value {_short(raw_value)}: {problem}") from None
         node: Any = out
         for depth, (key, nxt) in enumerate(zip(parts, parts[1:] + [None])):
             here = _dotted(parts[:depth + 1])
