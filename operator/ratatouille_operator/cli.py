@@ -16,6 +16,7 @@ from typing import Any, Sequence
 from .spec import SpecError
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
+MAX_LOCAL_PARALLELISM = 256  # the CRD's maximum of spec.parallelism
 
 
 def _fail(message: str, code: int = EXIT_INVALID) -> int:
@@ -194,6 +195,9 @@ def cmd_run(args) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: finished members are kept; run the same command again to resume", file=sys.stderr)
         return 130
+    except TimeoutError:
+        return _fail(f"run did not finish within --timeout {args.timeout:g} s: finished members are kept; "
+                     "run the same command again to resume", EXIT_FAILED)
     phase = status.get("phase")
     print()
     table = results_table(status)
@@ -206,6 +210,25 @@ def cmd_run(args) -> int:
     failed = cond.get("Failed") or {}
     print(f"RatatouilleRun {run.name} {phase}: {failed.get('reason', '')} {failed.get('message', '')}".rstrip())
     return EXIT_FAILED
+
+
+def _number_arg(convert, check, what: str):
+    """An argparse type: `convert` the text, then refuse it unless `check(value)` (`what` says
+    what is expected), so a bad value is one usage line (exit 2), never a hang or a traceback."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not check(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+        return value
+    return parse
+
+
+_parallelism_arg = _number_arg(int, lambda v: 1 <= v <= MAX_LOCAL_PARALLELISM,
+                               f"an integer from 1 to {MAX_LOCAL_PARALLELISM}")
+_seconds_arg = _number_arg(float, lambda v: 0 < v < float("inf"), "a positive number of seconds")
 
 
 def cmd_average(args) -> int:
@@ -241,9 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = manifest_cmd("run", "run a RatatouilleRun on this machine (embedded mode)")
-    p.add_argument("--parallelism", type=int, default=None, help="local processes at once (default: spec.parallelism)")
+    p.add_argument("--parallelism", type=_parallelism_arg, default=None,
+                   help="local processes at once (default: spec.parallelism)")
     p.add_argument("--workdir", default=None, help="where logs go (default .ratatouille/<namespace>/<name>)")
-    p.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
+    p.add_argument("--timeout", type=_seconds_arg, default=None,
+                   help="give up after this many seconds (exit 1; a re-run resumes)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=cmd_run)
     manifest_cmd("validate", "check a manifest against the CRD schema and semantic rules").set_defaults(func=cmd_validate)
@@ -285,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except bad_input as e:
         return _fail(str(e))
     except FileNotFoundError as e:
-        return _fail(f"{e.filename}: no such file")
+        return _fail(f"{e.filename}: no such file" if e.filename else str(e))
     except StorageError as e:
         return _fail(str(e), EXIT_FAILED)
 

@@ -106,6 +106,37 @@ def stop_process(proc: subprocess.Popen, grace: float, *, group: bool = False,
         proc.wait()
 
 
+def _parse_saved(raw: bytes) -> tuple[dict, list[LocalJob]]:
+    """status.json as (record, jobs); ValueError/TypeError/KeyError when it is malformed."""
+    saved = json.loads(raw)
+    if not isinstance(saved, dict):
+        raise ValueError(f"expected a JSON object, got {type(saved).__name__}")
+    if not isinstance(saved.get("status") or {}, dict):
+        raise ValueError("'status' is not an object")
+    _number_or_none(saved.get("creationTime"))
+    jobs = []
+    for rec in saved.get("jobs") or []:
+        if not isinstance(rec, dict):
+            raise ValueError("a job record is not an object")
+        job = LocalJob(name=str(rec["name"]), stage=str(rec["stage"]), member=str(rec["member"]),
+                       attempt=int(rec["attempt"]), state=str(rec["state"]),
+                       start_time=_number_or_none(rec.get("startTime")),
+                       finish_time=_number_or_none(rec.get("finishTime")),
+                       reason=None if rec.get("reason") is None else str(rec["reason"]))
+        if job.state not in ("Pending", "Active", "Succeeded", "Failed", "Suspended"):
+            raise ValueError(f"job {job.name!r} has an unknown state {job.state!r}")
+        jobs.append(job)
+    return saved, jobs
+
+
+def _number_or_none(value) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"not a time: {value!r}")
+    return float(value)
+
+
 def trainer_executable() -> list[str]:
     """How to start `ratatouille-trainer` here: the console script beside this interpreter."""
     script = Path(sys.executable).with_name("ratatouille-trainer")
@@ -154,6 +185,8 @@ class LocalExecutor:
         self.logdir = self.workdir / "logs"
         self.logdir.mkdir(parents=True, exist_ok=True)
         self.parallelism = parallelism or spec.parallelism
+        if not isinstance(self.parallelism, int) or self.parallelism < 1:
+            raise ValueError(f"parallelism must be a positive integer, got {self.parallelism!r}")
         self.on_event = on_event or (lambda kind, data: None)
         base_env = dict(os.environ if env is None else env)
         base_env.setdefault("HF_HUB_OFFLINE", "1")
@@ -177,16 +210,23 @@ class LocalExecutor:
     def _load_previous(self) -> None:
         if not self.storage.exists(self.status_uri):
             return
-        saved = self.storage.read_json(self.status_uri)
+        raw = self.storage.read_bytes(self.status_uri)  # storage failures are errors, as everywhere
+        try:
+            saved, records = _parse_saved(raw)
+        except (ValueError, TypeError, KeyError) as e:
+            # The saved status only speeds up a resume; the DONE markers are the truth. A damaged
+            # record is set aside (kept beside it for a look) and the run resumes from them.
+            aside = self.status_uri + ".damaged"
+            print(f"ratatouille: warning: ignoring {self.status_uri}: {e}; resuming from the "
+                  f"members' DONE markers (the damaged file is kept as {aside})", file=sys.stderr)
+            self.storage.write_bytes(aside, raw)
+            self.status = {}
+            return
         self.status = saved.get("status") or {}
         created = saved.get("creationTime")
         if created:
             self.run = dataclasses.replace(self.run, creation_time=float(created))
-        for rec in saved.get("jobs") or []:
-            job = LocalJob(name=rec["name"], stage=rec["stage"], member=rec["member"],
-                           attempt=int(rec["attempt"]), state=rec["state"],
-                           start_time=rec.get("startTime"), finish_time=rec.get("finishTime"),
-                           reason=rec.get("reason"))
+        for job in records:
             # Trust storage, not the record: a member counts as finished only if its DONE marker
             # exists, and one that finished after the last save (killed executor) counts too.
             done = self.storage.is_done(planner.member_output(self.spec, self.run, job.stage, job.member))

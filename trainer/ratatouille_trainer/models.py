@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from typing import Mapping
 
 import torch
@@ -19,6 +20,8 @@ from .averaging import UnsafeWeightsError, load_safetensors_file, refuse_pickle
 FEATURIZER_PREFIX = "featurizer."
 HEAD_PREFIX = "head."
 _CLASSIFIER_PREFIXES = ("fc.", "head.", "classifier.", "last_linear.", "head_dist.")
+# The CRD's foundation.model pattern: an architecture, optionally with a pretrained tag.
+TIMM_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_-]+)?")
 
 
 class ModelError(ValueError):
@@ -59,6 +62,10 @@ def build_network(model_name: str, num_classes: int, dropout: float = 0.0,
     globally and take any input size)."""
     import timm
 
+    if not isinstance(model_name, str) or not TIMM_NAME.fullmatch(model_name):
+        # timm would fetch hf-hub: and local-dir: models' configs (and code paths) from outside
+        raise ModelError(f"foundation.model: {model_name!r} is not a timm architecture name "
+                         "(hf-hub:, local-dir: and paths are refused; weights come from foundation.weights)")
     try:
         featurizer = timm.create_model(model_name, pretrained=False, num_classes=0)
     except RuntimeError as e:  # timm: "Unknown model (...)"

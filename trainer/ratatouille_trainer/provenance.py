@@ -174,13 +174,30 @@ def _pct(v: Any) -> str:
     return "n/a" if v is None else f"{100.0 * v:.2f}"
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]+")
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]<>|~#])")
+
+
 def _cell(v: Any) -> str:
+    """A value as Markdown text (table cell or prose): every character that could start markup
+    (emphasis, links, images, HTML, code, table pipes, headings) is escaped and line breaks
+    become spaces, so run, dataset and member names cannot inject Markdown into the card."""
     s = "n/a" if v is None or v == "" else str(v)
-    return s.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+    return _MD_SPECIAL.sub(r"\\\1", _CONTROL.sub(" ", s)).replace("&", "&amp;")
+
+
+def _code(v: Any) -> str:
+    """A value as inline code: on one line, fenced with more backticks than it contains, pipes
+    escaped (GitHub tables split cells on them even inside code)."""
+    s = _CONTROL.sub(" ", "n/a" if v is None or v == "" else str(v)).replace("|", "\\|")
+    longest = max((len(run) for run in re.findall(r"`+", s)), default=0)
+    fence = "`" * (longest + 1)
+    pad = " " if longest or s.startswith(" ") or s.endswith(" ") else ""
+    return f"{fence}{pad}{s}{pad}{fence}"
 
 
 def _short(sha: Any) -> str:
-    return "n/a" if not sha else f"`{str(sha)[:12]}`"
+    return "n/a" if not sha else _code(str(sha)[:12])
 
 
 def model_card(lineage: dict) -> str:
@@ -199,7 +216,7 @@ def model_card(lineage: dict) -> str:
     test_domains = list(data.get("testDomains") or [])
     sources = sorted({m.get("source", "foundation") for m in members if m.get("selected")},
                      key=lambda s: (s != "foundation", s))
-    title = run.get("name") or "averaged model"
+    title = _cell(run.get("name") or "averaged model")
 
     L: list[str] = []
     L.append(f"# {title}: Model Ratatouille average of {n_avg} fine-tuned "
@@ -208,16 +225,16 @@ def model_card(lineage: dict) -> str:
     L.append("## What this model is")
     L.append("")
     L.append(f"A weight average (\"Model Ratatouille\") of {n_avg} of {n_all} fine-tunings of "
-             f"the foundation model `{model_name}` on `{dataset}`. Every member started from the "
+             f"the foundation model {_code(model_name)} on {_code(dataset)}. Every member started from the "
              "same linear-probe head; their featurizers were initialized from "
              f"{len(sources)} source{'' if len(sources) == 1 else 's'} "
-             f"({', '.join(f'`{s}`' for s in sources) or 'n/a'}), and their weights (featurizer "
+             f"({', '.join(_code(s) for s in sources) or 'n/a'}), and their weights (featurizer "
              "and head, float buffers included) were averaged into one network of the same "
              "size and inference cost as a single member.")
     L.append("")
     L.append("| | |")
     L.append("|---|---|")
-    L.append(f"| Foundation | `{_cell(model_name)}` |")
+    L.append(f"| Foundation | {_code(model_name)} |")
     L.append(f"| Foundation weights | {_cell(foundation.get('weights') or 'random initialization')} |")
     if foundation.get("inputSize"):
         L.append(f"| Input size | {_cell(foundation.get('inputSize'))} |")
@@ -245,7 +262,7 @@ def model_card(lineage: dict) -> str:
         L.append("Uniform: the arithmetic mean of every member's weights.")
     if res.get("selected"):
         L.append("")
-        L.append("Averaged members: " + ", ".join(f"`{s}`" for s in res["selected"]) + ".")
+        L.append("Averaged members: " + ", ".join(_code(s) for s in res["selected"]) + ".")
     L.append("")
 
     L.append("## Accuracy (%)")
@@ -270,13 +287,13 @@ def model_card(lineage: dict) -> str:
         L.append(row("uniform average (all members)", uni.get("valAccuracy"),
                      uni.get("testAccuracy") or {}))
     if best:
-        L.append(row(f"best single member (`{_cell(best.get('member'))}`)",
+        L.append(row(f"best single member ({_code(best.get('member'))})",
                      best.get("valAccuracy"), best.get("testAccuracy") or {}))
     L.append("")
 
     L.append("## Intended use")
     L.append("")
-    L.append(f"Image classification on the classes of `{dataset}`, in particular under "
+    L.append(f"Image classification on the classes of {_code(dataset)}, in particular under "
              "distribution shift to domains like the held-out test domains. The accuracies "
              "above are measured on those domains only; check it on your own data before "
              "relying on it. It inherits the biases and licenses of the foundation model and "
@@ -294,13 +311,13 @@ def model_card(lineage: dict) -> str:
     L.append("from safetensors.torch import load_file")
     L.append("")
     L.append('state = load_file("model.safetensors")  # dict of tensor name -> tensor')
-    L.append(f"# build the same network (`{model_name}` featurizer + linear head), then:")
+    L.append(f"# build the same network ({_CONTROL.sub(' ', str(model_name))} featurizer + linear head), then:")
     L.append("# model.load_state_dict(state)")
     L.append("```")
     L.append("")
     if res.get("sha256"):
         L.append(f"Check the file first: `sha256sum model.safetensors` must print "
-                 f"`{res['sha256']}`.")
+                 f"{_code(res['sha256'])}.")
         L.append("")
 
     L.append("## Lineage")
@@ -314,7 +331,7 @@ def model_card(lineage: dict) -> str:
     for m in members:
         hp = m.get("hyperparameters") or {}
         L.append("| " + " | ".join([
-            f"`{_cell(m.get('member'))}`",
+            _code(m.get("member")),
             "yes" if m.get("selected") else "no",
             _cell(m.get("source")),
             _cell(hp.get("lr")),

@@ -34,6 +34,7 @@ import json
 import math
 import os
 import queue
+import stat
 import struct
 import tempfile
 import threading
@@ -187,6 +188,40 @@ class _Reader:
         return bytes(buf)
 
 
+def _int_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in value)
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise _DuplicateKey(dup)
+    return out
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _parse_header_json(raw: bytes, name: str) -> dict:
+    """The header JSON as a dict, refusing duplicate keys (json.loads would keep the last one;
+    the safetensors library refuses them) and nesting too deep to parse (a header is at most
+    three levels deep; a deeper one must not end in a RecursionError)."""
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+    except _DuplicateKey as e:
+        raise UnsafeWeightsError(f"refusing {name}: tensor {e.args[0]!r} appears twice in the header") from None
+    except RecursionError:
+        raise UnsafeWeightsError(f"refusing {name}: not a safetensors file (header nested too deeply)") from None
+    except (UnicodeDecodeError, ValueError):
+        raise UnsafeWeightsError(f"refusing {name}: not a safetensors file (bad header JSON)") from None
+    if not isinstance(header, dict):
+        raise UnsafeWeightsError(f"refusing {name}: not a safetensors file (bad header JSON)")
+    return header
+
+
 def _read_header(rd: _Reader, size: int | None) -> tuple[list[_Tensor], dict[str, str], int]:
     """Parse and check a safetensors header: tensors sorted by offset, metadata, data length."""
     first = rd.read(8)
@@ -198,23 +233,19 @@ def _read_header(rd: _Reader, size: int | None) -> tuple[list[_Tensor], dict[str
     why = describe_head(first + raw[:8], size)
     if why is not None:
         raise UnsafeWeightsError(f"refusing {rd.name}: {why}; only safetensors weights are loaded")
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise UnsafeWeightsError(f"refusing {rd.name}: not a safetensors file (bad header JSON)") from None
-    if not isinstance(header, dict):
-        raise UnsafeWeightsError(f"refusing {rd.name}: not a safetensors file (bad header JSON)")
+    header = _parse_header_json(raw, rd.name)
     meta = header.pop("__metadata__", None) or {}
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise UnsafeWeightsError(f"refusing {rd.name}: bad safetensors metadata")
     tensors = []
     for key, info in header.items():
-        try:
-            dtype = info["dtype"]
-            shape = tuple(int(d) for d in info["shape"])
-            start, end = (int(x) for x in info["data_offsets"])
-        except (TypeError, KeyError, ValueError):
-            raise UnsafeWeightsError(f"refusing {rd.name}: tensor {key!r} has a bad header entry") from None
+        if not (isinstance(info, dict) and set(info) == {"dtype", "shape", "data_offsets"}
+                and isinstance(info["dtype"], str) and _int_list(info["shape"])
+                and _int_list(info["data_offsets"]) and len(info["data_offsets"]) == 2):
+            raise UnsafeWeightsError(f"refusing {rd.name}: tensor {key!r} has a bad header entry")
+        dtype = info["dtype"]
+        shape = tuple(info["shape"])
+        start, end = info["data_offsets"]
         if dtype not in _DTYPES:
             raise AveragingError(f"member {rd.name!r}: tensor {key!r} has dtype {dtype}, "
                                  "which is not supported for averaging")
@@ -226,8 +257,12 @@ def _read_header(rd: _Reader, size: int | None) -> tuple[list[_Tensor], dict[str
     tensors.sort(key=lambda t: (t.start, t.end))
     pos = 0
     for t in tensors:
+        # the data section is the tensors back to back, as the safetensors library requires
         if t.start < pos:
             raise UnsafeWeightsError(f"refusing {rd.name}: tensor {t.key!r} overlaps another")
+        if t.start > pos:
+            raise UnsafeWeightsError(f"refusing {rd.name}: a hole of {t.start - pos} bytes before "
+                                     f"tensor {t.key!r} in the data section")
         pos = t.end
     data_len = pos
     if size is not None and 8 + n + data_len != size:
@@ -276,6 +311,19 @@ class _Member:
     uri: str | None = None          # an S3 object, with its ETag and the GET its header was
     etag: str | None = None         # read from (left open for the weights, taken by the
     stream: Any = None              # prefetcher)
+    file: Any = None                # local: the file, opened once; every block reads this
+    identity: tuple | None = None   # snapshot, checked unchanged (inode, size, mtime) at the end
+
+    def check_unchanged(self) -> None:
+        """A local member rewritten in place while it was read would mix two versions block by
+        block: refuse it (a member replaced by rename is still read whole from the old file)."""
+        if self.file is not None and _identity(os.fstat(self.file.fileno())) != self.identity:
+            raise AveragingError(f"member {self.name!r} changed while it was being averaged; "
+                                 "nothing was written")
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
 
 
 @dataclass(frozen=True)
@@ -533,6 +581,15 @@ class StreamingAverage:
                     k = min(per_out, it.hi - it.lo - i)
                     a = it.acc + i
                     emit(it, it.lo + i, _cast_mean(acc[a:a + k] / n, it.dtype))
+        # before the caller keeps anything (write() renames only after this returns)
+        for mi in range(self.count):
+            self.member(mi).check_unchanged()
+
+    def close(self) -> None:
+        """Close the local members' files (S3 bodies are the opener's)."""
+        for m in self._members:
+            if m is not None:
+                m.close()
 
     # -- results --------------------------------------------------------------------------------
     def compute(self) -> dict[str, np.ndarray]:
@@ -597,12 +654,39 @@ class StreamingAverage:
 
 # ------------------------------------------------------------------------------ sources
 
+def _identity(st: os.stat_result) -> tuple:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def _local_member(name: str, path: str) -> _Member:
-    with open(path, "rb", buffering=0) as f:
-        size = os.fstat(f.fileno()).st_size
+    """Open a local member once and read its header; its weights are read later from the same
+    open file (one snapshot, whatever happens to the path meanwhile)."""
+    f = open(path, "rb", buffering=0)
+    try:
+        st = os.fstat(f.fileno())
         rd = _Reader(f, name)
-        tensors, meta, _ = _read_header(rd, size)
-    return _Member(name, {t.key: t for t in tensors}, rd.pos, size, meta, path=path)
+        tensors, meta, _ = _read_header(rd, st.st_size)
+    except BaseException:
+        f.close()
+        raise
+    return _Member(name, {t.key: t for t in tensors}, rd.pos, st.st_size, meta, path=path,
+                   file=f, identity=_identity(st))
+
+
+class _FileRange:
+    """``readinto`` from an open file at an offset (pread: the file's position is not shared)."""
+
+    def __init__(self, fd: int, pos: int) -> None:
+        self.fd = fd
+        self.pos = pos
+
+    def readinto(self, mv: memoryview) -> int:
+        n = os.preadv(self.fd, [mv], self.pos)
+        self.pos += n
+        return n
+
+    def close(self) -> None:
+        pass
 
 
 class _BodyReader:
@@ -676,9 +760,11 @@ class _Opener:
 
     def __call__(self, mi: int, start: int, end: int, member: _Member):
         if member.uri is None:
-            f = open(member.path, "rb", buffering=0)
-            f.seek(start)
-            return f
+            if member.file is None:  # a member described by hand (tests, benchmarks)
+                f = open(member.path, "rb", buffering=0)
+                f.seek(start)
+                return f
+            return _FileRange(member.file.fileno(), start)
         return self.pre.reader((mi, start, end))
 
     @property
@@ -956,6 +1042,21 @@ class _PrefetchReader:
 
 # ------------------------------------------------------------------------------ entry points
 
+def check_output_path(path: str) -> None:
+    """The output is written by rename over ``path``: refuse to replace anything but a regular
+    file (a directory, a device node, a pipe, a socket, a symbolic link)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a directory" if stat.S_ISDIR(st.st_mode) else "a symbolic link" if stat.S_ISLNK(st.st_mode)
+                else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+                else "a named pipe" if stat.S_ISFIFO(st.st_mode) else "not a regular file")
+        raise AveragingError(f"refusing to write the average to {path}: it is {kind}; "
+                             "give a new path or an existing regular file")
+
+
 def _meta(sa: StreamingAverage, extra: Mapping[str, str] | None) -> dict[str, str]:
     meta = {"format": "pt", "ratatouille.averaged": str(sa.count), "ratatouille.selection": "uniform"}
     meta.update(extra or {})
@@ -971,16 +1072,24 @@ def average_paths(out_path: str | os.PathLike | None, in_paths: Sequence[str | o
     paths = [os.fspath(p) for p in in_paths]
     if not paths:
         raise AveragingError("no input checkpoints to average")
+    if out_path is not None:
+        check_output_path(os.fspath(out_path))
     for p in paths:
         refuse_pickle(p)
         if not os.path.isfile(p):
             raise FileNotFoundError(f"no such weights file: {p}")
-    members = [_local_member(p, p) for p in paths]
-    sa = StreamingAverage(members, _Opener(), block_elems=block_elems)
-    if out_path is None:
-        sa.compute()
-        return sa, None
-    return sa, sa.write(out_path, _meta(sa, metadata))
+    members: list[_Member] = []
+    try:
+        for p in paths:
+            members.append(_local_member(p, p))
+        sa = StreamingAverage(members, _Opener(), block_elems=block_elems)
+        if out_path is None:
+            sa.compute()
+            return sa, None
+        return sa, sa.write(out_path, _meta(sa, metadata))
+    finally:
+        for m in members:
+            m.close()
 
 
 def average_uris(out_uri: str | None, in_uris: Sequence[str], *, endpoint: str | None = None,
@@ -1021,13 +1130,21 @@ def average_uris(out_uri: str | None, in_uris: Sequence[str], *, endpoint: str |
             paths[i] = path
     pool = ThreadPoolExecutor(max_workers=min(8, len(remote)), thread_name_prefix="ratatouille-head") \
         if remote else None
+    if out_uri is not None and split_uri(out_uri)[0] == "file":
+        check_output_path(os.path.join(*split_uri(out_uri)[1:]))
     futures = {}
     opener = None
+    local: list[_Member] = []
     try:
         for i in remote:
             futures[i] = pool.submit(_s3_member, store, in_uris[i])
-        members = [futures[i] if i in futures else _local_member(uri, paths[i])
-                   for i, uri in enumerate(in_uris)]
+        members = []
+        for i, uri in enumerate(in_uris):
+            if i in futures:
+                members.append(futures[i])
+            else:
+                local.append(_local_member(uri, paths[i]))
+                members.append(local[-1])
         gap = PIECE if remote else 0   # S3: read and drop small gaps rather than re-open
         opener = _Opener(bool(remote), store, prefetch_bytes=prefetch_bytes,
                          max_streams=max_streams, piece=piece_bytes)
@@ -1049,6 +1166,8 @@ def average_uris(out_uri: str | None, in_uris: Sequence[str], *, endpoint: str |
             _, root, key = split_uri(out_uri)
             summary["sha256"] = sa.write(os.path.join(root, key), _meta(sa, metadata))
     finally:
+        for m in local:
+            m.close()
         if opener is not None:
             opener.close()
         if pool is not None:
