@@ -110,3 +110,19 @@ def storage_root(request, tmp_path):
     else:
         bucket = request.getfixturevalue("s3_bucket")
         yield f"{bucket}/store", request.getfixturevalue("moto_server")
+
+
+@pytest.fixture(scope="session")
+def k8s_cluster(tmp_path_factory):
+    """The upstream control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler
+    built from their Go modules by scripts/k8s/build.sh), the node agent and moto S3, started
+    once for the session; tests/operator/harness.py says what it offers."""
+    pytest.importorskip("kubernetes")
+    from tests.operator.harness import Cluster
+
+    cluster = Cluster(tmp_path_factory.mktemp("k8s"))
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

@@ -1,18 +1,23 @@
-"""End-to-end harness for the operator: an emulated cluster (kmock emulator serving the project's
-CRD, the stand-in Job controller, moto S3) and the REAL operator as a subprocess
-(`ratatouille operator`), which tests may SIGKILL and restart.
+"""End-to-end harness for the operator on the upstream control plane.
 
-Fixtures: `cluster` (module-scoped `Cluster`) and `operator_process` (module-scoped, cluster-wide
-`OperatorProcess`, started). Import them into a test module with
+`tests/cluster/` starts etcd, kube-apiserver, kube-controller-manager and kube-scheduler (built
+from their Go modules), a node agent that stands in for the kubelet, and moto S3. The operator
+is installed by real Helm from `charts/ratatouille` and runs as the chart deploys it: the
+Deployment's pod, run by the node agent, authenticating with its ServiceAccount's token, so the
+chart's RBAC is enforced by the API server. Children are real batch/v1 Jobs, run by the real
+Job controller; their pods run real trainer processes (or the node agent's test hooks).
+
+Fixtures: `cluster` (the session's `Cluster`, hooks reset per test module) and
+`operator_process` (module-scoped `ChartOperator`: a Helm release, uninstalled afterwards).
+Import them into a test module with
 `from tests.operator.harness import cluster, operator_process  # noqa: F401`.
 """
 from __future__ import annotations
 
+import base64
 import collections
 import json
 import os
-import shutil
-import signal
 import subprocess
 import sys
 import textwrap
@@ -24,25 +29,29 @@ from typing import Any, Callable, Iterable, Mapping
 import pytest
 import yaml
 
-from ratatouille_operator.devcluster import (CREDENTIALS_SECRET, JobController, MotoS3,
-                                             create_credentials_secret, free_port)
-from ratatouille_operator.emulator import JOBS, Emulator, _parse_path
+from tests.cluster.controlplane import ApiError, ControlPlane, free_port, path_for
+from tests.cluster.nodeagent import NodeAgent, matches
+from tests.cluster.s3 import CREDENTIALS_SECRET, MotoS3
 
 REPO = Path(__file__).resolve().parents[2]
 CRD = REPO / "crds" / "ratatouilleruns.ratatouille.dev.yaml"
+CHART = REPO / "charts" / "ratatouille"
 RUNS = "ratatouille.dev/v1alpha1/ratatouilleruns"
+JOBS = "batch/v1/jobs"
 EVENTS = "v1/events"
 PODS = "v1/pods"
 BUCKET = "ratatouille"
+IMAGE = "ratatouille:e2e"
+IMAGE_USER = 10001  # the Dockerfile's non-root user
+RELEASE, RELEASE_NS = "ratatouille", "ratatouille-system"
 # Dummy key material, distinctive so that a leak anywhere is found by a plain substring search.
 ACCESS_KEY = "AKIARATATOUILLE0TEST"
 SECRET_KEY = "rt-dummy-secret/9f2c7e41b0d3a6"
-KUBECTL = shutil.which("kubectl")
 BIN = Path(sys.executable).parent
 
 
-def _job_env() -> dict[str, str]:
-    """What a pod's container gets from the 'node' (never credentials: those come from the Secret)."""
+def _node_env() -> dict[str, str]:
+    """What every container gets from the node (never credentials: those come from Secrets)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k != "KUBECONFIG"}
     env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", RATATOUILLE_DEVICE="cpu",
                AWS_DEFAULT_REGION="us-east-1", PYTHONUNBUFFERED="1")
@@ -51,56 +60,59 @@ def _job_env() -> dict[str, str]:
 
 
 class Cluster:
-    """Emulator + moto S3 + JobController, with the helpers the e2e tests use."""
+    """The control plane + node agent + moto S3, with the helpers the e2e tests use."""
 
-    def __init__(self, tmp: Path, controller_options: Mapping[str, Any] | None = None):
-        """controller_options: further JobController keyword arguments (e.g. metrics_ports=True)."""
+    def __init__(self, tmp: Path, *, agent_options: Mapping[str, Any] | None = None):
         self.tmp = Path(tmp)
-        self.controller_options = dict(controller_options or {})
-        self.emulator = Emulator(crds=[CRD], namespaces=("default",))
+        self.cp = ControlPlane(self.tmp / "control-plane")
+        self.rest = None
         self.s3 = MotoS3([BUCKET], log_path=self.tmp / "moto.log", access_key=ACCESS_KEY, secret_key=SECRET_KEY)
-        self.controller: JobController | None = None
-        self.kubeconfig = self.tmp / "kubeconfig"
-        self.job_creates: collections.Counter = collections.Counter()  # (namespace, name) -> successful creates
-        self.http_requests: list[tuple[str, str, str]] = []  # (User-Agent, verb, resource)
+        self.agent_options = dict(agent_options or {})
+        self.controller: NodeAgent | None = None
+        self.kubeconfig = self.cp.kubeconfig
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> "Cluster":
-        self.emulator.start()
-        self._count_job_creates()
-        self._record_user_agents()
+        self.cp.start()
+        self.rest = self.cp.rest()
         self.s3.__enter__()
-        self.emulator.write_kubeconfig(self.kubeconfig)
-        self.controller = JobController(self.emulator, workdir=self.tmp / "jobs", env=_job_env(),
-                                        secrets=None, parallel=2, **self.controller_options).start()
+        options = {"images": (IMAGE,), "image_users": {IMAGE: IMAGE_USER}, "env": _node_env(),
+                   "restart_backoff": 1.0, **self.agent_options}
+        self.controller = NodeAgent(self.cp, workdir=self.tmp / "node", **options).start()
         return self
 
     def stop(self) -> None:
         if self.controller is not None:
             self.controller.stop()
         self.s3.__exit__()
-        self.emulator.stop()
+        self.cp.stop()
 
-    def _count_job_creates(self) -> None:
-        """Count successful creates per Job name at the API (every client, HTTP or direct)."""
-        core = self.emulator._core  # the emulator's store; wrapping its create sees every request
-        original = core.create
-
-        def create(rd, ns, body, *args, **kwargs):
-            obj = original(rd, ns, body, *args, **kwargs)
-            if rd.key == JOBS and not kwargs.get("dry_run"):
-                self.job_creates[(obj["metadata"]["namespace"], obj["metadata"]["name"])] += 1
-            return obj
-
-        core.create = create
+    def install_crd(self) -> None:
+        """`kubectl apply` the CRD (as a user without Helm would) and wait until it is served."""
+        self.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD))
+        self.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+                     "crd/ratatouilleruns.ratatouille.dev")
 
     # -- namespaces, secrets, storage ---------------------------------------------------------------
-    def namespace(self, name: str) -> str:
-        if self.emulator.get("v1/namespaces", None, name) is None:
-            self.emulator.create("v1/namespaces", {"metadata": {"name": name}})
-        if self.emulator.get("v1/secrets", name, CREDENTIALS_SECRET) is None:
-            create_credentials_secret(self.emulator, name, ACCESS_KEY, SECRET_KEY)
+    def namespace(self, name: str, pod_security: str = "restricted") -> str:
+        """A namespace labelled for PodSecurity `restricted`, with the storage Secret in it."""
+        labels = {f"pod-security.kubernetes.io/{mode}": pod_security for mode in ("enforce", "warn")}
+        if self.rest.get(f"/api/v1/namespaces/{name}") is None:
+            self.rest.create("/api/v1/namespaces", {"metadata": {"name": name, "labels": labels}})
+        if self.rest.get(f"/api/v1/namespaces/{name}/secrets/{CREDENTIALS_SECRET}") is None:
+            self.create_secret(name, CREDENTIALS_SECRET, {"AWS_ACCESS_KEY_ID": ACCESS_KEY,
+                                                          "AWS_SECRET_ACCESS_KEY": SECRET_KEY})
+        self._wait_default_service_account(name)
         return name
+
+    def _wait_default_service_account(self, ns: str) -> None:
+        self.wait_for(lambda: self.rest.get(f"/api/v1/namespaces/{ns}/serviceaccounts/default"), 60,
+                      f"the default ServiceAccount in {ns}")
+
+    def create_secret(self, ns: str, name: str, data: Mapping[str, str]) -> None:
+        self.rest.create(f"/api/v1/namespaces/{ns}/secrets", {
+            "apiVersion": "v1", "kind": "Secret", "type": "Opaque", "metadata": {"name": name},
+            "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}})
 
     def upload_dir(self, local: Path, prefix: str) -> str:
         """Upload a directory tree to s3://ratatouille/<prefix>/; returns the URI."""
@@ -130,79 +142,100 @@ class Cluster:
     def s3_read(self, key: str) -> bytes:
         return self.s3.client().get_object(Bucket=BUCKET, Key=key)["Body"].read()
 
-    # -- kubectl --------------------------------------------------------------------------------------
-    def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
-        if KUBECTL is None:
-            pytest.skip("kubectl is not installed")
-        env = dict(os.environ, KUBECONFIG=str(self.kubeconfig), HOME=str(self.tmp))
-        proc = subprocess.run([KUBECTL, f"--cache-dir={self.tmp}/kubectl-cache", *args], env=env,
-                              input=input, capture_output=True, text=True, timeout=60)
-        if check:
-            assert proc.returncode == 0, f"kubectl {' '.join(args)} failed: {proc.stderr}"
-        return proc
+    # -- kubectl and helm -----------------------------------------------------------------------------
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True,
+                kubeconfig: Path | None = None) -> subprocess.CompletedProcess:
+        return self.cp.kubectl(*args, input=input, check=check, kubeconfig=kubeconfig)
 
     def apply(self, manifest: Mapping | str, namespace: str = "default") -> None:
+        """Plain `kubectl apply -f -`: client-side OpenAPI validation and the server's strict
+        field validation, as a user gets them."""
         text = manifest if isinstance(manifest, str) else yaml.safe_dump(dict(manifest), sort_keys=False)
-        self.kubectl("apply", "--validate=false", "-n", namespace, "-f", "-", input=text)
+        self.kubectl("apply", "-n", namespace, "-f", "-", input=text)
 
-    def _record_user_agents(self) -> None:
-        """Remember each HTTP request's User-Agent with its RBAC verb and resource, so that the
-        operator's requests can be told from kubectl's (the Job controller and the tests use the
-        emulator's direct accessors, which are not HTTP requests)."""
-        handler = self.emulator.kmock
-        original = handler._shim_handle
+    def helm(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+        env = dict(os.environ, KUBECONFIG=str(self.kubeconfig), HELM_CACHE_HOME=str(self.tmp / "helm-cache"),
+                   HELM_CONFIG_HOME=str(self.tmp / "helm-config"), HELM_DATA_HOME=str(self.tmp / "helm-data"))
+        proc = subprocess.run([str(self.cp.helm_path), *args], env=env, capture_output=True, text=True,
+                              timeout=timeout, stdin=subprocess.DEVNULL)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"helm {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
+        return proc
 
-        async def shim(raw):
-            parsed = _parse_path(raw.path)
-            if parsed is not None:
-                watch = raw.query.get("watch", "").lower() in ("true", "1")
-                name = parsed["name"]
-                verb = {"GET": "watch" if watch else ("get" if name else "list"), "POST": "create",
-                        "PATCH": "patch", "PUT": "update",
-                        "DELETE": "delete" if name else "deletecollection"}.get(raw.method.upper(), raw.method)
-                res = f"{parsed['group']}/{parsed['plural']}" if parsed["group"] else parsed["plural"]
-                if parsed["subresource"]:
-                    res += "/" + parsed["subresource"]
-                self.http_requests.append((raw.headers.get("User-Agent", ""), verb, res))
-            return await original(raw)
+    # -- the audit log: who asked the API server for what ---------------------------------------------
+    def audit(self) -> list[dict]:
+        return list(self.cp.audit_events())
 
-        handler._shim_handle = shim
+    @property
+    def job_creates(self) -> collections.Counter:
+        """Successful Job creates per (namespace, name), from the API server's audit log."""
+        out: collections.Counter = collections.Counter()
+        for e in self.audit():
+            ref = e.get("objectRef") or {}
+            if (e.get("verb") == "create" and ref.get("resource") == "jobs" and not ref.get("subresource")
+                    and (e.get("responseStatus") or {}).get("code") == 201
+                    and "dryRun" not in (e.get("requestURI") or "")):
+                out[(ref.get("namespace"), ref.get("name"))] += 1
+        return out
 
-    def operator_requests(self) -> set[tuple[str, str]]:
-        """Every (verb, group/resource[/subresource]) sent to the API by anything but kubectl."""
-        return {(verb, res) for ua, verb, res in list(self.http_requests) if not ua.startswith("kubectl")}
+    def requests_of(self, username: str, since: int = 0) -> list[tuple[str, str, int]]:
+        """(verb, group/resource[/sub], response code) of every request the user made."""
+        out = []
+        for e in self.audit()[since:]:
+            if (e.get("user") or {}).get("username") != username or not e.get("objectRef"):
+                continue
+            ref = e["objectRef"]
+            res = f"{ref['apiGroup']}/{ref['resource']}" if ref.get("apiGroup") else ref.get("resource", "")
+            if ref.get("subresource"):
+                res += "/" + ref["subresource"]
+            out.append((e.get("verb", ""), res, int((e.get("responseStatus") or {}).get("code") or 0)))
+        return out
 
     # -- reading state ----------------------------------------------------------------------------------
-    def run(self, namespace: str, name: str) -> dict | None:
-        return self.emulator.get(RUNS, namespace, name)
+    def get(self, kind: str, namespace: str | None, name: str) -> dict | None:
+        return self.rest.get(path_for(kind, namespace, name))
 
-    def jobs(self, namespace: str, run: str | None = None) -> list[dict]:
-        labels = {"ratatouille.dev/run": run} if run else None
-        return self.emulator.list(JOBS, namespace, labels=labels)
+    def run(self, namespace: str, name: str) -> dict | None:
+        return self.get(RUNS, namespace, name)
+
+    def jobs(self, namespace: str | None = None, run: str | None = None) -> list[dict]:
+        query = {"labelSelector": f"ratatouille.dev/run={run}"} if run else {}
+        return self.rest.items(path_for(JOBS, namespace), **query)
 
     def job_names(self, namespace: str, run: str | None = None) -> set[str]:
         return {j["metadata"]["name"] for j in self.jobs(namespace, run)}
 
     def events(self, namespace: str, name: str | None = None) -> list[dict]:
-        return [e for e in self.emulator.list(EVENTS, namespace)
+        return [e for e in self.rest.items(path_for(EVENTS, namespace))
                 if name is None or (e.get("involvedObject") or {}).get("name") == name]
 
+    def pods(self, namespace: str | None = None, selector: str | None = None) -> list[dict]:
+        query = {"labelSelector": selector} if selector else {}
+        return self.rest.items(path_for(PODS, namespace), **query)
+
     def wait_for(self, predicate: Callable[[], Any], timeout: float, what: str,
-                 operator: "OperatorProcess | None" = None) -> Any:
-        """The emulator's wait_for, failing the test with the operator's log and the job
-        controller's errors when it times out."""
-        try:
-            return self.emulator.wait_for(predicate, timeout=timeout, interval=0.1)
-        except TimeoutError:
-            detail = ""
-            if operator is not None:
-                detail = "\n--- operator log (tail)\n" + operator.log_tail()
-            if self.controller is not None and self.controller.errors:
-                detail += f"\n--- job controller errors: {self.controller.errors[-5:]}"
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}{detail}") from None
+                 operator: "ChartOperator | None" = None, interval: float = 0.2) -> Any:
+        """Poll until predicate() is truthy; fail with the operator's log and the node agent's
+        errors when it times out."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = predicate()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                detail = ""
+                if operator is not None:
+                    detail = "\n--- operator log (tail)\n" + operator.log_tail()
+                if self.controller is not None and self.controller.errors:
+                    detail += f"\n--- node agent errors: {self.controller.errors[-5:]}"
+                dead = {k: v for k, v in self.cp.alive().items() if v is not None}
+                if dead:
+                    detail += f"\n--- control plane processes that exited: {dead}"
+                raise AssertionError(f"timed out after {timeout} s waiting for {what}{detail}")
+            time.sleep(interval)
 
     def wait_phase(self, namespace: str, name: str, phases: str | Iterable[str], timeout: float = 120,
-                   operator: "OperatorProcess | None" = None) -> dict:
+                   operator: "ChartOperator | None" = None) -> dict:
         wanted = {phases} if isinstance(phases, str) else set(phases)
 
         def check():
@@ -218,47 +251,34 @@ class Cluster:
                                  f"\n--- jobs: {jobs}") from None
 
 
-class OperatorProcess:
-    """`ratatouille operator` as a subprocess against the cluster; SIGKILL and restart at will.
+class ChartOperator:
+    """The operator as the chart deploys it: `helm install` into the control plane, its pod run
+    by the node agent with the ServiceAccount's token. kill() is a SIGKILL of the container
+    (the kubelet then restarts it, as after an OOM kill); stop()/start() scale the Deployment."""
 
-    By default it runs `<venv>/bin/ratatouille operator <args>` with this process's environment
-    plus test settings (free ports, the cluster's kubeconfig, S3 endpoint and dummy keys). With
-    `argv` and `env` it runs exactly that command (looked up on env's PATH) with exactly that
-    environment (e.g. a rendered chart Deployment's container); its ports are then the ones env
-    names (RATATOUILLE_METRICS_PORT / RATATOUILLE_LIVENESS_PORT, the operator's defaults when
-    unset) and `liveness_path` is where readiness is polled.
-    """
-
-    def __init__(self, cluster: Cluster, args: Iterable[str] = ("-A",), *, interval: float = 2.0,
-                 extra_env: Mapping[str, str] | None = None, argv: Iterable[str] | None = None,
-                 env: Mapping[str, str] | None = None, liveness_path: str = "/healthz"):
+    def __init__(self, cluster: Cluster, *, values: Mapping[str, Any] | None = None,
+                 release: str = RELEASE, namespace: str = RELEASE_NS, interval: float = 2.0):
         self.cluster = cluster
-        self.args = list(args)
-        self.argv = list(argv) if argv is not None else None
-        self.liveness_path = liveness_path
+        self.release, self.namespace = release, namespace
         self.metrics_port = free_port()
         self.liveness_port = free_port()
-        self.log_path = cluster.tmp / "operator.log"
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-        self.env.update({
-            "KUBECONFIG": str(cluster.kubeconfig),
-            "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "RATATOUILLE_METRICS_PORT": str(self.metrics_port),
-            "RATATOUILLE_LIVENESS_PORT": str(self.liveness_port),
-            "RATATOUILLE_RECONCILE_INTERVAL": str(interval),
-            "RATATOUILLE_DEFAULT_STORAGE_ENDPOINT": cluster.s3.endpoint,
-            "RATATOUILLE_DEFAULT_IMAGE": "ratatouille:e2e",
-            "PYTHONUNBUFFERED": "1",
-            "HF_HUB_OFFLINE": "1",
-        })
-        self.env.update(extra_env or {})
-        if env is not None:
-            self.env = dict(env)
-            self.metrics_port = int(self.env.get("RATATOUILLE_METRICS_PORT") or 9090)
-            self.liveness_port = int(self.env.get("RATATOUILLE_LIVENESS_PORT") or 8080)
-        self.proc: subprocess.Popen | None = None
+        self.values: dict[str, Any] = {
+            "image": {"repository": IMAGE.split(":")[0], "tag": IMAGE.split(":")[1]},
+            "storage": {"endpoint": cluster.s3.endpoint, "credentialsSecret": CREDENTIALS_SECRET},
+            "reconcileInterval": interval,
+            "ports": {"metrics": self.metrics_port, "liveness": self.liveness_port},
+        }
+        _merge(self.values, values or {})
         self.starts = 0
+        self.installed = False
+
+    @property
+    def service_account(self) -> str:
+        return f"system:serviceaccount:{self.namespace}:{self.release}"
+
+    @property
+    def selector(self) -> str:
+        return f"app.kubernetes.io/instance={self.release},app.kubernetes.io/name=ratatouille"
 
     @property
     def metrics_url(self) -> str:
@@ -266,59 +286,97 @@ class OperatorProcess:
 
     @property
     def liveness_url(self) -> str:
-        return f"http://127.0.0.1:{self.liveness_port}{self.liveness_path}"
+        return f"http://127.0.0.1:{self.liveness_port}/healthz"
 
-    def start(self, wait: bool = True) -> "OperatorProcess":
-        assert self.proc is None or self.proc.poll() is not None, "the operator is already running"
+    def _values_file(self) -> Path:
+        path = self.cluster.tmp / f"values-{self.release}.yaml"
+        path.write_text(yaml.safe_dump(self.values))
+        return path
+
+    def install(self, *extra: str) -> "ChartOperator":
+        self.cluster.namespace(self.namespace)
+        # --take-ownership: the CRD may already be there, applied with kubectl or kept by an
+        # uninstalled release (crds.keep); this release adopts it.
+        self.cluster.helm("upgrade", "--install", "--take-ownership", self.release, str(CHART), "-n",
+                          self.namespace, "-f", str(self._values_file()), *extra)
+        self.installed = True
+        self.wait_ready()
+        return self
+
+    def upgrade(self, values: Mapping[str, Any]) -> None:
+        """`helm upgrade` with changed values; the Deployment rolls (Recreate) to a new pod."""
+        old = {p["metadata"]["uid"] for p in self.cluster.pods(self.namespace, self.selector)}
+        _merge(self.values, values)
+        self.cluster.helm("upgrade", self.release, str(CHART), "-n", self.namespace, "-f", str(self._values_file()))
+        self.cluster.wait_for(lambda: self._pod() and self._pod()["metadata"]["uid"] not in old, 60,
+                              "the upgraded operator pod", self)
+        self.wait_ready()
+
+    def uninstall(self) -> None:
+        if self.installed:
+            self.cluster.helm("uninstall", self.release, "-n", self.namespace, "--wait", check=False)
+            self.installed = False
+
+    def _pod(self) -> dict | None:
+        pods = [p for p in self.cluster.pods(self.namespace, self.selector)
+                if not p["metadata"].get("deletionTimestamp")]
+        return pods[0] if pods else None
+
+    def wait_ready(self, timeout: float = 90) -> None:
+        """The pod runs and kopf's liveness endpoint answers (a kubelet's probe would, too)."""
+        def ready():
+            pod = self._pod()
+            cs = ((pod or {}).get("status") or {}).get("containerStatuses") or [{}]
+            if "running" not in (cs[0].get("state") or {}):
+                return False
+            try:
+                with urllib.request.urlopen(self.liveness_url, timeout=2) as rsp:
+                    return rsp.status == 200
+            except OSError:
+                return False
+
+        self.cluster.wait_for(ready, timeout, "the operator pod to be running and live", self)
         self.starts += 1
-        log = open(self.log_path, "ab")
-        log.write(f"\n===== operator start #{self.starts} =====\n".encode())
-        log.flush()
-        argv = self.argv if self.argv is not None else [str(BIN / "ratatouille"), "operator", *self.args]
-        self.proc = subprocess.Popen(argv, env=self.env,
-                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True)
-        log.close()
+
+    def start(self, wait: bool = True) -> "ChartOperator":
+        if not self.installed:
+            return self.install()
+        pod = self._pod()
+        if pod is None:
+            self.cluster.kubectl("scale", "deployment", f"{self.release}-operator", "-n", self.namespace,
+                                 "--replicas=1")
         if wait:
             self.wait_ready()
         return self
 
-    def wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"the operator exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(self.liveness_url, timeout=2) as rsp:
-                    if rsp.status == 200:
-                        return
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"the operator's liveness endpoint did not answer within {timeout} s:\n"
-                                     + self.log_tail())
-            time.sleep(0.2)
+    def _is_mine(self, pod: Mapping) -> bool:
+        return (pod["metadata"]["namespace"] == self.namespace
+                and (pod["metadata"].get("labels") or {}).get("app.kubernetes.io/instance") == self.release)
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The environment the node agent gave the operator's container."""
+        return self.cluster.controller.env_of(self._is_mine)
 
     def kill(self) -> None:
-        """SIGKILL: no cleanup handlers, no goodbye (what a node failure or OOM kill does)."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+        """SIGKILL the operator's container: no cleanup, no goodbye (an OOM kill or a crash)."""
+        killed = self.cluster.controller.kill_container(self._is_mine)
+        assert killed, "no running operator container to kill"
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        self.cluster.kubectl("scale", "deployment", f"{self.release}-operator", "-n", self.namespace,
+                             "--replicas=0")
+        self.cluster.wait_for(lambda: not self.cluster.pods(self.namespace, self.selector), 60,
+                              "the operator pod to be gone")
 
     def restart(self) -> None:
         self.kill()
         self.start()
 
     def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        logs = sorted((self.cluster.controller.workdir / "logs").glob(f"{self.namespace}_{self.release}-operator-*.log"),
+                      key=lambda p: p.stat().st_mtime)
+        return "".join(p.read_text(errors="replace") for p in logs)
 
     def log_tail(self, n: int = 60) -> str:
         return "\n".join(self.log_text().splitlines()[-n:])
@@ -327,36 +385,39 @@ class OperatorProcess:
         with urllib.request.urlopen(self.metrics_url, timeout=5) as rsp:
             return rsp.read().decode()
 
+    def requests(self, since: int = 0) -> set[tuple[str, str]]:
+        return {(verb, res) for verb, res, _ in self.cluster.requests_of(self.service_account, since)}
+
+    def refused(self, since: int = 0) -> list[tuple[str, str, int]]:
+        return [r for r in self.cluster.requests_of(self.service_account, since) if r[2] == 403]
+
+
+def _merge(into: dict, values: Mapping[str, Any]) -> dict:
+    for key, value in values.items():
+        if isinstance(value, Mapping) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+    return into
+
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    pytest.importorskip("kmock")
-    c = Cluster(tmp_path_factory.mktemp("cluster"))
-    c.start()
-    try:
-        yield c
-    finally:
-        record = os.environ.get("RATATOUILLE_RBAC_RECORD")
-        if record:
-            path = Path(record)
-            old = set()
-            if path.exists():
-                try:
-                    old = {tuple(x) for x in json.loads(path.read_text())}
-                except ValueError:
-                    old = set()
-            path.write_text(json.dumps(sorted(old | c.operator_requests()), indent=1) + "\n")
-        c.stop()
+def cluster(k8s_cluster):
+    """The session's cluster, with the node agent's test hooks cleared for this module."""
+    k8s_cluster.controller.reset()
+    yield k8s_cluster
+    k8s_cluster.controller.reset()
+    k8s_cluster.controller.release()
 
 
 @pytest.fixture(scope="module")
 def operator_process(cluster):
-    op = OperatorProcess(cluster, ["-A"])
-    op.start()
+    op = ChartOperator(cluster)
+    op.install()
     try:
         yield op
     finally:
-        op.stop()
+        op.uninstall()
 
 
 def run_manifest(name: str, *, dataset: str, foundation_weights: str | None = None, aux: list[dict] | None = None,

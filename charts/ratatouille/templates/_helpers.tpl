@@ -48,8 +48,8 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
 
 {{/* Fixed ports of the operator process (its defaults; set explicitly in its environment). */}}
-{{- define "ratatouille.metricsPort" -}}9090{{- end -}}
-{{- define "ratatouille.livenessPort" -}}8080{{- end -}}
+{{- define "ratatouille.metricsPort" -}}{{ .Values.ports.metrics | default 9090 }}{{- end -}}
+{{- define "ratatouille.livenessPort" -}}{{ .Values.ports.liveness | default 8080 }}{{- end -}}
 
 {{/*
 "true" when the Prometheus Operator objects should render: monitoring.enabled true, or

@@ -1,0 +1,92 @@
+"""An S3 endpoint on loopback for tests and `make dev-cluster`: moto's server with buckets, and
+the demo assets uploaded where crds/examples/operator-demo.yaml expects them."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterable
+
+from ratatouille_operator.executor import stop_process
+
+from .controlplane import free_port
+
+CREDENTIALS_SECRET = "s3-credentials"
+DEMO_PREFIX = "s3://ratatouille"
+
+
+class MotoS3:
+    """`moto_server` (moto[s3,server], beside this interpreter) on a loopback port, with buckets."""
+
+    def __init__(self, buckets: Iterable[str] = ("ratatouille",), *, port: int = 0,
+                 log_path: str | os.PathLike | None = None,
+                 access_key: str = "dev-access-key", secret_key: str = "dev-secret-key"):
+        self.buckets = list(buckets)
+        self.port = port or free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.access_key, self.secret_key = access_key, secret_key
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> "MotoS3":
+        binary = Path(sys.executable).with_name("moto_server")
+        if not binary.exists():
+            raise RuntimeError(f"{binary} not found: install moto[s3,server]")
+        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        self.proc = subprocess.Popen([str(binary), "-H", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"moto_server exited with {self.proc.returncode}")
+            try:
+                urllib.request.urlopen(self.endpoint + "/", timeout=2).close()
+                break
+            except urllib.error.HTTPError:
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.__exit__()
+                    raise RuntimeError(f"moto_server did not answer on {self.endpoint}")
+                time.sleep(0.1)
+        client = self.client()
+        for bucket in self.buckets:
+            client.create_bucket(Bucket=bucket)
+        return self
+
+    def client(self):
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                            aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key,
+                            config=Config(s3={"addressing_style": "path"}))
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.proc is not None:
+            stop_process(self.proc, 10)
+        self.proc = None
+
+
+def upload_demo_assets(s3: MotoS3, data_dir: str | os.PathLike,
+                       foundation: str | os.PathLike = "crds/examples/quickstart-foundation.safetensors",
+                       prefix: str = "") -> list[str]:
+    """Copy the demo datasets and foundation into bucket `ratatouille` where
+    crds/examples/operator-demo.yaml expects them: datasets/<name>/... and
+    models/quickstart-foundation.safetensors."""
+    client = s3.client()
+    data_dir = Path(data_dir)
+    uploaded = []
+    for dataset in sorted(p for p in data_dir.iterdir() if p.is_dir()):
+        for path in sorted(dataset.rglob("*")):
+            if path.is_file():
+                client.upload_file(str(path), "ratatouille", f"{prefix}datasets/{path.relative_to(data_dir).as_posix()}")
+        uploaded.append(f"{DEMO_PREFIX}/{prefix}datasets/{dataset.name}")
+    if Path(foundation).is_file():
+        client.upload_file(str(foundation), "ratatouille", f"{prefix}models/{Path(foundation).name}")
+        uploaded.append(f"{DEMO_PREFIX}/{prefix}models/{Path(foundation).name}")
+    return uploaded
