@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import stat
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -135,30 +136,128 @@ def resolve_dataset(uri: str, endpoint: str | None = None) -> str:
     return path
 
 
-def _visible_dirs(path: str) -> list[str]:
+def _real_root(root: str) -> str:
+    return os.path.realpath(root)
+
+
+def _inside(path: str, real_root: str) -> bool:
+    """``path`` resolves (symlinks followed) to ``real_root`` or below it."""
+    real = os.path.realpath(path)
+    return real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)
+
+
+def _visible_dirs(path: str, real_root: str | None = None) -> list[str]:
+    """Sorted visible sub-directories of ``path``; with ``real_root``, only those that resolve
+    inside it (a link to a directory elsewhere is ignored with a warning)."""
     try:
         names = os.listdir(path)
     except OSError as e:
         raise DataError(f"cannot list {path}: {e.strerror}") from None
-    return sorted(n for n in names if not n.startswith(".") and os.path.isdir(os.path.join(path, n)))
+    out = []
+    for n in sorted(names):
+        full = os.path.join(path, n)
+        if n.startswith(".") or not os.path.isdir(full):
+            continue
+        if real_root is not None and not _inside(full, real_root):
+            _warn(f"ignoring {full}: it leads outside the dataset root")
+            continue
+        out.append(n)
+    return out
 
 
-def _class_files(class_dir: str) -> list[str]:
-    files = []
+def _class_files(class_dir: str, real_root: str | None = None,
+                 skipped: list[str] | None = None) -> list[str]:
+    """The regular files under ``class_dir`` (sorted, hidden names ignored). Symbolic links are
+    followed only while they stay inside the dataset root (``real_root``, resolved) for files,
+    inside the class folder itself for directories (a directory link elsewhere would copy other
+    classes into this one), and every directory is entered once (no loops); named pipes,
+    sockets and devices are never opened (opening a FIFO blocks forever). What is left out is
+    appended to ``skipped`` with why."""
+    real_root = real_root or _real_root(class_dir)
+    real_class = _real_root(class_dir)
+    files: list[str] = []
+    seen: set[tuple[int, int]] = set()
+
+    def note(path: str, why: str) -> None:
+        if skipped is not None:
+            skipped.append(f"{path} ({why})")
+
     for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        try:
+            st = os.stat(dirpath)
+        except OSError:
+            dirnames[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames[:] = []
+            note(dirpath, "directory already visited: symbolic link loop")
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        keep = []
+        for d in sorted(dirnames):
+            if d.startswith("."):
+                continue
+            if not _inside(os.path.join(dirpath, d), real_class):
+                note(os.path.join(dirpath, d), "leads outside the dataset root"
+                     if not _inside(os.path.join(dirpath, d), real_root) else "leads outside its class folder")
+                continue
+            keep.append(d)
+        dirnames[:] = keep
         for f in sorted(filenames):
-            if not f.startswith("."):
-                files.append(os.path.join(dirpath, f))
+            if f.startswith("."):
+                continue
+            full = os.path.join(dirpath, f)
+            if not _inside(full, real_root):
+                note(full, "leads outside the dataset root")
+                continue
+            try:
+                mode = os.stat(full).st_mode
+            except OSError as e:
+                note(full, f"cannot stat: {e.strerror}")
+                continue
+            if not stat.S_ISREG(mode):
+                note(full, "not a regular file")
+                continue
+            files.append(full)
     return files
 
 
-def decode_image(path: str, size: int) -> np.ndarray:
+# Images larger than this are refused from their header, before any pixel is decoded: the
+# decoder would otherwise allocate width x height x channels bytes (PIL only refuses above
+# about 179 Mpx). The cap grows with inputSize and never exceeds PIL's own warning threshold.
+_MIN_PIXEL_CAP = 40_000_000
+_PIL_WARNING_PIXELS = 89_478_485
+
+
+def max_image_pixels(size: int) -> int:
+    """The pixel cap for ``inputSize`` ``size``: ``RATATOUILLE_MAX_IMAGE_PIXELS`` if set, else
+    ``max(40 Mpx, 512 * size**2)`` capped at PIL's warning threshold (89.5 Mpx)."""
+    env = os.environ.get("RATATOUILLE_MAX_IMAGE_PIXELS")
+    if env:
+        try:
+            return max(1, int(env))
+        except ValueError:
+            raise DataError(f"RATATOUILLE_MAX_IMAGE_PIXELS={env!r}: not an integer") from None
+    return min(_PIL_WARNING_PIXELS, max(_MIN_PIXEL_CAP, 512 * size * size))
+
+
+class ImageTooLarge(ValueError):
+    pass
+
+
+def decode_image(path: str, size: int, max_pixels: int | None = None) -> np.ndarray:
     """Decode any PIL-readable image to RGB uint8 [size, size, 3] (resize like torchvision's
-    ``Resize((size, size))`` on PIL images: bilinear with antialiasing). Raises on bad files."""
+    ``Resize((size, size))`` on PIL images: bilinear with antialiasing). Raises on bad files,
+    and (:class:`ImageTooLarge`, from the header alone) on images above ``max_pixels``
+    (default :func:`max_image_pixels`)."""
     from PIL import Image
 
     with Image.open(path) as im:
+        w, h = im.size
+        cap = max_pixels if max_pixels is not None else max_image_pixels(size)
+        if w * h > cap:
+            raise ImageTooLarge(f"{w}x{h} is {w * h / 1e6:.1f} Mpx, above the cap of "
+                                f"{cap / 1e6:.1f} Mpx for inputSize {size}; not decoded")
         im.load()
         if im.mode == "P" and "transparency" in im.info:
             im = im.convert("RGBA")
@@ -183,27 +282,43 @@ def _try_decode(args: tuple[str, int]) -> np.ndarray | str:
         return f"{type(e).__name__}: {e}"
 
 
-def load_dataset(uri: str, input_size: int, *, test_domains: Sequence[str] = (),
-                 holdout_fraction: float = 0.2, split_seed: int = 0,
-                 endpoint: str | None = None, workers: int | None = None) -> DomainDataset:
+@dataclass
+class Listing:
+    """What a dataset holds, before decoding: domains (sorted) with their ``(file, class
+    index)`` pairs in the order images get, and the entries left out while walking (why)."""
+    uri: str
+    root: str
+    classes: list[str]
+    domains: list[tuple[str, list[tuple[str, int]]]]
+    walk_skipped: dict[str, list[str]] = field(default_factory=dict)
+
+
+def _check_args(input_size: int, holdout_fraction: float) -> None:
     if not (0.0 <= holdout_fraction < 1.0):
         raise DataError(f"holdoutFraction must be in [0, 1), got {holdout_fraction}")
     if input_size < 8:
         raise DataError(f"inputSize must be at least 8, got {input_size}")
-    root = resolve_dataset(uri, endpoint)
-    names = _visible_dirs(root)
-    if not names:
-        raise DataError(f"dataset {uri} has no domain folders (expected <domain>/<class>/<image>)")
+
+
+def check_test_domains(uri: str, names: Sequence[str], test_domains: Sequence[str]) -> None:
     missing = [t for t in test_domains if t not in names]
     if missing:
         raise DataError(f"test domain {missing[0]!r} is not in dataset {uri} (available: {', '.join(names)})")
     if len(set(test_domains)) >= len(names):
         raise DataError(f"dataset {uri}: every domain is a test domain; nothing left to train on")
 
+
+def list_dataset(uri: str, root: str, test_domains: Sequence[str] = ()) -> Listing:
+    """Walk a local DomainBed-layout directory (see :func:`_class_files` for what is left out)."""
+    real_root = _real_root(root)
+    names = _visible_dirs(root, real_root)
+    if not names:
+        raise DataError(f"dataset {uri} has no domain folders (expected <domain>/<class>/<image>)")
+    check_test_domains(uri, names, test_domains)
     classes: list[str] | None = None
-    listing: list[tuple[str, list[tuple[str, int]]]] = []
+    listing = Listing(uri=uri, root=root, classes=[], domains=[])
     for name in names:
-        dclasses = _visible_dirs(os.path.join(root, name))
+        dclasses = _visible_dirs(os.path.join(root, name), real_root)
         if not dclasses:
             raise DataError(f"domain {name!r} of dataset {uri} has no class folders")
         if classes is None:
@@ -218,49 +333,80 @@ def load_dataset(uri: str, input_size: int, *, test_domains: Sequence[str] = (),
                 what.append(f"missing classes {lacking}")
             raise DataError(f"domain {name!r} of dataset {uri} has different classes than "
                             f"domain {names[0]!r}: {'; '.join(what)}")
-        files = []
+        files: list[tuple[str, int]] = []
+        walk_skipped: list[str] = []
         for ci, c in enumerate(dclasses):
-            files.extend((f, ci) for f in _class_files(os.path.join(root, name, c)))
-        listing.append((name, files))
+            files.extend((f, ci) for f in _class_files(os.path.join(root, name, c), real_root, walk_skipped))
+        listing.domains.append((name, files))
+        listing.walk_skipped[name] = [os.path.relpath(s, root) for s in walk_skipped]
     assert classes is not None
+    listing.classes = list(classes)
+    return listing
 
-    workers = workers or min(8, (os.cpu_count() or 2))
-    domains: list[Domain] = []
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for di, (name, files) in enumerate(listing):
-            if not files:
-                raise DataError(f"domain {name!r} of dataset {uri} has no images")
-            decoded = list(pool.map(_try_decode, [(f, input_size) for f, _ in files], chunksize=16))
-            arrays, labels, skipped = [], [], []
-            for (f, label), res in zip(files, decoded):
-                if isinstance(res, str):
-                    skipped.append(f"{os.path.relpath(f, root)} ({res})")
-                else:
-                    arrays.append(res)
-                    labels.append(label)
-            if not arrays:
-                raise DataError(f"domain {name!r} of dataset {uri} has no readable images "
-                                f"({len(skipped)} unreadable)")
-            for s in skipped:
-                _warn(f"skipping unreadable image {s}")
-            images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-            out_idx, in_idx = split_indices(len(arrays), holdout_fraction, seed_hash(split_seed, di))
-            domains.append(Domain(
-                name=name, index=di, images=images,
-                labels=torch.tensor(labels, dtype=torch.int64),
-                out_idx=torch.tensor(out_idx, dtype=torch.int64),
-                in_idx=torch.tensor(in_idx, dtype=torch.int64),
-                skipped=skipped,
-            ))
-    ds = DomainDataset(uri=uri, root=root, classes=list(classes), domains=domains,
-                       input_size=input_size, test_domains=tuple(test_domains))
+
+def decode_files(files: Sequence[tuple[str, int]], input_size: int, root: str, pool,
+                 ) -> tuple[list[np.ndarray], list[int], list[str]]:
+    """Decode ``(file, label)`` pairs: (HWC uint8 arrays, labels, skipped "file (why)")."""
+    decoded = pool.map(_try_decode, [(f, input_size) for f, _ in files], chunksize=16)
+    arrays, labels, skipped = [], [], []
+    for (f, label), res in zip(files, decoded):
+        if isinstance(res, str):
+            skipped.append(f"{os.path.relpath(f, root)} ({res})")
+        else:
+            arrays.append(res)
+            labels.append(label)
+    return arrays, labels, skipped
+
+
+def make_domain(uri: str, name: str, index: int, images: torch.Tensor, labels: torch.Tensor,
+                skipped: list[str], holdout_fraction: float, split_seed: int) -> Domain:
+    """A domain from its decoded images (uint8 [N, 3, S, S]) with DomainBed's in/out split."""
+    if len(labels) == 0:
+        raise DataError(f"domain {name!r} of dataset {uri} has no readable images "
+                        f"({len(skipped)} unreadable)")
+    out_idx, in_idx = split_indices(len(labels), holdout_fraction, seed_hash(split_seed, index))
+    return Domain(name=name, index=index, images=images, labels=labels,
+                  out_idx=torch.tensor(out_idx, dtype=torch.int64),
+                  in_idx=torch.tensor(in_idx, dtype=torch.int64), skipped=list(skipped))
+
+
+def check_dataset(ds: DomainDataset, holdout_fraction: float) -> DomainDataset:
     for d in ds.train_domains:
         if len(d.in_idx) == 0:
-            raise DataError(f"domain {d.name!r} of dataset {uri} has no training images after the split")
+            raise DataError(f"domain {d.name!r} of dataset {ds.uri} has no training images after the split")
     if not ds.validation_sets():
-        raise DataError(f"dataset {uri}: the training domains have no validation images "
+        raise DataError(f"dataset {ds.uri}: the training domains have no validation images "
                         f"(holdoutFraction {holdout_fraction} of too few images)")
     return ds
+
+
+def decode_workers(workers: int | None = None) -> int:
+    return workers or min(8, (os.cpu_count() or 2))
+
+
+def load_dataset(uri: str, input_size: int, *, test_domains: Sequence[str] = (),
+                 holdout_fraction: float = 0.2, split_seed: int = 0,
+                 endpoint: str | None = None, workers: int | None = None) -> DomainDataset:
+    """List, decode and split a dataset in memory (see :mod:`.prepared` for the cached form)."""
+    _check_args(input_size, holdout_fraction)
+    root = resolve_dataset(uri, endpoint)
+    listing = list_dataset(uri, root, test_domains)
+    domains: list[Domain] = []
+    with ThreadPoolExecutor(max_workers=decode_workers(workers)) as pool:
+        for di, (name, files) in enumerate(listing.domains):
+            if not files:
+                raise DataError(f"domain {name!r} of dataset {uri} has no images")
+            arrays, labels, skipped = decode_files(files, input_size, root, pool)
+            skipped = listing.walk_skipped.get(name, []) + skipped
+            for s in skipped:
+                _warn(f"skipping image {s}")
+            images = (torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+                      if arrays else torch.empty((0, 3, input_size, input_size), dtype=torch.uint8))
+            domains.append(make_domain(uri, name, di, images, torch.tensor(labels, dtype=torch.int64),
+                                       skipped, holdout_fraction, split_seed))
+    ds = DomainDataset(uri=uri, root=root, classes=listing.classes, domains=domains,
+                       input_size=input_size, test_domains=tuple(test_domains))
+    return check_dataset(ds, holdout_fraction)
 
 
 # ------------------------------------------------------------------------------ batches

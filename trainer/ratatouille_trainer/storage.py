@@ -919,8 +919,32 @@ class S3Storage(Storage):
             manifest[rel] = {"size": size, "etag": etag}
             if copied and copied % 50 == 0:  # keep progress across an interrupted sync
                 _write_manifest(manifest_path, prefix_uri, manifest)
+        # Objects deleted upstream go locally too: the copy mirrors the prefix, no more.
+        wanted = {rel for rel, _, _ in entries}
+        for rel in [r for r in manifest if r not in wanted]:
+            del manifest[rel]
         _write_manifest(manifest_path, prefix_uri, manifest)
+        _prune_local(local_dir, {os.path.join(local_dir, _safe_relpath(r, prefix_uri)) for r in wanted})
         return SyncStats(local_dir=local_dir, copied=copied, skipped=skipped)
+
+
+def _prune_local(local_dir: str, keep: set[str]) -> None:
+    """Remove every file under ``local_dir`` that is not in ``keep`` (nor the sync manifest),
+    then the directories left empty. Links are removed, never followed."""
+    keep = keep | {os.path.join(local_dir, SYNC_MANIFEST)}
+    for dirpath, dirnames, filenames in os.walk(local_dir, topdown=False):
+        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+            full = os.path.join(dirpath, name)
+            if full not in keep:
+                try:
+                    os.unlink(full)
+                except OSError:
+                    pass
+        if dirpath != local_dir:
+            try:
+                os.rmdir(dirpath)  # only succeeds when empty
+            except OSError:
+                pass
 
 
 def _ensure_parent(path: str) -> str:
