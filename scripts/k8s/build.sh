@@ -82,4 +82,24 @@ if [[ "${RATATOUILLE_SKIP_KUEUE:-}" != 1 ]] && need kueue; then
   fi
 fi
 
+# The Prometheus Operator's CRDs, generated from its API module's Go types with controller-gen
+# (the way that project makes them), so ServiceMonitor/PodMonitor/PrometheusRule objects are
+# validated by the API server. Its root module, which ships the YAML, is not served here.
+crds="$cache/$key/crds"
+if [[ ! -f "$crds/monitoring.coreos.com_prometheusrules.yaml" ]]; then
+  d="$src/monitoring-crds"
+  wrapper "$d" "github.com/prometheus-operator/prometheus-operator/pkg/apis/monitoring@$PROMETHEUS_OPERATOR_VERSION"
+  printf 'package tools\n\nimport _ "github.com/prometheus-operator/prometheus-operator/pkg/apis/monitoring/v1"\n' > "$d/tools.go"
+  (cd "$d" && go get "github.com/prometheus-operator/prometheus-operator/pkg/apis/monitoring@$PROMETHEUS_OPERATOR_VERSION" \
+      "sigs.k8s.io/controller-tools/cmd/controller-gen@$CONTROLLER_TOOLS_VERSION" >/dev/null 2>&1)
+  build controller-gen "$d" sigs.k8s.io/controller-tools/cmd/controller-gen
+  rm -rf "$d/gen" && mkdir -p "$d/gen" "$crds"
+  (cd "$d" && "$bin/controller-gen" crd:crdVersions=v1,maxDescLen=0 \
+      paths=github.com/prometheus-operator/prometheus-operator/pkg/apis/monitoring/v1 output:crd:dir="$d/gen")
+  for kind in servicemonitors podmonitors prometheusrules; do
+    cp "$d/gen/monitoring.coreos.com_$kind.yaml" "$crds/"
+  done
+  log "generated the Prometheus Operator CRDs"
+fi
+
 echo "$bin"

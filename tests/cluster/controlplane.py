@@ -136,6 +136,12 @@ class ControlPlane:
     def helm_path(self) -> Path:
         return self.bin / "helm"
 
+    @property
+    def monitoring_crds(self) -> list[Path]:
+        """The Prometheus Operator's CRDs that build.sh generated (ServiceMonitor, PodMonitor,
+        PrometheusRule)."""
+        return sorted((self.bin.parent / "crds").glob("monitoring.coreos.com_*.yaml"))
+
     # -- lifecycle ----------------------------------------------------------------------------
     def __enter__(self) -> "ControlPlane":
         return self.start()

@@ -19,9 +19,10 @@ Images: only those in `images` "exist" here (anything else cannot be pulled); `i
 says which user an image runs as when the pod does not set runAsUser (for runAsNonRoot).
 
 Test hooks (plain attributes, matchers take the pod): `fail` via set_fail(matcher, times) runs
-`false` instead of the command; `instant` exits 0 at once without running it; `hold` makes the
+`false` instead of the command; `commands` ([matcher, argv] pairs) runs argv instead of it; `instant` exits 0 at once without running it; `hold` makes the
 container wait on a gate until release(); `parallel` caps running containers (others wait in
-ContainerCreating). A str matcher names the pod's Job (label `job-name`) or the pod.
+ContainerCreating). A str matcher names the pod's Job (label `job-name`) or the pod. The hooks
+act on the pods of Jobs only (never on a Deployment's, such as the operator's).
 """
 from __future__ import annotations
 
@@ -146,6 +147,7 @@ class NodeAgent:
         self.fail: list[list[Any]] = []
         self.instant: Matcher = None
         self.hold: Matcher = None
+        self.commands: list[list[Any]] = []  # [matcher, argv]: run argv instead of the command
         # bookkeeping the tests read
         self.pods: dict[str, Tracked] = {}
         self.starts: dict[str, int] = {}      # "<ns>/<job or pod>" -> containers started
@@ -210,13 +212,16 @@ class NodeAgent:
         with self._lock:
             self.fail.append([matcher, times])
 
-    def release(self, matcher: Matcher = True) -> list[str]:
+    def release(self, matcher: Matcher = True, run: str | None = None) -> list[str]:
+        """Let held containers go on; with `run`, they run that shell script instead."""
         released = []
         with self._lock:
             for t in self.pods.values():
                 c = t.container
-                if c is not None and c.gate and matches(matcher, t.pod):
-                    Path(c.gate).touch()
+                if c is not None and c.gate and matches(matcher, t.pod) and not os.path.exists(c.gate):
+                    tmp = c.gate + ".tmp"
+                    Path(tmp).write_text(run or "")
+                    os.replace(tmp, c.gate)
                     released.append(t.name)
         return released
 
@@ -225,6 +230,7 @@ class NodeAgent:
             self.fail = []
             self.instant = None
             self.hold = None
+            self.commands = []
 
     def running(self) -> list[str]:
         """The Job (or, for pods without one, the pod) of every running container."""
@@ -324,15 +330,19 @@ class NodeAgent:
             return False
         key = f"{t.namespace}/{(pod['metadata'].get('labels') or {}).get('job-name') or t.name}"
         self.starts[key] = self.starts.get(key, 0) + 1
-        failing = self._take_failure(pod)
-        instant = matches(self.instant, pod)
-        held = matches(self.hold, pod)
+        job_pod = bool((pod["metadata"].get("labels") or {}).get("job-name"))  # hooks act on Jobs' pods only
+        failing = job_pod and self._take_failure(pod)
+        instant = job_pod and matches(self.instant, pod)
+        held = job_pod and matches(self.hold, pod)
         log_path = str(self.workdir / "logs" / f"{t.namespace}_{t.name}_{t.restarts}.log")
         fd, term_file = tempfile.mkstemp(prefix=f"{t.name}-", suffix=".termination", dir=self.workdir)
         os.close(fd)
         metrics_port = None
+        replaced = next((argv for matcher, argv in reversed(self.commands) if job_pod and matches(matcher, pod)), None)
         if failing:
             argv = ["false"]
+        elif replaced is not None:
+            argv = list(replaced)
         elif instant and not held:
             Path(log_path).write_text("")
             t.container = Container(None, now(), term_file, log_path, exit_code=0)
@@ -355,7 +365,9 @@ class NodeAgent:
         gate = None
         if held:
             gate = str(self.workdir / f"{t.uid}-{t.restarts}.gate")
-            argv = ["sh", "-c", 'while [ ! -e "$0" ]; do sleep 0.1; done; exec "$@"', gate, *argv]
+            # release() creates the gate; a non-empty gate is a script to run instead.
+            argv = ["sh", "-c", 'while [ ! -e "$0" ]; do sleep 0.1; done; '
+                    'if [ -s "$0" ]; then exec sh "$0"; fi; exec "$@"', gate, *argv]
         exe = shutil.which(argv[0], path=env["PATH"]) or argv[0]
         workdir = self.workdir / "pods" / t.uid
         workdir.mkdir(parents=True, exist_ok=True)
@@ -368,7 +380,7 @@ class NodeAgent:
                 t.done = True
                 return False
         t.container = Container(proc, now(), term_file, log_path, gate=gate, metrics_port=metrics_port)
-        if metrics_port is not None:
+        if metrics_port is not None and self._listed(pod):
             self._add_metrics_target(pod, container, metrics_port)
         self._running(t)
         return True
@@ -418,9 +430,29 @@ class NodeAgent:
             value = self._value_from(pod, ns, src)
             if value is not None:
                 env[var["name"]] = value
+        # Processes share this machine's file system: each emptyDir volume is a directory of the
+        # pod's own, and environment values under its mount path point into it (so two pods'
+        # caches under /tmp do not meet).
+        mounts = self._empty_dirs(pod, container)
+        for name, value in list(env.items()):
+            for mount, local in mounts.items():
+                if value == mount or value.startswith(mount.rstrip("/") + "/"):
+                    env[name] = local + value[len(mount.rstrip("/")):]
+        if "/tmp" in mounts:
+            env["TMPDIR"] = mounts["/tmp"]
         if self._automounts(pod):
             env["KUBECONFIG"] = self._token_kubeconfig(pod)
         return env
+
+    def _empty_dirs(self, pod: Mapping, container: Mapping) -> dict[str, str]:
+        volumes = {v["name"] for v in pod["spec"].get("volumes") or [] if "emptyDir" in v}
+        out = {}
+        for mount in container.get("volumeMounts") or []:
+            if mount["name"] in volumes:
+                local = self.workdir / "pods" / pod["metadata"]["uid"] / "volumes" / mount["name"]
+                local.mkdir(parents=True, exist_ok=True)
+                out[mount["mountPath"]] = str(local)
+        return out
 
     def _value_from(self, pod: Mapping, ns: str, src: Mapping) -> str | None:
         for kind, resource, label in (("secretKeyRef", "secrets", "secret"),
@@ -622,14 +654,16 @@ class NodeAgent:
 
     # -- metrics targets (Prometheus file_sd) ---------------------------------------------------
     def _metrics_port_for(self, pod: Mapping, container: Mapping) -> int | None:
-        """Pods share this machine's network: a container port named `metrics` gets a free
-        loopback port instead (when metrics_ports is on and the PodMonitor's selector matches)."""
-        if not self.metrics_ports or not any(p.get("name") == "metrics" for p in container.get("ports") or []):
-            return None
-        labels = pod["metadata"].get("labels") or {}
-        if any(labels.get(k) != v for k, v in self.metrics_pod_selector.items()):
+        """Pods share this machine's network namespace: a container port named `metrics` is moved
+        to a free loopback port (RATATOUILLE_METRICS_PORT), so that pods do not collide."""
+        if not any(p.get("name") == "metrics" for p in container.get("ports") or []):
             return None
         return free_port()
+
+    def _listed(self, pod: Mapping) -> bool:
+        """Whether a pod's metrics port goes into the file_sd list (the PodMonitor's selector)."""
+        labels = pod["metadata"].get("labels") or {}
+        return self.metrics_ports and all(labels.get(k) == v for k, v in self.metrics_pod_selector.items())
 
     def _add_metrics_target(self, pod: Mapping, container: Mapping, port: int) -> None:
         meta = pod["metadata"]

@@ -1,10 +1,13 @@
-"""The operator end to end: the REAL operator process (`ratatouille operator -A`) against the
-emulated Kubernetes API, child Jobs run by the stand-in Job controller as real trainer processes
-on tiny data (timm test_resnet at 32 px, a handful of steps), moto S3 as the run's storage.
+"""The operator end to end on the upstream control plane: the chart installed by real Helm, the
+operator running as its Deployment's pod with the chart's ServiceAccount (RBAC enforced by the
+API server), child Jobs run by the real Job controller, their pods by the node agent as real
+trainer processes on tiny data (timm test_resnet at 32 px, a handful of steps), moto S3 as the
+run's storage.
 
 One cluster and one cluster-wide operator serve the whole module; each test uses its own
-namespace. Tests that only exercise the control flow (suspend, deadline, invalid spec, failure
-budget) let the Job controller complete or fail Jobs without a trainer process.
+namespace (PodSecurity `restricted`). Tests that only exercise the control flow (suspend,
+deadline, invalid spec, failure budget) let the node agent complete or fail pods without a
+trainer process.
 """
 from __future__ import annotations
 
@@ -20,9 +23,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.cluster.controlplane import free_port
 from tests.operator.harness import (ACCESS_KEY, BUCKET, SECRET_KEY, JOBS, REPO, Cluster, cluster,  # noqa: F401
                                     operator_process, run_manifest, write_datasets)
-from ratatouille_operator.devcluster import free_port
 from ratatouille_operator.executor import stop_process
 
 pytest.importorskip("kopf")
@@ -211,7 +214,7 @@ def test_full_run_succeeds_with_model_lineage_columns_metrics_and_no_key_materia
     haystacks = {
         "run status": json.dumps(cluster.run(ns, "soup")),
         "events": json.dumps(cluster.events(ns)),
-        "job specs": json.dumps(cluster.emulator.list(JOBS)),
+        "job specs": json.dumps(cluster.jobs()),
         "operator log": operator_process.log_text(),
     }
     for what, text in haystacks.items():
@@ -328,7 +331,8 @@ def test_run_fails_with_min_succeeded_not_met(cluster, operator_process):
     # Deleting the run is not blocked by a finalizer, and its Jobs go with it (owner references).
     assert not run["metadata"].get("finalizers")
     cluster.kubectl("delete", "rrun", "doomed", "-n", ns, "--wait=false")
-    cluster.wait_for(lambda: cluster.run(ns, "doomed") is None and not cluster.jobs(ns), 15,
+    # The garbage collector deletes the Jobs once their owner is gone.
+    cluster.wait_for(lambda: cluster.run(ns, "doomed") is None and not cluster.jobs(ns), 90,
                      "the run and its Jobs to be gone")
 
 
@@ -346,11 +350,11 @@ def test_suspend_stops_children_and_creates_none_then_resume_completes(cluster, 
     cluster.kubectl("patch", "rrun", "nap", "-n", ns, "--type", "merge", "-p", '{"spec": {"suspend": true}}')
     run = cluster.wait_phase(ns, "nap", "Suspended", timeout=30, operator=operator_process)
     assert condition(run, "Suspended")["status"] == "True"
-    job = cluster.wait_for(lambda: (j := cluster.emulator.get(JOBS, ns, "nap-lp-0-a1")) and any(
+    job = cluster.wait_for(lambda: (j := cluster.get(JOBS, ns, "nap-lp-0-a1")) and any(
         c["type"] == "Suspended" and c["status"] == "True" for c in (j.get("status") or {}).get("conditions") or [])
         and j, 30, "the Job to be suspended")
-    assert job["spec"]["suspend"] is True and job["status"]["active"] == 0
-    assert "nap-lp-0-a1" not in ctl.running()  # its pod's process was stopped
+    assert job["spec"]["suspend"] is True and job["status"].get("active", 0) == 0
+    cluster.wait_for(lambda: "nap-lp-0-a1" not in ctl.running(), 30, "its pod's process to stop")
     ctl.hold = None
     ctl.release()
     time.sleep(5)  # two resync intervals: still nothing new while suspended
@@ -431,7 +435,7 @@ def test_runs_in_two_namespaces_are_independent_and_share_the_aux_cache(cluster,
     # team-b took the auxiliary from the cache: no aux Job, and its target starts from the cache entry.
     assert cluster.job_names(b, "twin") == {"twin-lp-0-a1", "twin-target-0-a1", "twin-avg-0-a1"}
     assert run_b["status"]["stages"]["auxiliary"]["total"] == 0
-    cmd_b = json.dumps(cluster.emulator.get(JOBS, b, "twin-target-0-a1")["spec"]["template"]["spec"]["containers"][0]["command"])
+    cmd_b = json.dumps(cluster.get(JOBS, b, "twin-target-0-a1")["spec"]["template"]["spec"]["containers"][0]["command"])
     assert "cache/aux/" in cmd_b
     for ns, run in ((a, run_a), (b, run_b)):
         for job in cluster.jobs(ns, "twin"):
@@ -440,43 +444,57 @@ def test_runs_in_two_namespaces_are_independent_and_share_the_aux_cache(cluster,
 
 
 # ------------------------------------------------------------------------------------------------
-# namespaced mode
+# namespaced mode, through `helm upgrade`
 
-def test_namespaced_operator_handles_only_its_namespace(cluster, operator_process):
+def test_helm_upgrade_to_namespaced_mode_rolls_the_operator_and_it_handles_only_its_namespace(
+        cluster, operator_process):
     mine, other = cluster.namespace("e2e-mine"), cluster.namespace("e2e-other")
     cluster.controller.instant = True
-    operator_process.stop()  # the cluster-wide one would handle both namespaces
-    from tests.operator.harness import OperatorProcess
-
-    scoped = OperatorProcess(cluster, ["--namespace", mine])
+    before = len(cluster.audit())
+    old_pod = operator_process._pod()["metadata"]["uid"]
+    operator_process.upgrade({"watchNamespaces": [mine]})
     try:
-        before = len(cluster.http_requests)
-        scoped.start()
+        assert operator_process._pod()["metadata"]["uid"] != old_pod  # a values change rolled it
         manifest = run_manifest("scoped", dataset="s3://ratatouille/datasets/target", runs=1)
         cluster.apply(manifest, other)
         cluster.apply(manifest, mine)
-        run = cluster.wait_phase(mine, "scoped", ("Succeeded", "Failed"), timeout=60, operator=scoped)
+        run = cluster.wait_phase(mine, "scoped", ("Succeeded", "Failed"), timeout=60, operator=operator_process)
         assert run["status"]["phase"] == "Succeeded"
         time.sleep(2.5)  # a resync interval
         assert not (cluster.run(other, "scoped").get("status") or {}) and cluster.jobs(other) == []
-        # Watching exact namespaces needs no cluster-scoped namespace access (the namespaced
-        # chart grants none): kopf's namespace scanning is off in this mode.
-        scoped_requests = {(verb, res) for ua, verb, res in list(cluster.http_requests)[before:]
-                           if not ua.startswith("kubectl")}
+        # Namespaced: Roles in the watched namespaces only, and the server holds the operator to them.
+        assert not operator_process.refused(before), operator_process.refused(before)
+        scoped_requests = operator_process.requests(before)
         assert not {r for r in scoped_requests if r[1] == "namespaces"}, scoped_requests
+        token = cluster.cp.token_kubeconfig(operator_process.namespace, operator_process.release,
+                                            cluster.tmp / "operator-token.kubeconfig")
+        denied = cluster.kubectl("get", "jobs", "-n", other, kubeconfig=token, check=False)
+        assert denied.returncode != 0 and "forbidden" in denied.stderr.lower(), denied.stderr
     finally:
-        scoped.stop()
-        operator_process.start()
+        operator_process.upgrade({"watchNamespaces": []})
     run = cluster.wait_phase(other, "scoped", "Succeeded", timeout=60, operator=operator_process)
 
 
 # ------------------------------------------------------------------------------------------------
-# RBAC: what the operator asked of the API is what the chart must grant
+# RBAC: the operator works with exactly the chart's RBAC, enforced by the API server
 
-def test_operator_requests_are_within_the_expected_rbac(cluster, operator_process):
+def test_operator_requests_are_within_the_expected_rbac_and_none_was_refused(cluster, operator_process):
     expected = {tuple(x) for x in json.loads((Path(__file__).parent / "rbac_expected.json").read_text())}
-    seen = cluster.operator_requests()
+    seen = operator_process.requests()
     # The operator's own startup alone watches runs and Jobs.
     assert {("list", "ratatouille.dev/ratatouilleruns"), ("watch", "ratatouille.dev/ratatouilleruns"),
             ("list", "batch/jobs"), ("watch", "batch/jobs")} <= seen
     assert seen <= expected, f"requests outside rbac_expected.json: {sorted(seen - expected)}"
+    assert not operator_process.refused(), operator_process.refused()
+
+
+def test_the_server_refuses_what_the_chart_does_not_grant(cluster, operator_process):
+    """A request outside the chart's RBAC, made with the operator's own token, is refused."""
+    token = cluster.cp.token_kubeconfig(operator_process.namespace, operator_process.release,
+                                        cluster.tmp / "operator-token.kubeconfig")
+    for args in (("get", "secrets", "-A"), ("create", "deployment", "x", "--image=x", "-n", "default"),
+                 ("delete", "nodes", "--all")):
+        proc = cluster.kubectl(*args, kubeconfig=token, check=False)
+        assert proc.returncode != 0 and "forbidden" in proc.stderr.lower(), (args, proc.stderr)
+    # ...while what it is granted works with the same token.
+    assert cluster.kubectl("get", "rrun", "-A", kubeconfig=token).returncode == 0

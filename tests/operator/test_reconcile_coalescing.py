@@ -10,28 +10,22 @@ import time
 import pytest
 
 kubernetes = pytest.importorskip("kubernetes")
-pytest.importorskip("kmock")
 kopf = pytest.importorskip("kopf")
 
 from ratatouille_operator import main as operator_main  # noqa: E402
 from ratatouille_operator.reconciler import MISSING_METRICS_RECHECK_S, Reconciler, Settings, StorageView  # noqa: E402
-from tests.operator.harness import JOBS, PODS, RUNS, run_manifest  # noqa: E402
+from tests.operator.harness import IMAGE, JOBS, PODS, RUNS, run_manifest  # noqa: E402
 
 
 def make_run(k8s, name="r", **kw) -> dict:
     return k8s.create(RUNS, run_manifest(name, dataset="s3://ratatouille/datasets/target", **kw), namespace="default")
 
 
-def complete(k8s, name):
-    k8s.patch_status(JOBS, "default", name, {
-        "startTime": "2026-01-01T00:00:00Z", "completionTime": "2026-01-01T00:01:00Z", "succeeded": 1,
-        "conditions": [{"type": "Complete", "status": "True", "lastTransitionTime": "2026-01-01T00:01:00Z"}]})
-
 
 def test_a_request_while_the_run_is_busy_returns_at_once_and_the_busy_call_reconciles_again(k8s, api):
     make_run(k8s, runs=2)
-    rec = Reconciler(api, Settings(default_image="img:test"), storage_view=StorageView(None))
-    key = ("default", "r")
+    rec = Reconciler(api, Settings(default_image=IMAGE), storage_view=StorageView(None))
+    key = (k8s.ns("default"), "r")
     entered, release = threading.Event(), threading.Event()
     reads = []
 
@@ -65,34 +59,34 @@ def test_a_request_while_the_run_is_busy_returns_at_once_and_the_busy_call_recon
 
 
 def test_a_failed_coalesced_reconcile_leaves_the_run_free(k8s, api):
-    rec = Reconciler(api, Settings(default_image="img:test"), storage_view=StorageView(None))
+    rec = Reconciler(api, Settings(default_image=IMAGE), storage_view=StorageView(None))
 
     def broken():
         raise ValueError("boom")
 
     with pytest.raises(ValueError):
-        rec.reconcile_coalesced(("default", "r"), broken)
+        rec.reconcile_coalesced((k8s.ns("default"), "r"), broken)
     body = make_run(k8s, runs=1)
-    result = rec.reconcile_coalesced(("default", "r"), lambda: (body, None))
+    result = rec.reconcile_coalesced((k8s.ns("default"), "r"), lambda: (body, None))
     assert result is not None and result.created == ["r-lp-0-a1"]
     # A run that is gone: nothing to do.
-    assert rec.reconcile_coalesced(("default", "gone"), lambda: (None, None)) is None
+    assert rec.reconcile_coalesced((k8s.ns("default"), "gone"), lambda: (None, None)) is None
 
 
 def test_settle_lets_a_burst_join_the_first_request(k8s, api):
     make_run(k8s, runs=1)
-    rec = Reconciler(api, Settings(default_image="img:test"), storage_view=StorageView(None), settle=0.3)
+    rec = Reconciler(api, Settings(default_image=IMAGE), storage_view=StorageView(None), settle=0.3)
     reads = []
 
     def read():
         reads.append(1)
         return k8s.get(RUNS, "default", "r"), None
 
-    first = threading.Thread(target=rec.reconcile_coalesced, args=(("default", "r"), read))
+    first = threading.Thread(target=rec.reconcile_coalesced, args=((k8s.ns("default"), "r"), read))
     first.start()
     time.sleep(0.05)
     for _ in range(3):  # within the settle time: served by the first request's single read
-        assert rec.reconcile_coalesced(("default", "r"), read) is None
+        assert rec.reconcile_coalesced((k8s.ns("default"), "r"), read) is None
     first.join(10)
     assert len(reads) == 1
 
@@ -100,9 +94,9 @@ def test_settle_lets_a_burst_join_the_first_request(k8s, api):
 def test_a_succeeded_job_without_metrics_is_not_looked_for_on_every_reconcile(k8s, api):
     body = make_run(k8s, runs=1)
     now = [1_900_000_000.0]
-    rec = Reconciler(api, Settings(default_image="img:test"), storage_view=StorageView(None), clock=lambda: now[0])
+    rec = Reconciler(api, Settings(default_image=IMAGE), storage_view=StorageView(None), clock=lambda: now[0])
     rec.reconcile(body)
-    complete(k8s, "r-lp-0-a1")
+    k8s.finish_job("r-lp-0-a1")
     pod_lists = lambda: k8s.count("list", PODS)  # noqa: E731
     rec.reconcile(k8s.get(RUNS, "default", "r"))
     assert pod_lists() == 1  # looked for in the pod's termination message: nothing there
@@ -110,13 +104,12 @@ def test_a_succeeded_job_without_metrics_is_not_looked_for_on_every_reconcile(k8
         now[0] += 1
         rec.reconcile(k8s.get(RUNS, "default", "r"))
     assert pod_lists() == 1
-    # Now and then it is looked for again, and found if it is there after all.
-    k8s.create(PODS, {"metadata": {"name": "r-lp-0-a1-x", "labels": {"job-name": "r-lp-0-a1"}},
-                      "spec": {"containers": [{"name": "trainer", "image": "x"}]},
-                      "status": {"phase": "Succeeded", "containerStatuses": [{
-                          "name": "trainer", "ready": False, "restartCount": 0, "image": "x", "imageID": "",
-                          "state": {"terminated": {"exitCode": 0, "message": '{"valAccuracy": 0.5}'}}}]}},
-               namespace="default")
+    # Now and then it is looked for again, and found if it is there after all (a late status
+    # update of the pod, as a kubelet may send).
+    pod = k8s.list(PODS, labels={"job-name": "r-lp-0-a1"})[0]
+    statuses = pod["status"]["containerStatuses"]
+    statuses[0]["state"]["terminated"]["message"] = '{"valAccuracy": 0.5}'
+    k8s.patch(PODS, "default", pod["metadata"]["name"] + "/status", {"status": {"containerStatuses": statuses}})
     now[0] += MISSING_METRICS_RECHECK_S
     rec.reconcile(k8s.get(RUNS, "default", "r"))
     assert pod_lists() == 2
@@ -151,9 +144,9 @@ def test_metrics_that_could_not_be_read_are_looked_for_again_at_once(k8s, api):
         raise ConnectionError("storage is down")
 
     body = make_run(k8s, runs=1)
-    rec = Reconciler(api, Settings(default_image="img:test"), storage_view=StorageView(unreachable))
+    rec = Reconciler(api, Settings(default_image=IMAGE), storage_view=StorageView(unreachable))
     rec.reconcile(body)
-    complete(k8s, "r-lp-0-a1")
+    k8s.finish_job("r-lp-0-a1")
     for n in (1, 2, 3):
         rec.reconcile(k8s.get(RUNS, "default", "r"))
         assert k8s.count("list", PODS) == n
