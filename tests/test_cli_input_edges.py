@@ -312,3 +312,22 @@ def test_trainer_refuses_non_timm_model_names_before_timm_sees_them(name):
 
     with pytest.raises(ModelError, match="not a timm architecture name"):
         build_network(name, 3)
+# --------------------------------------------------------------------------- umask
+
+def test_outputs_honour_the_umask(tmp_path):
+    a, b = member(tmp_path / "a.safetensors", [1, 2]), member(tmp_path / "b.safetensors", [3, 4])
+    out = tmp_path / "avg.safetensors"
+    code = (f"import os, sys; os.umask(0o022); from ratatouille_operator.cli import main; "
+            f"sys.exit(main(['average', {str(out)!r}, {str(a)!r}, {str(b)!r}]))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert proc.returncode == 0, proc.stderr
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644
+
+
+def test_saved_weights_honour_the_umask(tmp_path):
+    code = ("import os, torch; os.umask(0o027); from ratatouille_trainer.averaging import save_state_dict; "
+            f"save_state_dict({{'w': torch.ones(2)}}, {str(tmp_path / 'w.safetensors')!r})")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert stat.S_IMODE((tmp_path / "w.safetensors").stat().st_mode) == 0o640

@@ -23,6 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
+from ratatouille_trainer.cli import EXIT_DIVERGED
+from ratatouille_trainer.integrity import Verifier
+
 from . import manifests, planner
 from .spec import RunSpec
 
@@ -204,6 +207,7 @@ class LocalExecutor:
         self.metrics: dict[str, dict] = {}
         self.status: dict = {}
         self._lock = threading.Lock()
+        self.verifier = Verifier(storage, what="finished member")
         self._load_previous()
 
     # -- state kept in storage so that a re-run resumes ------------------------------------
@@ -228,8 +232,9 @@ class LocalExecutor:
             self.run = dataclasses.replace(self.run, creation_time=float(created))
         for job in records:
             # Trust storage, not the record: a member counts as finished only if its DONE marker
-            # exists, and one that finished after the last save (killed executor) counts too.
-            done = self.storage.is_done(planner.member_output(self.spec, self.run, job.stage, job.member))
+            # exists and its files verify (one that does not loses DONE and is redone), and one
+            # that finished after the last save (killed executor) counts too.
+            done = self.verifier.check(planner.member_output(self.spec, self.run, job.stage, job.member))
             if done:
                 job.state = "Succeeded"
             elif job.state == "Succeeded":
@@ -258,7 +263,9 @@ class LocalExecutor:
                 continue
             for k in range(aux.runs):
                 key = planner.aux_cache_key(self.spec, aux, k)
-                if self.storage.is_done(planner.aux_cache_uri(self.spec, key)):
+                # a cached entry is used only if its model is the one DONE vouches for: a
+                # corrupted or incomplete entry is a miss, retrained (with a warning)
+                if self.verifier.check(planner.aux_cache_uri(self.spec, key)):
                     hits.add(key)
         return frozenset(hits)
 
@@ -288,7 +295,8 @@ class LocalExecutor:
                 job.state = "Succeeded"
             else:
                 job.state = "Failed"
-                job.reason = f"ExitCode{rc}" if rc > 0 else f"Signal{-rc}"
+                job.reason = ("Diverged" if rc == EXIT_DIVERGED else f"ExitCode{rc}" if rc > 0
+                              else f"Signal{-rc}")
             job.proc = None
             self.on_event("finished", {"job": job, "returncode": rc, "tail": self._log_tail(job)})
 

@@ -739,7 +739,8 @@ def _result(spec: RunSpec, run: RunRef, observed: Observed, succeeded: Sequence[
         if isinstance(best.get("testAccuracy"), Mapping):
             b["testAccuracy"] = {str(d): _fmt(a) for d, a in best["testAccuracy"].items()}
         result["bestSingle"] = b
-    diagnostics = {k: _fmt_tree(metrics[k]) for k in ("uniform", "interpolation") if metrics.get(k) is not None}
+    diagnostics = {k: _fmt_tree(metrics[k]) for k in ("uniform", "interpolation", "excludedAtChance")
+                   if metrics.get(k)}
     if diagnostics:
         result["diagnostics"] = diagnostics
     return result
@@ -841,7 +842,14 @@ def _phase_events(spec: RunSpec, prev: Mapping, prev_phase: str | None, phase: s
                        f" val {result.get('valAccuracy', '?')}) at {result.get('model')}")
         events.append(Event("Normal", reason, message))
     if phase == PHASE_SUCCEEDED:
-        uniform = (observed.member_metrics.get(f"{STAGE_AVERAGE}/{AVERAGE_MEMBER}") or {}).get("uniform")
+        avg_metrics = observed.member_metrics.get(f"{STAGE_AVERAGE}/{AVERAGE_MEMBER}") or {}
+        left_out = avg_metrics.get("excludedAtChance")
+        if isinstance(left_out, (list, tuple)) and left_out:
+            names = ", ".join(str(x.get("member")) for x in left_out if isinstance(x, Mapping))
+            events.append(Event("Warning", "MembersAtChance",
+                                f"{len(left_out)} member(s) left out of the average, their validation"
+                                f" accuracy at chance level ({_fmt_tree(avg_metrics.get('chanceLevel'))}): {names}"))
+        uniform = avg_metrics.get("uniform")
         if isinstance(uniform, Mapping) and uniform.get("collapse") is True:
             events.append(Event("Warning", "AveragingCollapse",
                                 "the uniform average scores below its members: they are not linearly"

@@ -53,6 +53,7 @@ from .streamavg import (  # noqa: E402
     UnsafeWeightsError,
     check_same_keys,
     describe_head as _describe_head,
+    new_file_mode,
     refuse_pickle,
 )
 
@@ -553,6 +554,7 @@ def save_state_dict(state: Mapping[str, torch.Tensor], path: str | os.PathLike,
         save_file(tensors, tmp, metadata=meta)
         _canonical_header(tmp)
         with open(tmp, "rb+") as f:
+            os.fchmod(f.fileno(), new_file_mode())  # mkstemp made it 0600: honour the umask
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:

@@ -2,9 +2,12 @@
 
     ratatouille-trainer {aux,linear-probe,target,average} (--job-json JSON | --job-file PATH)
 
-Exit codes: 0 done (or already complete: ``DONE`` present at the output), 2 bad input (job
-description, dataset, weights), 1 runtime failure. Errors are one line on stderr
-(``ratatouille-trainer: error: ...``), never a traceback (``RATATOUILLE_DEBUG=1`` shows it).
+Exit codes: 0 done (or already complete: ``DONE`` present at the output and its files verify;
+one that does not verify loses ``DONE`` and the stage runs again), 2 bad input (job description,
+dataset, weights, non-finite foundation weights), 3 diverged (the loss or the kept weights became
+NaN/Inf: reason ``Diverged``; nothing is marked done), 1 other runtime failures. Errors are
+one line on stderr (``ratatouille-trainer: error: ...``), never a traceback
+(``RATATOUILLE_DEBUG=1`` shows it).
 The final summary is written to ``/dev/termination-log`` when that file exists (Kubernetes).
 """
 from __future__ import annotations
@@ -18,6 +21,7 @@ import traceback
 PROG = "ratatouille-trainer"
 TERMINATION_LOG = "/dev/termination-log"
 _TERMINATION_MAX = 4000
+EXIT_DIVERGED = 3  # the local executor reports it as reason Diverged
 
 
 class _Parser(argparse.ArgumentParser):
@@ -44,10 +48,10 @@ def _one_line(msg: str) -> str:
     return " ".join(str(msg).split()) or "unknown error"
 
 
-def _error(msg: str, code: int) -> int:
+def _error(msg: str, code: int, reason: str | None = None) -> int:
     line = f"{PROG}: error: {_one_line(msg)}"
     print(line, file=sys.stderr, flush=True)
-    _termination({"error": _one_line(msg), "exitCode": code})
+    _termination({"error": _one_line(msg), "exitCode": code, **({"reason": reason} if reason else {})})
     return code
 
 
@@ -58,7 +62,7 @@ def _termination(payload: dict) -> None:
     text = json.dumps(payload, separators=(",", ":"), sort_keys=True, default=str)
     if len(text) > _TERMINATION_MAX:
         slim = {k: payload[k] for k in ("stage", "member", "valAccuracy", "testAccuracy",
-                                         "sha256", "error", "exitCode") if k in payload}
+                                         "sha256", "error", "exitCode", "reason") if k in payload}
         text = json.dumps(slim, separators=(",", ":"), sort_keys=True, default=str)[:_TERMINATION_MAX]
     try:
         with open(path, "w") as f:
@@ -105,11 +109,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from .data import DataError
         from .models import ModelError
-        from . import stages
+        from .training import Diverged
+        from . import integrity, stages
         from .storage import open_storage
 
         storage = open_storage(desc.output, desc.storage_endpoint)
-        if storage.is_done(desc.output):
+        why = integrity.problem(storage, desc.output)
+        if why is not None:
+            integrity.discard(storage, desc.output, why, what=f"{desc.stage} {desc.member}")
+        elif storage.is_done(desc.output):
             print(json.dumps({"event": "complete", "stage": desc.stage, "member": desc.member,
                               "message": "already complete"}), flush=True)
             print(f"{PROG}: {desc.stage} {desc.member}: already complete ({desc.output}/DONE exists)",
@@ -122,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except KeyboardInterrupt:
         return _error("interrupted", 130)
+    except Diverged as e:
+        if debug:
+            traceback.print_exc()
+        return _error(f"Diverged: {e}", EXIT_DIVERGED, reason="Diverged")
     except (JobDescriptionError, DataError, UnsafeWeightsError, ModelError, AveragingError) as e:
         if debug:
             traceback.print_exc()

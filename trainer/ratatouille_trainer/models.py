@@ -149,6 +149,7 @@ def load_featurizer_state(net: Network, state: Mapping[str, torch.Tensor], what:
     prefixes = _CLASSIFIER_PREFIXES + ((classifier + ".",) if classifier else ())
     unexpected = sorted(k for k in feat if k not in expected and not k.startswith(prefixes))
     _check_fit(expected, feat, unexpected, what, type(net.featurizer).__name__)
+    _check_finite({k: feat[k] for k in expected}, what, "featurizer.")
     with torch.no_grad():
         net.featurizer.load_state_dict({k: feat[k] for k in expected}, strict=True)
 
@@ -192,7 +193,15 @@ def load_head(net: Network, state: Mapping[str, torch.Tensor], what: str = "line
                 raise ModelError(f"{what}: tensor {key} has shape {tuple(state[key].shape)}, "
                                  f"the network expects {tuple(p.shape)} "
                                  f"({net.head.out_features} classes)")
+            _check_finite({key: state[key]}, what)
             p.copy_(state[key])
+
+
+def _check_finite(state: Mapping[str, torch.Tensor], what: str, prefix: str = "") -> None:
+    """Refuse weights with NaN/Inf (a diverged or corrupted file), naming the first tensor."""
+    for k, v in state.items():
+        if v.is_floating_point() and v.numel() and not bool(torch.isfinite(v).all()):
+            raise ModelError(f"{what}: tensor {prefix}{k} has NaN/Inf values; refusing non-finite weights")
 
 
 def _check_fit(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor],

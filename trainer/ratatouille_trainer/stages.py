@@ -24,10 +24,11 @@ from typing import Any, Callable
 
 import torch
 
-from . import __version__
+from . import __version__, integrity
 from .averaging import (AveragingError, RunningSum, greedy_select, interpolate,
                         load_safetensors_file, save_state_dict, sha256_file)
 from .data import DomainDataset, TrainStream, load_dataset, seed_hash
+from .integrity import strict_json
 from .device import DeviceContext, select_device
 from .jobdesc import JobDescription, JobDescriptionError
 from .models import (ModelError, Network, build_network, copy_featurizer_parameters,
@@ -187,6 +188,7 @@ class _Job:
             "trainerVersion": __version__,
             **extra,
         }
+        metrics = strict_json(metrics)  # metrics.json is strict JSON: no bare NaN/Infinity
         self.storage.write_json(join(desc.output, METRICS), metrics)
         self.storage.mark_done(desc.output, {"stage": desc.stage, "member": desc.member, "sha256": sha},
                                require=(MODEL, METRICS))
@@ -233,6 +235,26 @@ def run_linear_probe(desc: JobDescription, ctx: DeviceContext | None = None, pro
         job.close()
 
 
+class SourceNotVerified(RuntimeError):
+    """A finished result a target starts from is not the model its DONE marker vouches for."""
+
+
+def _verify_source(storage, uri: str, sha: str, what: str) -> None:
+    """A target starts only from the model its source's DONE marker vouches for (the LP head, an
+    auxiliary fine-tuning). Recycled weights have no DONE marker: nothing to check. On a mismatch
+    the source loses its DONE marker (it is trained again) and this attempt fails."""
+    if not uri.rstrip("/").endswith("/" + MODEL):
+        return
+    prefix = uri.rstrip("/")[: -len(MODEL) - 1]
+    storage = storage or open_storage(prefix)
+    done = storage.read_done(prefix)
+    if done is None or not done.get("sha256") or done["sha256"] == sha:
+        return
+    why = f"{uri} has sha256 {sha[:12]}..., its DONE marker records {str(done['sha256'])[:12]}..."
+    integrity.discard(storage, prefix, why, what=what)
+    raise SourceNotVerified(f"{what}: {why}; it will be trained again")
+
+
 def init_target_network(desc: JobDescription, num_classes: int, storage=None) -> tuple[Network, dict]:
     """The target fine-tuning's starting network: foundation (frozen BN) + the LP head (only
     ``head.*``) + the source featurizer's *parameters* (buffers stay the foundation's)."""
@@ -243,12 +265,14 @@ def init_target_network(desc: JobDescription, num_classes: int, storage=None) ->
         raise JobDescriptionError("dropout must be below 1")
     net, fsha = foundation_network(desc, num_classes, hp["dropout"], storage)
     head_state, head_sha = load_weights(desc.init.head, storage)
+    _verify_source(storage, desc.init.head, head_sha, "linear-probe head")
     load_head(net, head_state, f"linear-probe head {desc.init.head}")
     del head_state
     info = {"foundationSha256": fsha, "headSha256": head_sha, "featurizerSha256": None,
             "featurizerParametersCopied": 0}
     if desc.init.featurizer:
         fstate, fsha2 = load_weights(desc.init.featurizer, storage)
+        _verify_source(storage, desc.init.featurizer, fsha2, f"featurizer of {desc.init.source}")
         info["featurizerParametersCopied"] = copy_featurizer_parameters(
             net, fstate, f"featurizer of {desc.init.source} ({desc.init.featurizer})")
         info["featurizerSha256"] = fsha2
@@ -357,6 +381,8 @@ def run_average(desc: JobDescription, ctx: DeviceContext | None = None, progress
             if not isinstance(met, dict):
                 raise AveragingError(f"member {m.member!r}: metrics.json is not an object")
             infos[m.member] = {"ref": m, "metrics": met}
+        chance = chance_level(dataset)
+        excluded, at_chance = _exclude_at_chance(infos, chance)
 
         # the architecture only: every tensor comes from the members
         net = freeze_bn(build_network(desc.foundation.model, dataset.num_classes, 0.0,
@@ -381,8 +407,9 @@ def run_average(desc: JobDescription, ctx: DeviceContext | None = None, progress
             sha = sha256_file(path)
             want = infos[name]["metrics"].get("sha256")
             if want and want != sha:
-                raise AveragingError(f"member {name!r}: {uri} has sha256 {sha[:12]}..., "
-                                     f"its metrics.json says {str(want)[:12]}...")
+                why = f"{uri} has sha256 {sha[:12]}..., its metrics.json says {str(want)[:12]}..."
+                integrity.discard(storage, m.uri, why, what=f"member {name}")  # redone on a re-run
+                raise AveragingError(f"member {name!r}: {why}")
             infos[name]["sha256"] = sha
             try:
                 state = load_safetensors_file(path)
@@ -448,10 +475,11 @@ def run_average(desc: JobDescription, ctx: DeviceContext | None = None, progress
 
         sha = _upload_model(storage, desc, result_state, tmp)
         members_lineage = []
-        for n in sorted(infos):
-            met, ref = infos[n]["metrics"], infos[n]["ref"]
+        every = {**at_chance, **infos}
+        for n in sorted(every):
+            met, ref = every[n]["metrics"], every[n]["ref"]
             members_lineage.append({
-                "member": n, "uri": join(ref.uri, MODEL), "sha256": infos[n].get("sha256") or met.get("sha256"),
+                "member": n, "uri": join(ref.uri, MODEL), "sha256": every[n].get("sha256") or met.get("sha256"),
                 "source": ref.source or met.get("source"),
                 "init": met.get("init") or {"source": ref.source},
                 "hyperparameters": met.get("hyperparameters") or {},
@@ -466,7 +494,7 @@ def run_average(desc: JobDescription, ctx: DeviceContext | None = None, progress
                            "inputSize": desc.foundation.inputSize},
             "data": {"dataset": desc.data.dataset, "testDomains": list(desc.data.testDomains)},
             "uniform": uniform_diag, "interpolation": interpolation, "greedyTrace": trace,
-            "trainerVersion": __version__,
+            "trainerVersion": __version__, "excludedAtChance": excluded, "chanceLevel": chance,
         }
         lineage = write_lineage(members_lineage, result)
         storage.write_text(join(desc.output, "lineage.json"), lineage_json(lineage))
@@ -480,7 +508,9 @@ def run_average(desc: JobDescription, ctx: DeviceContext | None = None, progress
             "bestStep": None, "steps": 0, "hyperparameters": {}, "source": "average",
             "sha256": sha, "curve": [], "imagesPerSecond": None,
             "device": ctx.describe(), "trainerVersion": __version__,
+            "excludedAtChance": excluded, "chanceLevel": chance,
         }
+        metrics = strict_json(metrics)
         storage.write_json(join(desc.output, METRICS), metrics)
         storage.mark_done(desc.output, {"stage": "average", "member": desc.member, "sha256": sha},
                           require=(MODEL, "lineage.json", "model-card.md", METRICS))
@@ -488,6 +518,49 @@ def run_average(desc: JobDescription, ctx: DeviceContext | None = None, progress
         return metrics
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+MIN_CHANCE_SAMPLES = 50  # below this many validation images, accuracy cannot tell weak from chance
+
+
+def chance_level(dataset: DomainDataset) -> float | None:
+    """What a model that learned nothing scores on the pooled training-domain validation split:
+    always predicting its most frequent class (at least 1/classes). None when the split has fewer
+    than MIN_CHANCE_SAMPLES images (one image is then 2 points or more: no member is judged)."""
+    counts: dict[int, int] = {}
+    total = 0
+    for _, _, y in dataset.validation_sets():
+        for label, n in zip(*torch.unique(y, return_counts=True)):
+            counts[int(label)] = counts.get(int(label), 0) + int(n)
+            total += int(n)
+    if total < MIN_CHANCE_SAMPLES:
+        return None
+    return max(1.0 / dataset.num_classes, max(counts.values()) / total)
+
+
+def _exclude_at_chance(infos: dict, chance: float | None) -> tuple[list[dict], dict]:
+    """The rule: a member whose pooled training-domain validation accuracy (from its verified
+    metrics.json) is not above ``chance_level`` (or is not a number) learned nothing, e.g. it
+    diverged; averaging it in pulls every weight towards noise. It is left out, with a warning;
+    if no member is left the average fails. Removes them from ``infos``; returns
+    ([{member, valAccuracyPooled}], {member: info})."""
+    excluded, removed = [], {}
+    if chance is None:
+        return excluded, removed
+    for name in sorted(infos):
+        met = infos[name]["metrics"]
+        acc = met.get("valAccuracyPooled", met.get("valAccuracy"))
+        ok = isinstance(acc, (int, float)) and math.isfinite(acc) and acc > chance
+        if not ok:
+            excluded.append({"member": name, "valAccuracyPooled": acc if isinstance(acc, (int, float)) else None})
+            removed[name] = infos.pop(name)
+            print(f"ratatouille-trainer: warning: member {name} is left out of the average: its "
+                  f"validation accuracy {acc} is at chance level (always predicting the most "
+                  f"frequent class scores {chance:.4f})", file=sys.stderr, flush=True)
+    if not infos:
+        raise AveragingError(f"every member is at chance level (validation accuracy <= {chance:.4f}): "
+                             "nothing to average; lower the learning rates")
+    return excluded, removed
 
 
 def _interpolation(infos: dict, ordered: list[str], load_member, val_pooled, net: Network) -> dict | None:

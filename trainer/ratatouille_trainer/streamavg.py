@@ -639,6 +639,8 @@ class StreamingAverage:
         h = hashlib.sha256()
 
         def emit_file(f) -> None:
+            os.fchmod(f.fileno(), new_file_mode())  # the temporary file was created 0600
+
             def out(block) -> None:
                 f.write(block)
                 h.update(block)
@@ -1041,6 +1043,21 @@ class _PrefetchReader:
 
 
 # ------------------------------------------------------------------------------ entry points
+
+def new_file_mode() -> int:
+    """The mode ``open()`` gives a new file under the process umask (0666 & ~umask): what an
+    output written through a private temporary file must get before it is renamed into place."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # no /proc: read it by setting it (and put it back at once)
+    os.umask(mask)
+    return 0o666 & ~mask
+
 
 def check_output_path(path: str) -> None:
     """The output is written by rename over ``path``: refuse to replace anything but a regular

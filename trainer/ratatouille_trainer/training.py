@@ -22,6 +22,7 @@ it reproduces an uninterrupted run exactly on the CPU.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -43,6 +44,18 @@ EVAL_BATCH = 256
 
 class SimulatedCrash(RuntimeError):
     """Raised by the fault-injection hook ``RATATOUILLE_ABORT_AT_STEP`` (tests)."""
+
+
+class Diverged(RuntimeError):
+    """The loss or the weights became NaN/Inf: the stage fails (reason ``Diverged``), nothing is
+    marked done, and no checkpoint of the diverged state is written."""
+
+
+def check_finite_state(state: dict[str, torch.Tensor], what: str) -> None:
+    """Raise :class:`Diverged` naming the first floating tensor of ``state`` with NaN/Inf."""
+    for key, t in state.items():
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            raise Diverged(f"{what}: tensor {key} has NaN/Inf values")
 
 
 # ---------------------------------------------------------------------------------- evaluation
@@ -210,11 +223,16 @@ class Checkpointer:
         return f"step-{step:08d}"
 
     def load(self) -> dict | None:
-        from .storage import NotFound
+        from .storage import NotFound, StorageError
 
         try:
             state = self.storage.read_json(self.uri("state.json"))
         except NotFound:
+            return None
+        except StorageError as e:
+            if not self.storage.exists(self.uri("state.json")):
+                raise
+            self.discard(f"state.json cannot be read: {e}")
             return None
         if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
             return None
@@ -258,6 +276,13 @@ class Checkpointer:
         except Exception as e:  # pruning is an optimisation: never fail training for it
             print(f"ratatouille-trainer: warning: could not prune old checkpoints: {e}",
                   file=__import__("sys").stderr, flush=True)
+
+    def discard(self, why: str) -> None:
+        """Drop an unreadable checkpoint (the run starts over rather than failing every attempt)."""
+        print(f"ratatouille-trainer: warning: discarding the unreadable checkpoint under "
+              f"{self.prefix} ({why}); training starts from step 0", file=__import__("sys").stderr,
+              flush=True)
+        self.clear()
 
     def clear(self) -> None:
         try:
@@ -368,6 +393,30 @@ class TrainResult:
     data_wait_seconds: float = 0.0          # time the loop waited for batches (this session)
 
 
+def _resume(net, opt, phases, stream, checkpointer, saved, keep):
+    """Load a checkpoint's model, optimizer, data stream and RNG states; returns
+    (opt, phase index, curve, best, best_state, train_seconds, images_seen, last step)."""
+    from .models import load_network_state
+
+    last = int(saved["step"])
+    model_state = checkpointer.fetch_state_dict(saved["latestDir"], "model.safetensors")
+    load_network_state(net, model_state, "checkpoint model")
+    pidx = int(saved["phase"])
+    opt = make_optimizer(net, phases[pidx])
+    opt_tensors = checkpointer.fetch_state_dict(saved["latestDir"], "optimizer.safetensors")
+    opt.load_state_dict(optimizer_from_flat(opt_tensors, saved["optimizer"]))
+    stream.set_state(saved["stream"])
+    _set_rng_state(saved["rng"])
+    curve = list(saved["curve"])
+    best = saved.get("best")
+    best_state = None
+    if best is not None and keep == "best":
+        best_state = (model_state if best["dir"] == saved["latestDir"]
+                      else checkpointer.fetch_state_dict(best["dir"], "model.safetensors"))
+    return (opt, pidx, curve, best, best_state, float(saved.get("trainSeconds", 0.0)),
+            int(saved.get("imagesSeen", 0)), last)
+
+
 def _abort_at() -> int | None:
     v = os.environ.get("RATATOUILLE_ABORT_AT_STEP")
     return int(v) if v else None
@@ -394,6 +443,8 @@ def train(net: Network, stream: TrainStream, evaluator: Evaluator, *, steps: int
     fwd = ctx.compiled(net)
 
     torch.manual_seed(seed)
+    initial_state = cpu_state(net) if checkpointer is not None else None
+    initial_stream = stream.get_state() if checkpointer is not None else None
     start = 0
     curve: list[dict] = []
     best: dict | None = None
@@ -406,27 +457,23 @@ def train(net: Network, stream: TrainStream, evaluator: Evaluator, *, steps: int
 
     saved = checkpointer.load() if checkpointer is not None else None
     if saved is not None:
-        last = int(saved["step"])
-        from .models import load_network_state
-        model_state = checkpointer.fetch_state_dict(saved["latestDir"], "model.safetensors")
-        load_network_state(net, model_state, "checkpoint model")
-        pidx = int(saved["phase"])
-        opt = make_optimizer(net, phases[pidx])
-        opt_tensors = checkpointer.fetch_state_dict(saved["latestDir"], "optimizer.safetensors")
-        opt.load_state_dict(optimizer_from_flat(opt_tensors, saved["optimizer"]))
-        stream.set_state(saved["stream"])
-        _set_rng_state(saved["rng"])
-        curve = list(saved["curve"])
-        best = saved.get("best")
-        if best is not None and keep == "best":
-            best_state = (model_state if best["dir"] == saved["latestDir"]
-                          else checkpointer.fetch_state_dict(best["dir"], "model.safetensors"))
-        train_seconds = float(saved.get("trainSeconds", 0.0))
-        images_seen = int(saved.get("imagesSeen", 0))
-        start = last + 1
-        resumed_from = last
-        if progress is not None:
-            progress.emit("resume", step=start, steps=steps)
+        try:
+            resumed = _resume(net, opt, phases, stream, checkpointer, saved, keep)
+        except (SimulatedCrash, MemoryError, KeyboardInterrupt):
+            raise
+        except Exception as e:  # truncated files, bad JSON fields, shapes that do not fit
+            checkpointer.discard(f"{type(e).__name__}: {e}")
+            torch.manual_seed(seed)  # as if there had been no checkpoint
+            net.load_state_dict(initial_state)
+            opt = make_optimizer(net, phases[0])
+            stream.set_state(initial_stream)
+            resumed = None
+        if resumed is not None:
+            opt, pidx, curve, best, best_state, train_seconds, images_seen, last = resumed
+            start = last + 1
+            resumed_from = last
+            if progress is not None:
+                progress.emit("resume", step=start, steps=steps)
 
     abort_at = _abort_at()
     net.train()
@@ -452,10 +499,13 @@ def train(net: Network, stream: TrainStream, evaluator: Evaluator, *, steps: int
                 else:
                     logits = fwd(x)
             loss = F.cross_entropy(logits.float(), y)
+            loss_v = float(loss.item())
+            if not math.isfinite(loss_v):
+                raise Diverged(f"the loss is {loss_v} at step {step} (lr {phase.lr:g}): lower the "
+                               "learning rate")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            loss_v = float(loss.item())
             if ctx.is_cuda:
                 torch.cuda.synchronize()
             train_seconds += time.perf_counter() - t0
@@ -481,8 +531,10 @@ def train(net: Network, stream: TrainStream, evaluator: Evaluator, *, steps: int
                 if on_eval is not None:
                     on_eval(step, score)
                 if checkpointer is not None:
+                    model_now = cpu_state(net)
+                    check_finite_state(model_now, f"the model after step {step}")  # never checkpointed
                     opt_tensors, opt_meta = optimizer_to_flat(opt)
-                    checkpointer.save(step, cpu_state(net), opt_tensors, {
+                    checkpointer.save(step, model_now, opt_tensors, {
                         "step": step, "steps": steps, "phase": pidx, "optimizer": opt_meta,
                         "stream": batches.state(), "rng": _rng_state(), "curve": curve,
                         "best": best if keep == "best" else None,
@@ -510,6 +562,7 @@ def train(net: Network, stream: TrainStream, evaluator: Evaluator, *, steps: int
         if last_score is None:  # resumed right at the end
             last_score = evaluator.score(net)
         kept_score = last_score
+    check_finite_state(state, f"the kept model (step {kept_step})")
     for p in net.parameters():
         p.requires_grad_(True)
     return TrainResult(state=state, step=kept_step, score=kept_score, curve=curve, steps=steps,
