@@ -79,6 +79,8 @@ class DomainDataset:
     domains: list[Domain]
     input_size: int
     test_domains: tuple[str, ...] = ()
+    prepared: dict | None = None        # the prepared cache entry it was read from (lineage)
+    window_bytes: int | None = None     # set when training must stream (over the memory budget)
 
     @property
     def num_classes(self) -> int:
@@ -351,7 +353,8 @@ def decode_files(files: Sequence[tuple[str, int]], input_size: int, root: str, p
     arrays, labels, skipped = [], [], []
     for (f, label), res in zip(files, decoded):
         if isinstance(res, str):
-            skipped.append(f"{os.path.relpath(f, root)} ({res})")
+            rel = os.path.relpath(f, root)
+            skipped.append(f"{rel} ({res.replace(f, rel)})")  # no local paths in the reasons
         else:
             arrays.append(res)
             labels.append(label)

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
 VERSION = 1
-STAGES = ("aux", "linear-probe", "target", "average")
+STAGES = ("prepare", "aux", "linear-probe", "target", "average")
 
 
 class JobDescriptionError(ValueError):
@@ -37,6 +37,11 @@ class DataRef:
     testDomains: tuple[str, ...]
     holdoutFraction: float
     splitSeed: int
+    # Prepared datasets (optional; absent = decode in the Job). For the prepare stage: the root
+    # of the cache entries (<storage.uri>/cache/data); for the others: the prepare member's
+    # output, whose prepared.json names the entry.
+    prepared: str | None = None
+    memoryBudget: str | None = None
 
 
 @dataclass(frozen=True)
@@ -93,7 +98,8 @@ class JobDescription:
             "storage": {"endpoint": self.storage_endpoint},
             "seed": self.seed,
             "foundation": asdict(self.foundation),
-            "data": {**asdict(self.data), "testDomains": list(self.data.testDomains)},
+            "data": {k: v for k, v in {**asdict(self.data), "testDomains": list(self.data.testDomains)}.items()
+                     if v is not None or k not in ("prepared", "memoryBudget")},
         }
         if self.training is not None:
             d["training"] = asdict(self.training)
@@ -135,6 +141,8 @@ class JobDescription:
                     testDomains=tuple(data.get("testDomains") or ()),
                     holdoutFraction=float(data.get("holdoutFraction", 0.2)),
                     splitSeed=int(data.get("splitSeed", 0)),
+                    prepared=data.get("prepared") or None,
+                    memoryBudget=data.get("memoryBudget") or None,
                 ),
                 training=Training(**training) if training else None,
                 init=Init(**init) if init else None,

@@ -76,6 +76,13 @@ def _storage(desc: JobDescription):
 
 def _dataset(desc: JobDescription) -> DomainDataset:
     d = desc.data
+    if d.prepared:  # the shards of the run's prepare member (prepared.py), no decoding here
+        from .prepared import load_prepared, memory_budget
+
+        return load_prepared(d.prepared, test_domains=d.testDomains, holdout_fraction=d.holdoutFraction,
+                             split_seed=d.splitSeed, endpoint=desc.storage_endpoint,
+                             budget=memory_budget(d.memoryBudget), expect_dataset=d.dataset,
+                             expect_input_size=int(desc.foundation.inputSize))
     return load_dataset(d.dataset, int(desc.foundation.inputSize), test_domains=d.testDomains,
                         holdout_fraction=d.holdoutFraction, split_seed=d.splitSeed,
                         endpoint=desc.storage_endpoint)
@@ -139,8 +146,10 @@ class _Job:
         self.progress = progress
 
     def stream(self) -> TrainStream:
-        return TrainStream(self.dataset, int(self.training.batchSize),
-                           seed_hash(self.desc.seed, self.desc.stage, self.desc.member, "data"))
+        from .prepared import train_stream  # TrainStream, or windows over the budget
+
+        return train_stream(self.dataset, int(self.training.batchSize),
+                            seed_hash(self.desc.seed, self.desc.stage, self.desc.member, "data"))
 
     def evaluator(self) -> Evaluator:
         return Evaluator(self.dataset.validation_sets(), self.ctx)
@@ -183,6 +192,7 @@ class _Job:
             "domains": {"train": [d.name for d in self.dataset.train_domains],
                         "test": list(self.dataset.test_domains)},
             "skippedImages": sum(len(d.skipped) for d in self.dataset.domains),
+            "preparedData": self.dataset.prepared,
             "device": self.ctx.describe(),
             "run": {"namespace": desc.run.namespace, "name": desc.run.name, "uid": desc.run.uid},
             "trainerVersion": __version__,
@@ -492,7 +502,8 @@ def run_average(desc: JobDescription, ctx: DeviceContext | None = None, progress
             "run": {"namespace": desc.run.namespace, "name": desc.run.name, "uid": desc.run.uid},
             "foundation": {"model": desc.foundation.model, "weights": desc.foundation.weights,
                            "inputSize": desc.foundation.inputSize},
-            "data": {"dataset": desc.data.dataset, "testDomains": list(desc.data.testDomains)},
+            "data": {"dataset": desc.data.dataset, "testDomains": list(desc.data.testDomains),
+                     "prepared": dataset.prepared},
             "uniform": uniform_diag, "interpolation": interpolation, "greedyTrace": trace,
             "trainerVersion": __version__, "excludedAtChance": excluded, "chanceLevel": chance,
         }
@@ -587,7 +598,14 @@ def _interpolation(infos: dict, ordered: list[str], load_member, val_pooled, net
             "featurizerDistance": far_d, "points": points}
 
 
+def run_prepare(desc: JobDescription, ctx: DeviceContext | None = None, progress=None) -> dict:
+    from .prepared import run_prepare as prepare
+
+    return prepare(desc, ctx, progress)
+
+
 STAGE_FUNCTIONS = {
+    "prepare": run_prepare,
     "aux": run_aux,
     "linear-probe": run_linear_probe,
     "target": run_target,

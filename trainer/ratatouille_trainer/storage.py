@@ -286,6 +286,11 @@ class Storage:
         """Every object under the prefix (recursively), as URIs in the prefix's style, sorted."""
         return [join(prefix_uri, rel) for rel, _, _ in self._for(prefix_uri)._walk(prefix_uri)]
 
+    def entries(self, prefix_uri: str) -> list[tuple[str, int, str]]:
+        """Every object under the prefix as ``(relative key, size, ETag or mtime)``, sorted
+        (one LIST per 1000 objects on S3)."""
+        return self._for(prefix_uri)._walk(prefix_uri)
+
     def delete_prefix(self, prefix_uri: str) -> int:
         """Delete every object under the prefix; returns how many were deleted."""
         return self._for(prefix_uri)._delete_prefix(prefix_uri)
