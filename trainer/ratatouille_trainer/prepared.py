@@ -46,9 +46,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .data import (DataError, Domain, DomainDataset, _check_args, _gen, _warn, check_dataset,
-                   check_test_domains, decode_files, decode_workers, list_dataset, list_to_state,
-                   make_domain, resolve_dataset, seed_hash, state_to_list)
+from .data import (DataError, Domain, DomainDataset, TrainStream, _check_args, _gen, _warn,
+                   check_dataset, check_test_domains, decode_files, decode_workers, list_dataset,
+                   make_domain, resolve_dataset, seed_hash)
 
 PREP_VERSION = 1
 INDEX = "index.json"
@@ -410,7 +410,7 @@ class _Window:
     labels: torch.Tensor
 
 
-class WindowStream:
+class WindowStream(TrainStream):
     """Training batches when the training domains do not fit in memory.
 
     Each training domain's in-split is cut into windows of ``W`` images (``W`` from the memory
@@ -508,15 +508,10 @@ class WindowStream:
         return x, y
 
     def get_state(self) -> dict:
-        return {"samplers": [state_to_list(g.get_state()) for g in self.samplers],
-                "augment": state_to_list(self.aug_gen.get_state()), "windowStep": self.step}
+        return {**super().get_state(), "windowStep": self.step}
 
     def set_state(self, state: dict) -> None:
-        if len(state["samplers"]) != len(self.samplers):
-            raise ValueError("checkpoint sampler count does not match the training domains")
-        for g, s in zip(self.samplers, state["samplers"]):
-            g.set_state(list_to_state(s))
-        self.aug_gen.set_state(list_to_state(state["augment"]))
+        super().set_state(state)
         self.step = int(state.get("windowStep", 0))
 
     def close(self) -> None:
