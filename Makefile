@@ -5,11 +5,11 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv system-deps demo test test-fast clean
+.PHONY: venv system-deps k8s demo test test-fast dev-cluster clean
 
 venv: $(VENV)/.installed
 
-# torch/torchvision are pinned to the pair that installs from local disk here (ENVIRONMENT.md);
+# torch/torchvision: the CUDA build from PyPI (about 3 GB, kept in pip's cache for later installs);
 # kubernetes<37 keeps pip from backtracking through boto3 releases.
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -18,18 +18,30 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[trainer,operator,demo,bench,test]'
 	touch $@
 
-# Prometheus (promtool too) for the observability tests; kubectl is used when present.
+# Prometheus (promtool too) for the observability tests; openssl for the test cluster's PKI.
 system-deps:
-	@command -v prometheus >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
+	@command -v prometheus >/dev/null && command -v openssl >/dev/null || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus openssl >/dev/null; }
+
+# The upstream control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler,
+# kubectl), Helm and Kueue, built from their Go modules (scripts/k8s/versions.env) once per
+# machine into ~/.cache/ratatouille/k8s; a cached build costs nothing.
+k8s:
+	bash scripts/k8s/build.sh
 
 demo: venv
 	bash scripts/demo.sh
 
-test: venv system-deps
+test: venv system-deps k8s
 	$(VENV)/bin/pytest -q -ra
 
-test-fast: venv
+test-fast: venv k8s
 	$(VENV)/bin/pytest -q -m "not slow"
+
+# The control plane, node agent, S3 and Prometheus on loopback with the chart installed; prints
+# the exports for kubectl; Ctrl-C stops it. Uploads the demo data when `make demo` made it.
+dev-cluster: venv system-deps k8s
+	$(PY) -m tests.cluster.devcluster $(if $(wildcard .demo/data),--demo-data .demo/data)
 
 clean:
 	rm -rf .demo .pytest_cache build *.egg-info

@@ -129,8 +129,8 @@ def free_port() -> int:
 
 
 def MotoServer():
-    """moto_server on a loopback port for a ``with`` block: the dev-cluster's own starter."""
-    from ratatouille_operator.devcluster import MotoS3
+    """moto_server on a loopback port for a ``with`` block: the dev cluster's own starter."""
+    from tests.cluster.s3 import MotoS3
 
     return MotoS3(buckets=())
 

@@ -55,12 +55,12 @@ def test_quickstart_example_runs(demo_dir, tmp_path):
 def test_operator_demo_example_runs_against_s3(demo_dir, tmp_path, moto_server):
     import boto3
 
-    from ratatouille_operator.devcluster import upload_demo_assets
+    from tests.cluster.s3 import upload_demo_assets
 
     s3 = boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1")
     if "ratatouille" not in [b["Name"] for b in s3.list_buckets().get("Buckets", [])]:
         s3.create_bucket(Bucket="ratatouille")
-    uploaded = upload_demo_assets(moto_server, demo_dir / ".demo" / "data",
+    uploaded = upload_demo_assets(s3, demo_dir / ".demo" / "data",
                                   foundation=demo_dir / "crds/examples/quickstart-foundation.safetensors")
     assert "s3://ratatouille/datasets/digits" in uploaded
     env = dict(os.environ, HF_HUB_OFFLINE="1")  # moto fixture put dummy AWS keys in os.environ

@@ -246,12 +246,6 @@ def cmd_operator(args) -> int:
     return run_operator(args)
 
 
-def cmd_dev_cluster(args) -> int:
-    from .devcluster import serve
-
-    return serve(args)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ratatouille", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -286,13 +280,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--standalone", action="store_true", default=True)
     p.add_argument("--verbose", action="store_true")
     p.set_defaults(func=cmd_operator)
-    p = sub.add_parser("dev-cluster", help="start an emulated Kubernetes API, job controller and S3 on loopback")
-    p.add_argument("--dir", default=".ratatouille/dev-cluster", help="where the kubeconfig and logs go")
-    p.add_argument("--port", type=int, default=0)
-    p.add_argument("--demo-data", default=None, metavar="DIR",
-                   help="upload these demo datasets (e.g. .demo/data from `make demo`) and the quickstart"
-                        " foundation to s3://ratatouille/ for crds/examples/operator-demo.yaml")
-    p.set_defaults(func=cmd_dev_cluster)
     return parser
 
 

@@ -2,7 +2,7 @@
 
 `tests/operator/rbac_expected.json` is the set of (verb, group/resource[/sub]) requests the real
 operator process may send; the end-to-end tests assert that every request it sent to the
-emulator is in it. Here each is checked against the rendered RBAC, cluster-wide and namespaced.
+API server (read from the server's audit log) is in it, and that the server refused none. Here each is checked against the rendered RBAC, cluster-wide and namespaced.
 """
 from __future__ import annotations
 

@@ -72,13 +72,12 @@ class MotoS3:
         self.proc = None
 
 
-def upload_demo_assets(s3: MotoS3, data_dir: str | os.PathLike,
+def upload_demo_assets(client, data_dir: str | os.PathLike,
                        foundation: str | os.PathLike = "crds/examples/quickstart-foundation.safetensors",
                        prefix: str = "") -> list[str]:
     """Copy the demo datasets and foundation into bucket `ratatouille` where
     crds/examples/operator-demo.yaml expects them: datasets/<name>/... and
-    models/quickstart-foundation.safetensors."""
-    client = s3.client()
+    models/quickstart-foundation.safetensors. `client` is a boto3 S3 client."""
     data_dir = Path(data_dir)
     uploaded = []
     for dataset in sorted(p for p in data_dir.iterdir() if p.is_dir()):

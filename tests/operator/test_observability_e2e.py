@@ -1,9 +1,11 @@
-"""Deploy-and-observe, end to end: the operator started with exactly the command and environment
-of the chart's rendered Deployment, against the emulated cluster; a real Prometheus scraping it
-the way the chart's ServiceMonitor would, and the training pods the way its PodMonitor would (the
-stand-in Job controller gives every trainer a loopback metrics port and keeps a file_sd list of
-the live ones, labelled like the PodMonitor's relabeling); then every alert expression and every
-dashboard panel query of the chart is evaluated against what Prometheus scraped.
+"""Deploy-and-observe, end to end: the chart installed by Helm with monitoring on (its
+ServiceMonitor, PodMonitor and PrometheusRule validated by the API server against the Prometheus
+Operator's CRDs), the operator running as its Deployment's pod on the upstream control plane; a
+real Prometheus scraping it the way the chart's ServiceMonitor would, and the training pods the
+way its PodMonitor would (the node agent gives every trainer a loopback metrics port and keeps a
+file_sd list of the live ones, labelled like the PodMonitor's relabeling); then every alert
+expression and every dashboard panel query of the chart is evaluated against what Prometheus
+scraped.
 
 Two runs: `observed` trains for real (a linear probe, two targets, one of which fails its first
 attempt and is retried, the average) and succeeds; `doomed` (instant Jobs, one member always
@@ -21,19 +23,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.operator.harness import (ACCESS_KEY, BIN, SECRET_KEY, Cluster, OperatorProcess,
-                                    run_manifest, write_datasets)
-from ratatouille_operator.devcluster import CREDENTIALS_SECRET, free_port, prometheus_label_name
+from tests.cluster.nodeagent import prometheus_label_name
+from tests.operator.harness import RELEASE_NS, ChartOperator, run_manifest, write_datasets
 
 pytest.importorskip("kopf")
 pytest.importorskip("timm")
-pytest.importorskip("kmock")
 pytest.importorskip("helm_python")
 from tests.chart import helmutil  # noqa: E402  (needs helm_python)
 
 pytestmark = pytest.mark.slow
 
-RELEASE_NAMESPACE = "ratatouille"
+RELEASE_NAMESPACE = RELEASE_NS  # where ChartOperator installs the release
 RUN_NS, FAILED_NS = "obs-main", "obs-failing"
 # Long enough that each target trains for ~10 s on an idle 2-core machine: Prometheus 2.x's
 # discovery manager passes target changes to the scrape pools at most every 5 s, so a pod that lives
@@ -46,34 +46,6 @@ MAY_BE_EMPTY = {"Storage errors", "Reconcile errors", "Averaging collapses (24h)
 # Panels the brief names explicitly (must have data whatever MAY_BE_EMPTY says).
 MUST_HAVE_DATA = {"Runs by phase", "Jobs created, failed and retried by stage", "Reconcile latency p95",
                   "Training step", "Training loss", "Throughput", "Validation accuracy (latest)"}
-
-
-def _port_busy(port: int) -> bool:
-    """Whether something already listens on 0.0.0.0:port (the operator binds all addresses)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("0.0.0.0", port))
-        except OSError:
-            return True
-    return False
-
-
-def _effective_env(container: dict, secrets: dict[tuple[str, str], str]) -> dict[str, str]:
-    """The environment a kubelet gives the container: env entries in order (a later entry of the
-    same name wins), secretKeyRef values resolved from `secrets[(secret, key)]`."""
-    env: dict[str, str] = {}
-    for var in container.get("env") or []:
-        if "value" in var:
-            env[var["name"]] = str(var["value"])
-            continue
-        ref = var["valueFrom"]["secretKeyRef"]  # the chart uses no other valueFrom
-        env[var["name"]] = secrets[(ref["name"], ref["key"])]
-    return env
-
-
-def _named_ports(container: dict) -> dict[str, int]:
-    return {p["name"]: int(p["containerPort"]) for p in container.get("ports") or []}
 
 
 def _panels() -> list[tuple[str, str]]:
@@ -106,8 +78,8 @@ def monitoring_objects():
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory, monitoring_objects):
-    """Emulator + moto + a Job controller that gives trainers metrics ports and lists them as
+def cluster(k8s_cluster, monitoring_objects):
+    """The session's cluster, its node agent giving trainers metrics ports and listing them as
     targets the way the rendered PodMonitor selects and labels pods."""
     if helmutil.prometheus_binary() is None:
         pytest.skip("prometheus is not installed (make system-deps)")
@@ -123,60 +95,34 @@ def cluster(tmp_path_factory, monitoring_objects):
                 original = "ratatouille.dev/" + source[len(prefix + "ratatouille_dev_"):]
                 assert prometheus_label_name(original) == source[len(prefix):] == rule["targetLabel"], rule
                 pod_labels.append(original)
-    c = Cluster(tmp_path_factory.mktemp("obs-cluster"), controller_options={
-        "metrics_ports": True, "metrics_pod_selector": pm["selector"]["matchLabels"],
-        "metrics_pod_labels": pod_labels})
-    c.start()
+    agent = k8s_cluster.controller
+    agent.reset()
+    saved = (agent.metrics_ports, agent.metrics_pod_selector, agent.metrics_pod_labels)
+    agent.metrics_ports, agent.metrics_pod_selector = True, dict(pm["selector"]["matchLabels"])
+    agent.metrics_pod_labels = pod_labels
     try:
-        yield c
+        yield k8s_cluster
     finally:
-        c.stop()
+        agent.metrics_ports, agent.metrics_pod_selector, agent.metrics_pod_labels = saved
+        agent.reset()
 
 
-def _operator_from_chart(cluster: Cluster, tmp: Path) -> tuple[OperatorProcess, dict]:
-    """The operator process built from the rendered Deployment (see the module docstring)."""
-    values = {
-        "reconcileInterval": 2,  # resync (and so the runs-by-phase gauge) every 2 s, not 15
-        "storage": {"endpoint": cluster.s3.endpoint, "credentialsSecret": CREDENTIALS_SECRET},
-        # The chart wires the same Secret into the operator, which reads run metrics and the
-        # auxiliary cache from storage with it.
-    }
-    secrets = {(CREDENTIALS_SECRET, "AWS_ACCESS_KEY_ID"): ACCESS_KEY,
-               (CREDENTIALS_SECRET, "AWS_SECRET_ACCESS_KEY"): SECRET_KEY}
-    container = helmutil.operator_container(values, namespace=RELEASE_NAMESPACE)
-    ports = _named_ports(container)
+def _installed(cluster, op: ChartOperator) -> dict:
+    """What Helm installed: the operator container's ports, probe and the environment the node
+    agent gave it, checked to be self-consistent; and the monitoring objects the API server took."""
+    deployment = json.loads(cluster.kubectl("get", "deployment", f"{op.release}-operator", "-n", op.namespace,
+                                            "-o", "json").stdout)
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    ports = {p["name"]: int(p["containerPort"]) for p in container.get("ports") or []}
     probe = container["livenessProbe"]["httpGet"]
-    probe_port = ports[probe["port"]] if isinstance(probe["port"], str) else int(probe["port"])
-    env = _effective_env(container, secrets)
-    # What the chart renders is self-consistent: the env the operator reads names the ports the
-    # container declares, the Service targets and the liveness probe hits.
-    assert env["RATATOUILLE_METRICS_PORT"] == str(ports["http-metrics"])
-    assert env["RATATOUILLE_LIVENESS_PORT"] == str(probe_port)
-    info = {"rendered_metrics_port": ports["http-metrics"], "rendered_liveness_port": probe_port,
-            "liveness_path": probe["path"], "overridden": False}
-    # The chart fixes the ports (9090, 8080) and its schema refuses RATATOUILLE_* in extraEnv, so
-    # no value moves them. On a shared machine something else may hold them: wait a little, then
-    # move them (the one deviation from the rendered environment) and say so in a warning.
-    deadline = time.monotonic() + 5
-    while (_port_busy(ports["http-metrics"]) or _port_busy(probe_port)) and time.monotonic() < deadline:
-        time.sleep(1)
-    if _port_busy(ports["http-metrics"]) or _port_busy(probe_port):
-        env["RATATOUILLE_METRICS_PORT"], env["RATATOUILLE_LIVENESS_PORT"] = str(free_port()), str(free_port())
-        info["overridden"] = True
-        warnings.warn(f"the rendered operator ports {ports['http-metrics']}/{probe_port} are in use on this "
-                      f"machine: the operator ran on {env['RATATOUILLE_METRICS_PORT']}/"
-                      f"{env['RATATOUILLE_LIVENESS_PORT']} instead", UserWarning)
-    # Exactly the rendered command and environment; what the pod gets elsewhere: PATH and HOME
-    # from the image, the API server from the service account (here a kubeconfig).
-    assert not set(env) & {"PATH", "HOME", "KUBECONFIG"}
-    home = tmp / "home"
-    home.mkdir()
-    full_env = {"PATH": f"{BIN}:/usr/local/bin:/usr/bin:/bin", "HOME": str(home),
-                "KUBECONFIG": str(cluster.kubeconfig), **env}
-    op = OperatorProcess(cluster, argv=container["command"] + list(container.get("args") or []),
-                         env=full_env, liveness_path=probe["path"])
-    info.update(command=container["command"], env=env)
-    return op, info
+    env = op.env
+    assert env["RATATOUILLE_METRICS_PORT"] == str(ports["http-metrics"]) == str(op.metrics_port)
+    assert env["RATATOUILLE_LIVENESS_PORT"] == str(ports[probe["port"]]) == str(op.liveness_port)
+    for kind in ("servicemonitors", "podmonitors", "prometheusrules"):
+        listed = json.loads(cluster.kubectl("get", f"{kind}.monitoring.coreos.com", "-n", op.namespace,
+                                            "-o", "json").stdout)["items"]
+        assert listed, f"helm installed no {kind}"
+    return {"liveness_path": probe["path"], "command": container["command"], "env": env}
 
 
 def _wait(predicate, timeout: float, what: str, detail=lambda: ""):
@@ -193,11 +139,11 @@ def _wait(predicate, timeout: float, what: str, detail=lambda: ""):
 def test_chart_deployment_operator_is_scraped_and_every_chart_query_evaluates(
         cluster, monitoring_objects, tmp_path):
     ctl = cluster.controller
-    op, info = _operator_from_chart(cluster, tmp_path)
+    op = ChartOperator(cluster, values={
+        "monitoring": {"enabled": True},  # the API server validates its monitoring objects
+        "reconcileInterval": 2,  # resync (and so the runs-by-phase gauge) every 2 s, not 15
+    })
     metrics_port, liveness_port = op.metrics_port, op.liveness_port
-    if not info["overridden"]:
-        assert (metrics_port, liveness_port) == (info["rendered_metrics_port"], info["rendered_liveness_port"])
-
     # -- what Prometheus scrapes, as the chart's ServiceMonitor / PodMonitor describe it ----------
     sm, svc, pm = (monitoring_objects[k] for k in ("ServiceMonitor", "Service", "PodMonitor"))
     operator_job = svc["metadata"]["labels"][sm["spec"]["jobLabel"]]
@@ -210,7 +156,7 @@ def test_chart_deployment_operator_is_scraped_and_every_chart_query_evaluates(
         {"job_name": operator_job, "honor_labels": bool(endpoint.get("honorLabels")),
          "metrics_path": endpoint["path"],
          "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"],
-                             "labels": {"namespace": RELEASE_NAMESPACE, "service": svc["metadata"]["name"],
+                             "labels": {"namespace": op.namespace, "service": svc["metadata"]["name"],
                                         "endpoint": endpoint["port"], "container": "operator",
                                         "pod": "rt-ratatouille-operator-0"}}]},
         {"job_name": trainer_job, "metrics_path": pm_endpoint["path"],
@@ -232,11 +178,12 @@ def test_chart_deployment_operator_is_scraped_and_every_chart_query_evaluates(
     (tmp_path / "prom").mkdir()
     with helmutil.Prometheus(scrape_configs, workdir=tmp_path / "prom") as prom, contextlib.ExitStack() as stack:
         t0 = time.time()
-        op.start()
-        stack.callback(op.stop)
+        op.install()
+        stack.callback(op.uninstall)
         logs = lambda: "--- operator log\n" + op.log_tail(40) + "\n--- prometheus log\n" + prom.read_log()  # noqa: E731
+        info = _installed(cluster, op)
 
-        # 1. The rendered ports answer: /metrics on the metrics port, 200 on the probe's path.
+        # 1. The installed ports answer: /metrics on the metrics port, 200 on the probe's path.
         status, text = _get(f"http://127.0.0.1:{metrics_port}{endpoint['path']}")
         assert status == 200 and "ratatouille_build_info" in text
         status, _ = _get(f"http://127.0.0.1:{liveness_port}{info['liveness_path']}")
@@ -252,7 +199,7 @@ def test_chart_deployment_operator_is_scraped_and_every_chart_query_evaluates(
 
         # The operator ran on the chart's settings: child Jobs carry the chart's storage endpoint,
         # the trainer metrics port and the default image.
-        job = cluster.emulator.get("batch/v1/jobs", ns, "observed-avg-0-a1")
+        job = cluster.get("batch/v1/jobs", ns, "observed-avg-0-a1")
         container = job["spec"]["template"]["spec"]["containers"][0]
         job_env = {e["name"]: e.get("value") for e in container["env"]}
         assert job_env["AWS_ENDPOINT_URL"] == cluster.s3.endpoint
@@ -320,8 +267,7 @@ def test_chart_deployment_operator_is_scraped_and_every_chart_query_evaluates(
         empty = sorted(t for t, has in coverage.items() if not has)
         print("\npanel coverage:", json.dumps(coverage, indent=1), "\nalerts with results:",
               sorted(n for n, r in fired.items() if r), "\nmid-training samples:", len(mid_training),
-              "\nports:", json.dumps(
-                  {k: info[k] for k in ("rendered_metrics_port", "rendered_liveness_port", "overridden")}))
+              "\nports:", json.dumps({"metrics": metrics_port, "liveness": liveness_port}))
         assert MUST_HAVE_DATA <= set(coverage), sorted(coverage)
         assert not (set(empty) & MUST_HAVE_DATA), f"panels without data: {empty}"
         assert set(empty) <= MAY_BE_EMPTY, f"panels without data: {empty}"

@@ -1,0 +1,53 @@
+"""crds/examples/operator-demo.yaml on the upstream control plane: the demo data in S3, the chart
+installed by Helm, and the example applied with plain `kubectl apply -f` (its step budgets shrunk
+for CI in a copy of the file, nothing else changed); `kubectl wait --for=condition=Complete`
+returns once it Succeeded, and `kubectl get rrun` / `kubectl get events` / `kubectl explain` work
+as on a cluster."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from tests.cluster.s3 import upload_demo_assets
+from tests.operator.harness import REPO, cluster, operator_process  # noqa: F401
+
+pytest.importorskip("kopf")
+pytest.importorskip("timm")
+pytestmark = pytest.mark.slow
+
+SHRINK = {"linearProbe": {"steps": 6, "batchSize": 8}, "auxiliaryFinetune": {"steps": 6, "batchSize": 8},
+          "finetune": {"runs": 3, "steps": 6, "batchSize": 4, "headWarmupSteps": 2, "evalEvery": 3}}
+
+
+def test_operator_demo_reaches_succeeded_with_plain_kubectl_apply(cluster, operator_process, tmp_path):
+    data = tmp_path / "demo"
+    subprocess.run([sys.executable, "-m", "ratatouille_trainer.demo_data", "--out", str(data), "--data-only",
+                    "--per-domain", "30"], check=True, capture_output=True, timeout=300)
+    upload_demo_assets(cluster.s3.client(), data, foundation=REPO / "crds/examples/quickstart-foundation.safetensors")
+    ns = cluster.namespace("demo")
+    manifest = yaml.safe_load((REPO / "crds/examples/operator-demo.yaml").read_text())
+    for key, value in SHRINK.items():
+        manifest["spec"][key].update(value)
+    manifest["spec"]["failurePolicy"]["minSucceeded"] = 2
+    path = tmp_path / "operator-demo.yaml"
+    path.write_text(yaml.safe_dump(manifest))
+
+    cluster.kubectl("apply", "-n", ns, "-f", str(path))  # no --validate=false
+    wait = cluster.kubectl("wait", "-n", ns, "--for=condition=Complete", "--timeout=600s", "rrun/operator-demo",
+                           check=False)
+    run = cluster.run(ns, "operator-demo")
+    assert wait.returncode == 0, (wait.stderr, (run or {}).get("status"), operator_process.log_tail())
+    assert run["status"]["phase"] == "Succeeded"
+    assert run["status"]["result"]["model"].startswith("s3://ratatouille/runs/demo/operator-demo/")
+
+    rows = cluster.kubectl("get", "rrun", "-n", ns).stdout.splitlines()
+    assert rows[0].split()[:4] == ["NAME", "PHASE", "PROGRESS", "COMPLETE"] and rows[1].split()[1] == "Succeeded"
+    events = cluster.kubectl("get", "events", "-n", ns, "--field-selector",
+                             "involvedObject.kind=RatatouilleRun").stdout
+    assert events.splitlines()[0].split()[:4] == ["LAST", "SEEN", "TYPE", "REASON"]
+    assert "Succeeded" in events and "ratatouillerun/operator-demo" in events
+    explain = cluster.kubectl("explain", "rrun.spec.finetune.runs").stdout
+    assert "FIELD: runs <integer>" in explain
