@@ -21,6 +21,7 @@ Usage: .venv/bin/python benchmarks/bench_operator.py [--runs 20] [--members 50] 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -129,8 +130,6 @@ def main() -> int:
     ap.add_argument("--keep-log", help="copy the operator's log here")
     args = ap.parse_args()
 
-    import yaml
-
     from tests.operator.harness import ChartOperator, Cluster, run_manifest
 
     figures = {"machine_start": common.machine(), "runs": args.runs, "members": args.members}
@@ -159,7 +158,7 @@ def main() -> int:
         for name in names:
             body = run_manifest(name, dataset="s3://ratatouille/datasets/target", runs=args.members,
                                 parallelism=args.parallelism, min_succeeded=1)
-            manifests.append(yaml.safe_dump(body))
+            manifests.append(json.dumps(body))
         cluster.kubectl("apply", "-n", ns, "-f", "-", input="---\n".join(manifests))
         for name in names:
             created_at[name] = time.monotonic()

@@ -156,7 +156,8 @@ class Cluster:
     def apply(self, manifest: Mapping | str, namespace: str = "default") -> None:
         """Plain `kubectl apply -f -`: client-side OpenAPI validation and the server's strict
         field validation, as a user gets them."""
-        text = manifest if isinstance(manifest, str) else yaml.safe_dump(dict(manifest), sort_keys=False)
+        # JSON, a subset of YAML: PyYAML would write "1e-4" unquoted, which kubectl reads as a number.
+        text = manifest if isinstance(manifest, str) else json.dumps(manifest)
         self.kubectl("apply", "-n", namespace, "-f", "-", input=text)
 
     def helm(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -5,6 +5,7 @@ returns once it Succeeded, and `kubectl get rrun` / `kubectl get events` / `kube
 as on a cluster."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -33,7 +34,7 @@ def test_operator_demo_reaches_succeeded_with_plain_kubectl_apply(cluster, opera
         manifest["spec"][key].update(value)
     manifest["spec"]["failurePolicy"]["minSucceeded"] = 2
     path = tmp_path / "operator-demo.yaml"
-    path.write_text(yaml.safe_dump(manifest))
+    path.write_text(json.dumps(manifest, indent=1))  # JSON is YAML; PyYAML would unquote "1e-4"
 
     cluster.kubectl("apply", "-n", ns, "-f", str(path))  # no --validate=false
     wait = cluster.kubectl("wait", "-n", ns, "--for=condition=Complete", "--timeout=600s", "rrun/operator-demo",
