@@ -22,12 +22,16 @@ from ratatouille_trainer import jobdesc as _jd
 from .spec import Auxiliary, RunSpec
 
 # -- vocabulary ----------------------------------------------------------------------------
+STAGE_PREPARE = "prepare"
 STAGE_AUX = "aux"
 STAGE_LP = "linear-probe"
 STAGE_TARGET = "target"
 STAGE_AVERAGE = "average"
-STAGES = (STAGE_LP, STAGE_AUX, STAGE_TARGET, STAGE_AVERAGE)  # graph (creation) order
-SHORT = {STAGE_AUX: "aux", STAGE_LP: "lp", STAGE_TARGET: "target", STAGE_AVERAGE: "avg"}
+STAGES = (STAGE_PREPARE, STAGE_LP, STAGE_AUX, STAGE_TARGET, STAGE_AVERAGE)  # graph (creation) order
+SHORT = {STAGE_PREPARE: "prep", STAGE_AUX: "aux", STAGE_LP: "lp", STAGE_TARGET: "target",
+         STAGE_AVERAGE: "avg"}
+PREPARE_TARGET = "target"
+REASON_PREPARE_FAILED = "DataPreparationFailed"
 LP_MEMBER = "0"
 AVERAGE_MEMBER = "0"
 FOUNDATION = "foundation"
@@ -247,8 +251,36 @@ def member_output(spec: RunSpec, run: RunRef, stage: str, member: str) -> str:
         return f"{prefix}/average"
     raise ValueError(f"unknown stage {stage!r}")
 
+def data_cache_uri(spec: RunSpec) -> str:
+    """Root of the prepared-dataset cache entries (trainer's prepared.py), shared like cache/aux."""
+    return f"{spec.storage.uri}/cache/data"
+
+
+def prepare_members(spec: RunSpec) -> dict[str, str]:
+    """Dataset URI -> prepare member (``target``, ``aux-<name>``), one per distinct dataset;
+    empty unless ``spec.dataPreparation.enabled``."""
+    if not spec.data_preparation.enabled:
+        return {}
+    out = {spec.target.dataset: PREPARE_TARGET}
+    for aux in sorted(spec.auxiliaries, key=lambda a: a.name):
+        if not aux.recycled and aux.dataset not in out:
+            out[str(aux.dataset)] = f"aux-{aux.name}"
+    return out
+
+
+def _prepared(spec: RunSpec, run: RunRef, dataset: str) -> dict[str, Any]:
+    """The job description's data fields that point a consumer at its prepared dataset."""
+    member = prepare_members(spec).get(dataset)
+    if member is None:
+        return {}
+    return {"prepared": member_output(spec, run, STAGE_PREPARE, member),
+            "memoryBudget": spec.data_preparation.memory_budget}
+
+
 
 # -- source assignment (PAPER.md stage 3) -----------------------------------------------------
+    if stage == STAGE_PREPARE:
+        return f"{run_prefix(spec, run)}/prepare/{member}"
 class Source(NamedTuple):
     name: str                      # "foundation" or the auxiliary's name
     auxiliary: Auxiliary | None    # None for the foundation
@@ -310,9 +342,10 @@ def _base(spec: RunSpec, run: RunRef, stage: str, member: str, seed: int, data: 
     )
 
 
-def _target_data(spec: RunSpec) -> _jd.DataRef:
+def _target_data(spec: RunSpec, run: RunRef) -> _jd.DataRef:
     return _jd.DataRef(dataset=spec.target.dataset, testDomains=tuple(spec.target.test_domains),
-                       holdoutFraction=spec.target.holdout_fraction, splitSeed=spec.seed)
+                       holdoutFraction=spec.target.holdout_fraction, splitSeed=spec.seed,
+                       **_prepared(spec, run, spec.target.dataset))
 
 
 def describe(spec: RunSpec, run: RunRef, stage: str, member: str,
@@ -324,14 +357,20 @@ def describe(spec: RunSpec, run: RunRef, stage: str, member: str,
         af, lp = spec.auxiliary_finetune, spec.linear_probe
         return _base(spec, run, stage, member, seed=spec.seed * _SEED_STRIDE + k,
                      data=_jd.DataRef(dataset=str(aux.dataset), testDomains=(),
-                                      holdoutFraction=AUX_HOLDOUT_FRACTION, splitSeed=spec.seed),
+                                      holdoutFraction=AUX_HOLDOUT_FRACTION, splitSeed=spec.seed,
+                                      **_prepared(spec, run, str(aux.dataset))),
                      training=_jd.Training(steps=af.steps, batchSize=af.batch_size, lr=af.lr,
                                            evalEvery=spec.finetune.eval_every,
                                            lpSteps=lp.steps, lpLr=lp.lr))
     if stage == STAGE_LP:
         lp = spec.linear_probe
-        return _base(spec, run, stage, member, seed=spec.seed, data=_target_data(spec),
+        return _base(spec, run, stage, member, seed=spec.seed, data=_target_data(spec, run),
                      training=_jd.Training(steps=lp.steps, batchSize=lp.batch_size, lr=lp.lr,
+    if stage == STAGE_PREPARE:
+        dataset = next(d for d, m in prepare_members(spec).items() if m == member)
+        return _base(spec, run, stage, member, seed=spec.seed,
+                     data=_jd.DataRef(dataset=dataset, testDomains=(), holdoutFraction=AUX_HOLDOUT_FRACTION,
+                                      splitSeed=spec.seed, prepared=data_cache_uri(spec)))
                                            evalEvery=spec.finetune.eval_every,
                                            lpSteps=lp.steps, lpLr=lp.lr))
     sources = initialization_sources(spec) if _sources is None else _sources
@@ -340,7 +379,7 @@ def describe(spec: RunSpec, run: RunRef, stage: str, member: str,
         ft = spec.finetune
         source, featurizer, _key = _target_source(spec, sources, i)
         hp = target_hyperparameters(spec, i)
-        return _base(spec, run, stage, member, seed=spec.seed * _SEED_STRIDE + i, data=_target_data(spec),
+        return _base(spec, run, stage, member, seed=spec.seed * _SEED_STRIDE + i, data=_target_data(spec, run),
                      training=_jd.Training(steps=ft.steps, batchSize=ft.batch_size, lr=hp["lr"],
                                            weightDecay=hp.get("weightDecay", "0"),
                                            dropout=hp.get("dropout", "0"),
@@ -358,7 +397,7 @@ def describe(spec: RunSpec, run: RunRef, stage: str, member: str,
             _jd.MemberRef(member=str(i), uri=member_output(spec, run, STAGE_TARGET, str(i)),
                           source=_target_source(spec, sources, i)[0])
             for i in sorted(succeeded_targets))
-        return _base(spec, run, stage, member, seed=spec.seed, data=_target_data(spec),
+        return _base(spec, run, stage, member, seed=spec.seed, data=_target_data(spec, run),
                      members=members, selection=spec.selection)
     raise ValueError(f"unknown stage {stage!r}")
 
@@ -366,8 +405,17 @@ def describe(spec: RunSpec, run: RunRef, stage: str, member: str,
 # -- the static job graph (for `ratatouille plan`) ------------------------------------------------
 def job_graph(spec: RunSpec, run: RunRef) -> list[dict[str, Any]]:
     """Every member of the run's graph with what it needs: JSON-ready, in creation order."""
-    nodes: list[dict[str, Any]] = [{"stage": STAGE_LP, "member": LP_MEMBER, "needs": [],
-                                    "output": member_output(spec, run, STAGE_LP, LP_MEMBER)}]
+    prep = prepare_members(spec)
+
+    def prep_needs(dataset: str | None) -> list[str]:
+        return [f"{STAGE_PREPARE}/{prep[dataset]}"] if dataset in prep else []
+
+    nodes: list[dict[str, Any]] = [
+        {"stage": STAGE_PREPARE, "member": m, "needs": [], "dataset": d,
+         "note": f"{d} at {spec.foundation.input_size} px -> {data_cache_uri(spec)}/<content key>",
+         "output": member_output(spec, run, STAGE_PREPARE, m)} for d, m in prep.items()]
+    nodes.append({"stage": STAGE_LP, "member": LP_MEMBER, "needs": prep_needs(spec.target.dataset),
+                  "output": member_output(spec, run, STAGE_LP, LP_MEMBER)})
     for aux in sorted(spec.auxiliaries, key=lambda a: a.name):
         if aux.recycled:
             nodes.append({"stage": STAGE_AUX, "member": aux.name, "needs": [], "job": False,
@@ -376,7 +424,7 @@ def job_graph(spec: RunSpec, run: RunRef) -> list[dict[str, Any]]:
         for k in range(aux.runs):
             m = aux_member(aux.name, k)
             key = aux_cache_key(spec, aux, k)
-            nodes.append({"stage": STAGE_AUX, "member": m, "needs": [], "cacheKey": key,
+            nodes.append({"stage": STAGE_AUX, "member": m, "needs": prep_needs(aux.dataset), "cacheKey": key,
                           "note": f"cache {key}", "output": aux_cache_uri(spec, key)})
     sources = initialization_sources(spec)
     for i in range(spec.finetune.runs):
@@ -508,7 +556,33 @@ def plan(run: RunRef, spec: RunSpec, observed: Observed, now: float,
             if n.cache_key in observed.cache_hits:
                 n.counted = n.latest is not None
                 n.state = DONE
+    # Prepared datasets (spec.dataPreparation): one prepare member per dataset still needed (an
+    # auxiliary dataset whose fine-tunings are all cached needs none).
+    prep = prepare_members(spec)
+    needed = {spec.target.dataset} if prep else set()
+    for aux in spec.auxiliaries:
+        if prep and not aux.recycled and any(aux_cache_key(spec, aux, k) not in observed.cache_hits
+                                             for k in range(aux.runs)):
+            needed.add(str(aux.dataset))
+    prep_nodes: dict[str, _Node] = {}
+    for dataset, m in prep.items():
+        if dataset in needed or (STAGE_PREPARE, m) in latest:
+            prep_nodes[m] = _Node(STAGE_PREPARE, m, latest.get((STAGE_PREPARE, m)), fp.max_attempts)
+    nodes += prep_nodes.values()
+
+    def prep_state(dataset: str | None) -> str:
+        node = prep_nodes.get(prep.get(dataset or "", ""))
+        return DONE if node is None else node.state
+
+    def gate(n: _Node, dataset: str | None) -> None:
+        """A member that reads a prepared dataset waits for it, and cannot run if it failed."""
+        state = prep_state(dataset)
+        n.ready = n.ready and state == DONE
+        if n.state == MISSING and state == DEAD:
+            n.state = BLOCKED
+
             aux_state[m] = n.state
+    gate(lp, spec.target.dataset)
             aux_nodes.append(n)
     nodes += aux_nodes
 
@@ -521,7 +595,9 @@ def plan(run: RunRef, spec: RunSpec, observed: Observed, now: float,
         n.source = source
         src_state = aux_state.get(source, DONE) if key else DONE
         n.ready = lp.state == DONE and src_state == DONE
-        if n.state == MISSING and (lp.state == DEAD or src_state == DEAD):
+        if n.state == MISSING and (lp.state in (DEAD, BLOCKED) or src_state in (DEAD, BLOCKED)):
+            else:
+                gate(n, aux.dataset)
             n.state = BLOCKED
         target_nodes.append(n)
     nodes += target_nodes
@@ -540,7 +616,12 @@ def plan(run: RunRef, spec: RunSpec, observed: Observed, now: float,
     else:
         outcome = None
         deadline = run.creation_time + spec.active_deadline_seconds if spec.active_deadline_seconds > 0 else None
-        if lp.state == DEAD:
+        target_prep = prep_nodes.get(PREPARE_TARGET)
+        if target_prep is not None and target_prep.state == DEAD:
+            failure = (REASON_PREPARE_FAILED, f"preparing {spec.target.dataset} failed"
+                       f" {target_prep.latest.attempt} attempt(s) (last: {target_prep.latest.reason or 'unknown'});"
+                       f" nothing can train without it")
+        elif lp.state == DEAD:
             failure = (REASON_LP_FAILED, f"the linear probe failed {lp.latest.attempt} attempt(s)"
                        f" (last: {lp.latest.reason or 'unknown'}); no target fine-tuning can start")
         elif len(succeeded) + possible < fp.min_succeeded:
@@ -613,7 +694,7 @@ def plan(run: RunRef, spec: RunSpec, observed: Observed, now: float,
         want_requeue(run.creation_time + spec.active_deadline_seconds - now)
 
     # 4. Phase and status.
-    aux_lp = [lp] + aux_nodes
+    aux_lp = [lp] + aux_nodes + list(prep_nodes.values())
     if outcome is not None:
         phase = outcome
     elif spec.suspend:

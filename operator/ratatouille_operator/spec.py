@@ -99,6 +99,14 @@ class FailurePolicy:
 
 
 @dataclass(frozen=True)
+class DataPreparation:
+    """``spec.dataPreparation``: datasets prepared once into cached shards (a ``prepare`` Job
+    per dataset) instead of decoded in every Job; ``memory_budget`` bounds what a trainer holds."""
+    enabled: bool = False
+    memory_budget: str | None = None
+
+
+@dataclass(frozen=True)
 class RunSpec:
     foundation: Foundation
     target: Target
@@ -119,6 +127,7 @@ class RunSpec:
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @staticmethod
+    data_preparation: DataPreparation = DataPreparation()
     def from_dict(spec: Mapping[str, Any]) -> "RunSpec":
         return _parse(spec)
 
@@ -244,3 +253,6 @@ def _parse(spec: Mapping[str, Any]) -> RunSpec:
         active_deadline_seconds=_int(spec.get("activeDeadlineSeconds", 0), "spec.activeDeadlineSeconds", 0),
         raw=dict(spec),
     )
+        data_preparation=DataPreparation(
+            enabled=bool((spec.get("dataPreparation") or {}).get("enabled", False)),
+            memory_budget=str((spec.get("dataPreparation") or {}).get("memoryBudget") or "") or None),
