@@ -237,20 +237,6 @@ def _split_aux_member(member: str) -> tuple[str, int]:
     return name, int(k)
 
 
-def member_output(spec: RunSpec, run: RunRef, stage: str, member: str) -> str:
-    """Where a member's results live (no trailing slash); aux members live in the shared cache."""
-    if stage == STAGE_AUX:
-        name, k = _split_aux_member(member)
-        return aux_cache_uri(spec, aux_cache_key(spec, name, k))
-    prefix = run_prefix(spec, run)
-    if stage == STAGE_LP:
-        return f"{prefix}/linear-probe"
-    if stage == STAGE_TARGET:
-        return f"{prefix}/target/{member}"
-    if stage == STAGE_AVERAGE:
-        return f"{prefix}/average"
-    raise ValueError(f"unknown stage {stage!r}")
-
 def data_cache_uri(spec: RunSpec) -> str:
     """Root of the prepared-dataset cache entries (trainer's prepared.py), shared like cache/aux."""
     return f"{spec.storage.uri}/cache/data"
@@ -277,10 +263,24 @@ def _prepared(spec: RunSpec, run: RunRef, dataset: str) -> dict[str, Any]:
             "memoryBudget": spec.data_preparation.memory_budget}
 
 
-
-# -- source assignment (PAPER.md stage 3) -----------------------------------------------------
+def member_output(spec: RunSpec, run: RunRef, stage: str, member: str) -> str:
+    """Where a member's results live (no trailing slash); aux members live in the shared cache."""
     if stage == STAGE_PREPARE:
         return f"{run_prefix(spec, run)}/prepare/{member}"
+    if stage == STAGE_AUX:
+        name, k = _split_aux_member(member)
+        return aux_cache_uri(spec, aux_cache_key(spec, name, k))
+    prefix = run_prefix(spec, run)
+    if stage == STAGE_LP:
+        return f"{prefix}/linear-probe"
+    if stage == STAGE_TARGET:
+        return f"{prefix}/target/{member}"
+    if stage == STAGE_AVERAGE:
+        return f"{prefix}/average"
+    raise ValueError(f"unknown stage {stage!r}")
+
+
+# -- source assignment (PAPER.md stage 3) -----------------------------------------------------
 class Source(NamedTuple):
     name: str                      # "foundation" or the auxiliary's name
     auxiliary: Auxiliary | None    # None for the foundation
@@ -351,6 +351,11 @@ def _target_data(spec: RunSpec, run: RunRef) -> _jd.DataRef:
 def describe(spec: RunSpec, run: RunRef, stage: str, member: str,
              succeeded_targets: Sequence[int] = (), *, _sources: Sequence[Source] | None = None) -> _jd.JobDescription:
     """The self-contained job description of one member (see ARCHITECTURE.md)."""
+    if stage == STAGE_PREPARE:
+        dataset = next(d for d, m in prepare_members(spec).items() if m == member)
+        return _base(spec, run, stage, member, seed=spec.seed,
+                     data=_jd.DataRef(dataset=dataset, testDomains=(), holdoutFraction=AUX_HOLDOUT_FRACTION,
+                                      splitSeed=spec.seed, prepared=data_cache_uri(spec)))
     if stage == STAGE_AUX:
         name, k = _split_aux_member(member)
         aux = _auxiliary(spec, name)
@@ -366,11 +371,6 @@ def describe(spec: RunSpec, run: RunRef, stage: str, member: str,
         lp = spec.linear_probe
         return _base(spec, run, stage, member, seed=spec.seed, data=_target_data(spec, run),
                      training=_jd.Training(steps=lp.steps, batchSize=lp.batch_size, lr=lp.lr,
-    if stage == STAGE_PREPARE:
-        dataset = next(d for d, m in prepare_members(spec).items() if m == member)
-        return _base(spec, run, stage, member, seed=spec.seed,
-                     data=_jd.DataRef(dataset=dataset, testDomains=(), holdoutFraction=AUX_HOLDOUT_FRACTION,
-                                      splitSeed=spec.seed, prepared=data_cache_uri(spec)))
                                            evalEvery=spec.finetune.eval_every,
                                            lpSteps=lp.steps, lpLr=lp.lr))
     sources = initialization_sources(spec) if _sources is None else _sources
@@ -542,20 +542,6 @@ def plan(run: RunRef, spec: RunSpec, observed: Observed, now: float,
 
     # 2. The graph with each member's state.
     nodes: list[_Node] = []
-    lp = _Node(STAGE_LP, LP_MEMBER, latest.get((STAGE_LP, LP_MEMBER)), fp.max_attempts)
-    nodes.append(lp)
-    aux_nodes: list[_Node] = []
-    aux_state: dict[str, str] = {}          # aux member -> state (cache hits are DONE)
-    for aux in sorted(spec.auxiliaries, key=lambda a: a.name):
-        if aux.recycled:
-            continue
-        for k in range(aux.runs):
-            m = aux_member(aux.name, k)
-            n = _Node(STAGE_AUX, m, latest.get((STAGE_AUX, m)), fp.max_attempts)
-            n.cache_key = aux_cache_key(spec, aux, k)
-            if n.cache_key in observed.cache_hits:
-                n.counted = n.latest is not None
-                n.state = DONE
     # Prepared datasets (spec.dataPreparation): one prepare member per dataset still needed (an
     # auxiliary dataset whose fine-tunings are all cached needs none).
     prep = prepare_members(spec)
@@ -581,8 +567,24 @@ def plan(run: RunRef, spec: RunSpec, observed: Observed, now: float,
         if n.state == MISSING and state == DEAD:
             n.state = BLOCKED
 
-            aux_state[m] = n.state
+    lp = _Node(STAGE_LP, LP_MEMBER, latest.get((STAGE_LP, LP_MEMBER)), fp.max_attempts)
     gate(lp, spec.target.dataset)
+    nodes.append(lp)
+    aux_nodes: list[_Node] = []
+    aux_state: dict[str, str] = {}          # aux member -> state (cache hits are DONE)
+    for aux in sorted(spec.auxiliaries, key=lambda a: a.name):
+        if aux.recycled:
+            continue
+        for k in range(aux.runs):
+            m = aux_member(aux.name, k)
+            n = _Node(STAGE_AUX, m, latest.get((STAGE_AUX, m)), fp.max_attempts)
+            n.cache_key = aux_cache_key(spec, aux, k)
+            if n.cache_key in observed.cache_hits:
+                n.counted = n.latest is not None
+                n.state = DONE
+            else:
+                gate(n, aux.dataset)
+            aux_state[m] = n.state
             aux_nodes.append(n)
     nodes += aux_nodes
 
@@ -596,8 +598,6 @@ def plan(run: RunRef, spec: RunSpec, observed: Observed, now: float,
         src_state = aux_state.get(source, DONE) if key else DONE
         n.ready = lp.state == DONE and src_state == DONE
         if n.state == MISSING and (lp.state in (DEAD, BLOCKED) or src_state in (DEAD, BLOCKED)):
-            else:
-                gate(n, aux.dataset)
             n.state = BLOCKED
         target_nodes.append(n)
     nodes += target_nodes

@@ -124,10 +124,10 @@ class RunSpec:
     suspend: bool
     queue_name: str
     active_deadline_seconds: int
+    data_preparation: DataPreparation = DataPreparation()
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @staticmethod
-    data_preparation: DataPreparation = DataPreparation()
     def from_dict(spec: Mapping[str, Any]) -> "RunSpec":
         return _parse(spec)
 
@@ -251,8 +251,8 @@ def _parse(spec: Mapping[str, Any]) -> RunSpec:
         suspend=bool(spec.get("suspend", False)),
         queue_name=str(spec.get("queueName") or ""),
         active_deadline_seconds=_int(spec.get("activeDeadlineSeconds", 0), "spec.activeDeadlineSeconds", 0),
-        raw=dict(spec),
-    )
         data_preparation=DataPreparation(
             enabled=bool((spec.get("dataPreparation") or {}).get("enabled", False)),
             memory_budget=str((spec.get("dataPreparation") or {}).get("memoryBudget") or "") or None),
+        raw=dict(spec),
+    )
