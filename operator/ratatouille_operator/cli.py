@@ -240,6 +240,13 @@ def cmd_average(args) -> int:
     return EXIT_OK
 
 
+def cmd_evaluate(args) -> int:
+    # Scoring needs torch and timm: the trainer's process does it (this package never imports them).
+    import subprocess
+
+    return subprocess.call([sys.executable, "-m", "ratatouille_trainer.export", *args.args])
+
+
 def cmd_operator(args) -> int:
     from .main import run_operator
 
@@ -274,6 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+")
     p.add_argument("--endpoint", default=None, help="S3 endpoint URL for s3:// URIs")
     p.set_defaults(func=cmd_average)
+    p = sub.add_parser("evaluate", add_help=False,
+                       help="score a published model on a DomainBed-layout dataset, per domain "
+                            "(MODEL DATASET [--model-name A] [--input-size N] [-o json])")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("operator", help="start the Kubernetes operator")
     p.add_argument("--namespace", "-n", action="append", default=[], help="watch only these namespaces")
     p.add_argument("--all-namespaces", "-A", action="store_true", help="watch the whole cluster")

@@ -499,6 +499,7 @@ def run_average(desc: JobDescription, ctx: DeviceContext | None = None, progress
         result = {
             "selection": desc.selection, "selected": selected, "uri": join(desc.output, MODEL),
             "sha256": sha, "valAccuracy": score.mean, "testAccuracy": test, "bestSingle": best_single,
+            "timm": join(desc.output, "timm", MODEL),
             "run": {"namespace": desc.run.namespace, "name": desc.run.name, "uid": desc.run.uid},
             "foundation": {"model": desc.foundation.model, "weights": desc.foundation.weights,
                            "inputSize": desc.foundation.inputSize},
@@ -509,7 +510,12 @@ def run_average(desc: JobDescription, ctx: DeviceContext | None = None, progress
         }
         lineage = write_lineage(members_lineage, result)
         storage.write_text(join(desc.output, "lineage.json"), lineage_json(lineage))
-        storage.write_text(join(desc.output, "model-card.md"), model_card(lineage))
+        card = model_card(lineage)
+        storage.write_text(join(desc.output, "model-card.md"), card)
+        from .export import publish_timm  # the same weights under timm's names, for timm users
+
+        publish_timm(storage, desc.output, result_state, desc.foundation.model, dataset.classes,
+                     int(desc.foundation.inputSize), net.head.in_features, card, tmp, _model_metadata(desc))
         metrics = {
             "stage": "average", "member": desc.member, "selection": desc.selection,
             **score.as_dict(), "testAccuracy": test,
@@ -524,7 +530,8 @@ def run_average(desc: JobDescription, ctx: DeviceContext | None = None, progress
         metrics = strict_json(metrics)
         storage.write_json(join(desc.output, METRICS), metrics)
         storage.mark_done(desc.output, {"stage": "average", "member": desc.member, "sha256": sha},
-                          require=(MODEL, "lineage.json", "model-card.md", METRICS))
+                          require=(MODEL, "lineage.json", "model-card.md", METRICS,
+                                   "timm/model.safetensors", "timm/config.json"))
         progress.emit("done", valAccuracy=score.mean, testAccuracy=test)
         return metrics
     finally:
