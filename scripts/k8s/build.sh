@@ -13,7 +13,7 @@ here="$(cd "$(dirname "$0")" && pwd)"
 source <(sed 's/#.*//' "$here/versions.env")
 cache="${RATATOUILLE_K8S_CACHE:-$HOME/.cache/ratatouille/k8s}"
 # Bump RECIPE when a change to this script must rebuild what is cached.
-RECIPE=1
+RECIPE=2
 key="$( (cat "$here/versions.env"; echo "recipe=$RECIPE") | sha256sum | cut -c1-12)"
 bin="$cache/$key/bin"
 src="$cache/$key/src"
@@ -36,7 +36,7 @@ build() {  # build NAME DIR PACKAGE...: go build into a temp dir, then move into
   local name="$1" dir="$2"; shift 2
   local t0=$SECONDS
   log "building $name (${*})"
-  (cd "$dir" && go build -trimpath -ldflags "$ldflags" -o "$dir/out/" "$@")
+  (cd "$dir" && go build -trimpath -ldflags "$ldflags ${extra_ldflags:-}" -o "$dir/out/" "$@")
   for f in "$dir"/out/*; do mv -f "$f" "$bin/"; done
   log "built $name in $((SECONDS - t0)) s"
 }
@@ -51,7 +51,14 @@ if need kube-apiserver kube-controller-manager kube-scheduler kubectl; then
   for m in "${staging[@]}"; do reps+=("$m => $m $KUBERNETES_STAGING"); done
   wrapper "$d" "k8s.io/kubernetes@$KUBERNETES_VERSION" "${reps[@]}"
   (cd "$d" && go get "k8s.io/kubernetes@$KUBERNETES_VERSION" >/dev/null)
-  build kubernetes "$d" k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
+  # The version the binaries report (kubectl version, /version): clients such as Kueue parse it.
+  minor="${KUBERNETES_VERSION#v1.}"; minor="${minor%%.*}"
+  extra_ldflags=""
+  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    extra_ldflags+=" -X $pkg.gitVersion=$KUBERNETES_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
+    extra_ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
+  done
+  extra_ldflags="$extra_ldflags" build kubernetes "$d" k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
     k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl
 fi
 
