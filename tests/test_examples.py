@@ -76,3 +76,40 @@ def test_reference_manifest_validates():
     proc = subprocess.run([str(BIN / "ratatouille"), "validate", str(ROOT / "crds/reference/full.yaml")],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+PAPER = sorted((ROOT / "crds" / "examples" / "paper").glob("*.yaml"))
+PAPER_DOMAINS = {"pacs": 4, "vlcs": 4, "officehome": 4, "terraincognita": 4, "domainnet": 6}
+
+
+def test_paper_recipes_validate_and_plan_as_the_paper_runs_them():
+    """One RatatouilleRun per DomainBed dataset (PAPER.md): ResNet-50 at 224, the other four
+    datasets as auxiliaries, 20 target runs round-robin over 5 initializations, 5000 steps
+    (15000 on DomainNet), prepared datasets; `ratatouille plan` shows the whole graph."""
+    import yaml
+
+    from ratatouille_operator import planner as P
+    from ratatouille_operator.validation import validate_manifest
+
+    assert {p.stem for p in PAPER} == set(PAPER_DOMAINS)
+    datasets = {yaml.safe_load(p.read_text())["spec"]["target"]["dataset"] for p in PAPER}
+    for path in PAPER:
+        run = validate_manifest(yaml.safe_load(path.read_text()))
+        spec = run.spec
+        assert (spec.foundation.model, spec.foundation.input_size) == ("resnet50", 224)
+        steps = 15000 if path.stem == "domainnet" else 5000
+        assert spec.finetune.steps == spec.linear_probe.steps == steps and spec.finetune.batch_size == 32
+        assert spec.finetune.runs == 20 and spec.include_foundation and spec.data_preparation.enabled
+        assert {a.dataset for a in spec.auxiliaries} == datasets - {spec.target.dataset}
+        hp = spec.finetune.hyperparameters
+        assert hp["lr"].choices == ("1e-5", "3e-5", "5e-5") and hp["dropout"].choices == ("0", "0.1", "0.5")
+        assert hp["weightDecay"].choices == ("1e-4", "1e-6")
+        ref = P.RunRef(namespace="ml", name=run.name, uid="uid")
+        graph = P.job_graph(spec, ref)
+        stages = [n["stage"] for n in graph]
+        assert stages.count("prepare") == 5 and stages.count("aux") == 4 and stages.count("target") == 20
+        sources = [n["source"] for n in graph if n["stage"] == "target"]
+        assert all(sources.count(s) == 4 for s in set(sources)) and len(set(sources)) == 5
+        proc = subprocess.run([str(BIN / "ratatouille"), "plan", str(path), "-o", "json"],
+                              capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        assert proc.returncode == 0, proc.stderr
