@@ -1,0 +1,154 @@
+"""Prepared datasets vs per-Job decoding, side by side in one run (issue 14's figures).
+
+    .venv/bin/python benchmarks/bench_prepared.py --images 100000 [--size 32] [--out results/prepared.json]
+
+A generated DomainBed-layout dataset of ``--images`` small PNGs (4 domains x 10 classes) in a
+local S3 (moto). Each "Job" is a fresh worker process with an empty local cache, as a new pod:
+- decode: what every Job does today: list + one GET per image + decode (``load_dataset``);
+- prepared: the second and later Jobs of a run: read ``prepared.json``, the index and the shards
+  (``load_prepared``), after one prepare Job (timed separately);
+each up to its first training batch (sampler + augmentation), with the S3 requests it made.
+Then peak RSS of a worker streaming 30 batches from a prepared dataset above its memory budget,
+at 1x and 4x the images; and data steps per second, TrainStream (in memory) vs WindowStream.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import PY, S3_ENV, MotoServer, bench_env, describe_machine, emit, machine, run_child  # noqa: E402
+
+DOMAINS, CLASSES = 4, 10
+
+
+def generate(endpoint: str, bucket: str, prefix: str, n: int, size: int) -> None:
+    """n random-coloured PNGs of size x size uploaded with 16 threads."""
+    import boto3
+    import numpy as np
+    from concurrent.futures import ThreadPoolExecutor
+    from PIL import Image
+
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **{
+        "aws_access_key_id": S3_ENV["AWS_ACCESS_KEY_ID"], "aws_secret_access_key": S3_ENV["AWS_SECRET_ACCESS_KEY"]})
+    rng = np.random.default_rng(0)
+
+    def put(i: int) -> None:
+        d, c = i % DOMAINS, (i // DOMAINS) % CLASSES
+        arr = (rng.integers(0, 256, (size, size, 3), dtype=np.uint8) // 4 + 40 * c % 200).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="PNG")
+        s3.put_object(Bucket=bucket, Key=f"{prefix}/d{d}/c{c:02d}/{i:07d}.png", Body=buf.getvalue())
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(put, range(n)))
+
+
+WORKER = r'''
+import json, os, sys, time
+t0 = time.perf_counter()
+mode, uri, endpoint, size, budget = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+steps = int(sys.argv[6]) if len(sys.argv) > 6 else 1
+from ratatouille_trainer import storage as st
+calls = {}
+orig = st.S3Storage._call
+def counted(self, op, uri_, fn):
+    calls[op] = calls.get(op, 0) + 1
+    return orig(self, op, uri_, fn)
+st.S3Storage._call = counted
+import botocore.client
+n_http = [0]
+orig_api = botocore.client.BaseClient._make_api_call
+def api(self, name, params):
+    n_http[0] += 1
+    return orig_api(self, name, params)
+botocore.client.BaseClient._make_api_call = api
+from ratatouille_trainer.data import load_dataset, train_transform
+from ratatouille_trainer.prepared import load_prepared, prepare_dataset, train_stream
+t_import = time.perf_counter() - t0
+t1 = time.perf_counter()
+if mode == "decode":
+    ds = load_dataset(uri, size, test_domains=("d3",), endpoint=endpoint)
+elif mode == "prepare":
+    s = st.open_storage(uri, endpoint)
+    info = prepare_dataset(uri, size, sys.argv[7], storage=s, endpoint=endpoint)
+    print(json.dumps({"seconds": time.perf_counter() - t1, "requests": n_http[0], "info": info})); sys.exit()
+else:
+    ds = load_prepared(uri, test_domains=("d3",), endpoint=endpoint, budget=budget)
+stream = train_stream(ds, 32, 0)
+t_steps = time.perf_counter()
+for _ in range(steps):
+    x, y = stream.next_raw()
+    train_transform(x, stream.aug_gen)
+t_end = time.perf_counter()
+print(json.dumps({"toFirstStep": (t_steps - t1) + (t_end - t_steps) / steps, "load": t_steps - t1,
+                  "stepsPerSecond": steps / (t_end - t_steps), "requests": n_http[0], "calls": calls,
+                  "streamed": bool(getattr(ds, "window_bytes", None)), "import": t_import,
+                  "images": sum(len(d) for d in ds.domains)}))
+'''
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--images", type=int, default=100_000)
+    ap.add_argument("--size", type=int, default=32)
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    m = machine()
+    work = Path(tempfile.mkdtemp(prefix="bench-prepared-"))
+    worker = work / "worker.py"
+    worker.write_text(WORKER)
+    results: dict = {"machine": m, "images": args.images, "size": args.size}
+    with MotoServer() as moto:
+        ep = moto.endpoint
+        env_base = dict(S3_ENV, AWS_ACCESS_KEY_ID=moto.access_key, AWS_SECRET_ACCESS_KEY=moto.secret_key)
+        import boto3
+
+        boto3.client("s3", endpoint_url=ep, region_name="us-east-1", aws_access_key_id=moto.access_key,
+                     aws_secret_access_key=moto.secret_key).create_bucket(Bucket="bench")
+        S3_ENV.update(AWS_ACCESS_KEY_ID=moto.access_key, AWS_SECRET_ACCESS_KEY=moto.secret_key)
+        t = time.perf_counter()
+        generate(ep, "bench", "small", args.images, args.size)
+        results["generateSeconds"] = time.perf_counter() - t
+
+        def job(mode: str, uri: str, budget: int = 8 << 30, steps: int = 1, *extra: str) -> tuple[dict, int]:
+            env = bench_env(**env_base, RATATOUILLE_CACHE_DIR=tempfile.mkdtemp(dir=work), OMP_NUM_THREADS="1",
+                            RATATOUILLE_SHARD_BYTES=str(64 << 20))
+            return run_child([PY, str(worker), mode, uri, ep, str(args.size), str(budget), str(steps), *extra], env=env)
+
+        data = "s3://bench/small"
+        cache = "s3://bench/cache/data"
+        decode, decode_rss = job("decode", data)
+        prep, _ = job("prepare", data, 0, 1, cache)
+        entry = prep["info"]["entry"]
+        second, second_rss = job("prepared", entry)
+        results["decodeJob"] = {**decode, "peakRss": decode_rss}
+        results["prepareJob"] = {"seconds": prep["seconds"], "requests": prep["requests"],
+                                 "shards": prep["info"]["shards"]}
+        results["preparedJob"] = {**second, "peakRss": second_rss}
+        results["firstStepSpeedup"] = decode["toFirstStep"] / second["toFirstStep"]
+        # RSS flat above the budget: 1x and 4x the images (the larger one is the small one 4 times)
+        row = 3 * args.size * args.size
+        budget = max(1 << 20, int(args.images * 0.75 * row / 4))   # the 1x training split is 4x the budget
+        generate(ep, "bench", "large", 4 * args.images, args.size)
+        big_prep, _ = job("prepare", "s3://bench/large", 0, 1, cache)
+        s1, rss1 = job("prepared", entry, budget, 200)
+        s4, rss4 = job("prepared", big_prep["info"]["entry"], budget, 200)
+        mem_ref, rss_mem = job("prepared", entry, 8 << 30, 200)
+        results["bounded"] = {"budget": budget, "x1": {**s1, "peakRss": rss1}, "x4": {**s4, "peakRss": rss4},
+                              "rssRatio": rss4 / rss1, "inMemory": {**mem_ref, "peakRss": rss_mem},
+                              "stepsPerSecondRatio": s1["stepsPerSecond"] / mem_ref["stepsPerSecond"]}
+    results["machineAfter"] = machine()
+    print(describe_machine(m))
+    emit("bench_prepared", results, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
