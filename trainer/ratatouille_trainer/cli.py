@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         from .data import DataError
+        from .device import DeviceError
         from .models import ModelError
         from .training import Diverged
         from . import integrity, stages
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         return _error(f"Diverged: {e}", EXIT_DIVERGED, reason="Diverged")
-    except (JobDescriptionError, DataError, UnsafeWeightsError, ModelError, AveragingError) as e:
+    except (JobDescriptionError, DataError, UnsafeWeightsError, ModelError, AveragingError, DeviceError) as e:
         if debug:
             traceback.print_exc()
         return _error(str(e), 2)

@@ -5,13 +5,21 @@ GPU once (or pinned host memory with non-blocking copies when it is too large), 
 ``torch.compile`` with ``RATATOUILLE_COMPILE=1``. On the CPU: plain fp32; training batches are
 made with one intra-op thread (``RATATOUILLE_DATA_THREADS``), the step with all of them; when the
 process runs one intra-op thread, the next batch is made in a background thread during the step
-(``RATATOUILLE_PREFETCH=0``: never). ``RATATOUILLE_DEVICE=cpu`` forces the CPU.
+(``RATATOUILLE_PREFETCH=0``: never). ``RATATOUILLE_DEVICE=cpu`` forces the CPU;
+``RATATOUILLE_DEVICE=cuda`` (the operator sets it on pods that request ``nvidia.com/gpu``)
+requires a usable CUDA device: without one the stage fails (DeviceError, exit 2) instead of
+training on the CPU of a node that was meant to give it a GPU.
+
+Intra-op threads follow the container's CPU quota (cgroup v2 ``cpu.max``, or v1's CFS quota), not
+the host's core count: a pod limited to 2 CPUs on a 64-core node runs 2 threads, not 64.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -90,11 +98,57 @@ class DeviceContext:
         return "cpu (fp32)"
 
 
+class DeviceError(RuntimeError):
+    """The device the job asks for is not there (bad input for this node: exit 2)."""
+
+
+def cgroup_cpu_limit(root: str | os.PathLike = "/sys/fs/cgroup") -> float | None:
+    """CPUs the container may use by its CFS quota (None: no quota). cgroup v2 `cpu.max` holds
+    "<quota> <period>" or "max <period>"; v1 has cpu.cfs_quota_us (-1: none) and cpu.cfs_period_us."""
+    root = Path(root)
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    for base in (root / "cpu", root / "cpu,cpuacct", root):
+        try:
+            quota_us = int((base / "cpu.cfs_quota_us").read_text())
+            period_us = int((base / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            continue
+        return None if quota_us <= 0 or period_us <= 0 else quota_us / period_us
+    return None
+
+
+def cpu_threads(limit: float | None, cores: int | None) -> int:
+    """Intra-op threads for a CPU quota: the quota rounded up, never more than the cores."""
+    cores = max(1, cores or 1)
+    return cores if limit is None else max(1, min(cores, math.ceil(limit)))
+
+
+def apply_cpu_quota(root: str | os.PathLike = "/sys/fs/cgroup") -> int:
+    """Size torch's intra-op pool from the cgroup quota when it is below the core count."""
+    threads = cpu_threads(cgroup_cpu_limit(root), os.cpu_count())
+    if threads < torch.get_num_threads():
+        torch.set_num_threads(threads)
+    return threads
+
+
 def select_device(env: dict | None = None) -> DeviceContext:
     env = os.environ if env is None else env
     want = (env.get("RATATOUILLE_DEVICE") or "auto").lower()
+    if want not in ("auto", "cpu", "cuda", "gpu"):
+        raise DeviceError(f"RATATOUILLE_DEVICE={want!r}: expected auto, cpu or cuda")
+    if want in ("cuda", "gpu") and not torch.cuda.is_available():
+        raise DeviceError(
+            f"RATATOUILLE_DEVICE={want}: this pod asked for a GPU but torch finds no usable CUDA "
+            f"device (torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}, "
+            f"CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', 'unset')}); refusing to train on the CPU")
     use_cuda = torch.cuda.is_available() and want in ("auto", "cuda", "gpu")
     if not use_cuda:
+        if "OMP_NUM_THREADS" not in env:  # an explicit setting wins over the quota
+            apply_cpu_quota()
         raw = env.get("RATATOUILLE_DATA_THREADS", "1")
         try:
             threads = max(1, int(raw)) if raw else None
