@@ -2,7 +2,8 @@
 
 The operator creates exactly these objects; the local executor renders them too and runs their
 container command, so both modes execute the same thing. Pure: no kopf or kubernetes client here.
-Credentials never appear in a manifest: they are references to `spec.storage.credentialsSecret`.
+Credentials never appear in a manifest: the container's environment comes from the Secret
+`spec.storage.credentialsSecret` (envFrom).
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from .spec import API_GROUP, API_VERSION, KIND, RunSpec
 CONTAINER_NAME = "trainer"
 CACHE_DIR = "/tmp/ratatouille-cache"
 ANNOTATION_MEMBER = "ratatouille.dev/member"
+#: The trainer's exit codes (ARCHITECTURE.md): 2 bad input, 3 diverged.
+EXIT_BAD_INPUT, EXIT_DIVERGED = 2, 3
 
 
 def render_job(run: planner.RunRef, spec: RunSpec, action: planner.CreateJob, *, default_image: str,
@@ -37,16 +40,16 @@ def render_job(run: planner.RunRef, spec: RunSpec, action: planner.CreateJob, *,
     if spec.storage.endpoint:
         env.append({"name": "AWS_ENDPOINT_URL", "value": spec.storage.endpoint})
     secret = spec.storage.credentials_secret
-    if secret:
-        for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-            env.append({"name": var, "valueFrom": {"secretKeyRef": {"name": secret, "key": var,
-                                                                     "optional": True}}})
 
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,
         "image": spec.template.image or default_image,
         "command": trainer_argv(action.description),
         "env": env,
+        # The whole Secret (a session token and a region work too), and not optional: a missing
+        # Secret keeps the pod in CreateContainerConfigError, a reason the run reports, instead
+        # of a trainer silently falling back to the node's identity.
+        **({"envFrom": [{"secretRef": {"name": secret}}]} if secret else {}),
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
         "securityContext": {
@@ -100,12 +103,24 @@ def render_job(run: planner.RunRef, spec: RunSpec, action: planner.CreateJob, *,
         "metadata": metadata,
         "spec": {
             "backoffLimit": spec.failure_policy.backoff_limit,
+            "podFailurePolicy": pod_failure_policy(),
             "completions": 1,
             "parallelism": 1,
             "suspend": bool(spec.suspend),
             "template": {"metadata": {"labels": dict(labels)}, "spec": pod_spec},
         },
     }
+
+
+def pod_failure_policy() -> dict:
+    """The trainer's bad input (exit 2) fails the Job at once: another pod would fail the same
+    way. A disruption (preemption, eviction, a drained node) is not the trainer's failure and
+    does not consume backoffLimit. (A podFailurePolicy needs restartPolicy Never.)"""
+    return {"rules": [
+        {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER_NAME, "operator": "In",
+                                              "values": [EXIT_BAD_INPUT]}},
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+    ]}
 
 
 def _plain(value: Any) -> Any:

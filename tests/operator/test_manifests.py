@@ -81,16 +81,27 @@ def test_template_image_wins_and_suspend_is_mirrored():
 def test_credentials_are_secret_references_never_literals():
     spec = make_spec()
     job = M.render_job(RUN, spec, first_create(spec), default_image="img")
-    env = env_of(job)
-    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-        assert "value" not in env[var]
-        assert env[var]["valueFrom"] == {"secretKeyRef": {"name": "s3-creds", "key": var, "optional": True}}
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    # The whole Secret, not optional (a missing one is a visible CreateContainerConfigError).
+    assert container["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]
+    assert not any(name.startswith("AWS_") and name != "AWS_ENDPOINT_URL" for name in env_of(job))
     text = json.dumps(job)
     assert "testing" not in text and "AWS_SESSION_TOKEN" not in text
 
     no_secret = make_spec(storage={"uri": "file:///tmp/runs"})
-    env = env_of(M.render_job(RUN, no_secret, first_create(no_secret), default_image="img"))
-    assert not any(name.startswith("AWS_") for name in env)
+    job = M.render_job(RUN, no_secret, first_create(no_secret), default_image="img")
+    assert not any(name.startswith("AWS_") for name in env_of(job))
+    assert "envFrom" not in job["spec"]["template"]["spec"]["containers"][0]
+
+
+def test_pod_failure_policy_fails_bad_input_at_once_and_ignores_disruptions():
+    spec = make_spec()
+    job = M.render_job(RUN, spec, first_create(spec), default_image="img")
+    assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"  # required by podFailurePolicy
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    assert rules[0] == {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In",
+                                                             "values": [2]}}
+    assert rules[1] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
 
 
 def test_rendered_job_is_a_valid_batch_v1_job():
