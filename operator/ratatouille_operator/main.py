@@ -126,7 +126,11 @@ def runs(namespace: str, name: str, body: kopf.Body, **_: Any):
 def _reconcile(body: dict, jobs=None, handler: str = "reconcile") -> None:
     if STATE.reconciler is None:
         raise kopf.TemporaryError("operator still starting", delay=1)
-    STATE.reconciler.reconcile(body, list(jobs) if jobs is not None else None, handler=handler)
+    result = STATE.reconciler.reconcile(body, list(jobs) if jobs is not None else None, handler=handler)
+    if result.retry_after is not None:
+        # The API server could not take a create now (5xx, 429, a full quota): kopf calls the
+        # handler again after the back-off (Job events and the resync may come sooner).
+        raise kopf.TemporaryError("the API server could not create every Job now", delay=result.retry_after)
 
 
 def _handled(fn):

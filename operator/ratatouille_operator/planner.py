@@ -64,6 +64,12 @@ REASON_MIN_SUCCEEDED = "MinSucceededNotMet"
 REASON_LP_FAILED = "LinearProbeFailed"
 REASON_AVG_FAILED = "AveragingFailed"
 REASON_DEADLINE = "DeadlineExceeded"
+REASON_POD_START_TIMEOUT = "PodStartTimeout"
+REASON_CREATE_REJECTED = "CreateRejected"
+#: Pod waiting reasons that are only the way to running, not a problem.
+BENIGN_WAITING = frozenset({"ContainerCreating", "PodInitializing"})
+#: Messages kept in status (a termination message may be 4 KiB).
+MAX_STATUS_MESSAGE = 512
 
 
 # -- inputs and outputs ----------------------------------------------------------------------
@@ -87,6 +93,14 @@ class ObservedJob:
     start_time: float | None = None
     finish_time: float | None = None
     reason: str | None = None
+    #: What went wrong, in words: a failed trainer's error (termination message), the waiting
+    #: message of a pod that does not start, the API server's answer to a refused create.
+    message: str | None = None
+    #: Pending: since when the attempt has had no running pod (its Job started, its latest pod
+    #: was created or ended); the podStartTimeoutSeconds clock. None: not known (no timeout).
+    pending_since: float | None = None
+    #: The API server refused to create the Job (a 4xx): permanent for the member.
+    rejected: bool = False
 
 
 @dataclass(frozen=True)
@@ -475,7 +489,8 @@ class _Node:
         elif latest.state == SUCCEEDED:
             self.state = DONE
         elif latest.state == FAILED:
-            self.state = RETRY if latest.attempt < max_attempts else DEAD
+            # A create the API server refused fails the same way every time.
+            self.state = RETRY if latest.attempt < max_attempts and not latest.rejected else DEAD
         else:
             self.state = RUNNING
 
@@ -512,6 +527,152 @@ def _graph_key(stage: str, member: str, attempt: int) -> tuple:
     return (stage_i, _member_sort_key(member), attempt)
 
 
+# -- what the run remembers of its children (status.attempts) --------------------------------------
+# Child Jobs may disappear (a TTL, a user, the operator failing an attempt that never started):
+# the latest finished attempt of every member is kept in the run's status, so that attempt
+# counts, failures and successes survive without the Job objects.
+def _short_message(text: str | None) -> str | None:
+    if not text:
+        return None
+    text = " ".join(str(text).split())
+    return text if len(text) <= MAX_STATUS_MESSAGE else text[:MAX_STATUS_MESSAGE - 3] + "..."
+
+
+def _parse_rfc3339(value: Any) -> float | None:
+    try:
+        return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def remembered_jobs(run: RunRef, previous_status: Mapping | None) -> list[ObservedJob]:
+    """The finished attempts recorded in a previous status (`status.attempts`), as ObservedJobs."""
+    out = []
+    table = (previous_status or {}).get("attempts")
+    if not isinstance(table, Mapping):
+        return out
+    for key, entry in table.items():
+        stage, _, member = str(key).partition("/")
+        if not member or not isinstance(entry, Mapping) or entry.get("state") not in (SUCCEEDED, FAILED):
+            continue
+        attempt = entry.get("attempt")
+        if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
+            continue
+        out.append(ObservedJob(name=job_name(run.name, stage, member, attempt), stage=stage, member=member,
+                               attempt=attempt, state=entry["state"],
+                               finish_time=_parse_rfc3339(entry.get("finishedAt")) if entry.get("finishedAt") else None,
+                               reason=entry.get("reason") or None, message=entry.get("message") or None,
+                               rejected=bool(entry.get("rejected"))))
+    return out
+
+
+def with_remembered(run: RunRef, jobs: Iterable[ObservedJob], previous_status: Mapping | None) -> list[ObservedJob]:
+    """The observed Jobs plus the remembered finished attempts whose Jobs are gone. A remembered
+    finished attempt also wins over the same attempt seen in flight (the operator failed it and
+    its deletion is not visible yet)."""
+    merged = {j.name: j for j in jobs}
+    newest: dict[tuple[str, str], int] = {}
+    for j in merged.values():
+        newest[(j.stage, j.member)] = max(newest.get((j.stage, j.member), 0), j.attempt)
+    for r in remembered_jobs(run, previous_status):
+        seen = merged.get(r.name)
+        if seen is None and newest.get((r.stage, r.member), 0) <= r.attempt:
+            merged[r.name] = r
+        elif seen is not None and seen.state in IN_FLIGHT:
+            merged[r.name] = r
+    return list(merged.values())
+
+
+def _attempts_table(jobs: Iterable[ObservedJob], previous_status: Mapping | None) -> dict[str, dict]:
+    """status.attempts: the latest finished attempt of every member (and, merged into the stored
+    table, every member ever recorded)."""
+    table: dict[str, dict] = {}
+    old = (previous_status or {}).get("attempts")
+    if isinstance(old, Mapping):
+        table.update({str(k): dict(v) for k, v in old.items() if isinstance(v, Mapping)})
+    for j in jobs:
+        if j.state not in (SUCCEEDED, FAILED):
+            continue
+        key = f"{j.stage}/{j.member}"
+        cur = table.get(key)
+        if cur is not None and isinstance(cur.get("attempt"), int) and cur["attempt"] > j.attempt:
+            continue
+        entry: dict[str, Any] = {"attempt": j.attempt, "state": j.state}
+        if j.state == FAILED:
+            if j.finish_time is not None:
+                entry["finishedAt"] = _rfc3339(j.finish_time)
+            if j.reason:
+                entry["reason"] = j.reason
+            if j.message:
+                entry["message"] = _short_message(j.message)
+            if j.rejected:
+                entry["rejected"] = True
+        table[key] = entry
+    return dict(sorted(table.items(), key=lambda kv: _graph_key(*_split_key(kv[0]), 0)))
+
+
+def _split_key(key: str) -> tuple[str, str]:
+    stage, _, member = key.partition("/")
+    return stage, member
+
+
+def _why(j: ObservedJob) -> str:
+    """`reason: message` of an attempt, for Events and failure messages."""
+    reason = j.reason or "unknown"
+    return f"{reason}: {_short_message(j.message)}" if j.message else reason
+
+
+def _timed_out(jobs: Iterable[ObservedJob], spec: RunSpec, now: float) -> tuple[list[ObservedJob], list[ObservedJob]]:
+    """Pending attempts past failurePolicy.podStartTimeoutSeconds become Failed ones (returned
+    second, as they were seen); the rest pass through."""
+    timeout = spec.failure_policy.pod_start_timeout_seconds
+    kept, expired = [], []
+    for j in jobs:
+        if (timeout > 0 and j.state == PENDING and j.pending_since is not None
+                and now - j.pending_since >= timeout):
+            expired.append(j)
+            detail = f"the pod did not start within podStartTimeoutSeconds={timeout}"
+            kept.append(ObservedJob(name=j.name, stage=j.stage, member=j.member, attempt=j.attempt, state=FAILED,
+                                    start_time=j.start_time, finish_time=now,
+                                    reason=j.reason or REASON_POD_START_TIMEOUT,
+                                    message=f"{detail}: {j.message}" if j.message else detail))
+        else:
+            kept.append(j)
+    return kept, expired
+
+
+def _family(reason: str | None) -> str | None:
+    """Waiting reasons that alternate while one problem lasts count as one (a kubelet says
+    ErrImagePull and ImagePullBackOff in turn for an image it cannot pull)."""
+    return "ErrImagePull" if reason == "ImagePullBackOff" else reason
+
+
+def _child_events(run: RunRef, prev: Mapping, jobs: Sequence[ObservedJob], expired: Sequence[ObservedJob]) -> list[Event]:
+    """Warning Events for what is new since the previous status: a pod that does not start (its
+    waiting reason), an attempt that failed (with the trainer's error), a refused create."""
+    prev_jobs = {e.get("name"): e for e in prev.get("jobs") or [] if isinstance(e, Mapping)}
+    full = len(prev_jobs) >= MAX_STATUS_JOBS
+    expired_names = {j.name for j in expired}
+    events = []
+    for j in sorted(jobs, key=lambda j: _graph_key(j.stage, j.member, j.attempt)):
+        before = prev_jobs.get(j.name)
+        if before is None and full:
+            continue  # beyond the bounded list: cannot tell whether it is new
+        what = f"{j.stage}/{j.member} attempt {j.attempt} (Job {j.name})"
+        if j.state == PENDING and j.reason and j.reason not in BENIGN_WAITING:
+            if before is None or _family(before.get("reason")) != _family(j.reason):
+                events.append(Event("Warning", j.reason, f"{what}: {_short_message(j.message) or j.reason}"))
+        elif j.state == FAILED and (before is None or before.get("state") != FAILED):
+            if j.rejected:
+                events.append(Event("Warning", REASON_CREATE_REJECTED,
+                                    f"{j.stage}/{j.member}: the API server refused Job {j.name}: {_why(j)}"))
+            elif j.name in expired_names:
+                events.append(Event("Warning", REASON_POD_START_TIMEOUT, f"{what} failed: {_why(j)}"))
+            else:
+                events.append(Event("Warning", "AttemptFailed", f"{what} failed: {_why(j)}"))
+    return events
+
+
 # -- the planner -------------------------------------------------------------------------------
 def plan(run: RunRef, spec: RunSpec, observed: Observed, now: float,
          previous_status: Mapping | None = None) -> Plan:
@@ -519,7 +680,15 @@ def plan(run: RunRef, spec: RunSpec, observed: Observed, now: float,
     prev_phase = prev.get("phase")
     fp = spec.failure_policy
 
-    # 1. Index the children once: latest attempt per member decides.
+    # 1. Index the children once: latest attempt per member decides. The attempts the run
+    # remembers stand in for Jobs that are gone; attempts whose pod did not start in time fail.
+    jobs, expired = _timed_out(with_remembered(run, observed.jobs, prev), spec, now)
+    state_now = {j.name: j.state for j in jobs}
+    # Jobs that still exist while their attempt is over for the operator (it did not start in
+    # time, now or in an earlier reconcile whose delete is not visible yet): deleted.
+    overdue = [o for o in observed.jobs if o.state in IN_FLIGHT and state_now.get(o.name) == FAILED]
+    if prev_phase not in TERMINAL_PHASES:
+        observed = Observed(jobs=tuple(jobs), cache_hits=observed.cache_hits, member_metrics=observed.member_metrics)
     latest: dict[tuple[str, str], ObservedJob] = {}
     names: set[str] = set()
     in_flight_jobs: list[ObservedJob] = []
@@ -619,18 +788,18 @@ def plan(run: RunRef, spec: RunSpec, observed: Observed, now: float,
         target_prep = prep_nodes.get(PREPARE_TARGET)
         if target_prep is not None and target_prep.state == DEAD:
             failure = (REASON_PREPARE_FAILED, f"preparing {spec.target.dataset} failed"
-                       f" {target_prep.latest.attempt} attempt(s) (last: {target_prep.latest.reason or 'unknown'});"
+                       f" {target_prep.latest.attempt} attempt(s) (last: {_why(target_prep.latest)});"
                        f" nothing can train without it")
         elif lp.state == DEAD:
             failure = (REASON_LP_FAILED, f"the linear probe failed {lp.latest.attempt} attempt(s)"
-                       f" (last: {lp.latest.reason or 'unknown'}); no target fine-tuning can start")
+                       f" (last: {_why(lp.latest)}); no target fine-tuning can start")
         elif len(succeeded) + possible < fp.min_succeeded:
             failure = (REASON_MIN_SUCCEEDED,
                        f"{len(succeeded)} target fine-tunings succeeded, {failed_targets} failed permanently"
                        f" and {possible} may still succeed: fewer than minSucceeded={fp.min_succeeded}")
         elif avg.state == DEAD:
             failure = (REASON_AVG_FAILED, f"the averaging Job failed {avg.latest.attempt} attempt(s)"
-                       f" (last: {avg.latest.reason or 'unknown'})")
+                       f" (last: {_why(avg.latest)})")
         elif deadline is not None and now >= deadline:
             failure = (REASON_DEADLINE, f"the run exceeded activeDeadlineSeconds={spec.active_deadline_seconds}")
         if failure is not None:
@@ -645,6 +814,8 @@ def plan(run: RunRef, spec: RunSpec, observed: Observed, now: float,
         after = max(after, 0.0)
         requeue = after if requeue is None else min(requeue, after)
 
+    for j in overdue:
+        actions.append(DeleteJob(j.name, REASON_POD_START_TIMEOUT))
     if outcome == PHASE_FAILED:
         assert failure is not None
         for j in in_flight_jobs:
@@ -688,10 +859,14 @@ def plan(run: RunRef, spec: RunSpec, observed: Observed, now: float,
                 assert n.latest is not None
                 events.append(Event("Warning", "Retrying",
                                     f"{n.stage}/{n.member} attempt {n.latest.attempt} failed"
-                                    f" ({n.latest.reason or 'unknown'}): starting attempt {attempt}"
+                                    f" ({_why(n.latest)}): starting attempt {attempt}"
                                     f" of {fp.max_attempts}"))
     if outcome is None and spec.active_deadline_seconds > 0:
         want_requeue(run.creation_time + spec.active_deadline_seconds - now)
+    if outcome is None and fp.pod_start_timeout_seconds > 0:
+        for j in in_flight_jobs:
+            if j.state == PENDING and j.pending_since is not None:
+                want_requeue(j.pending_since + fp.pod_start_timeout_seconds - now)
 
     # 4. Phase and status.
     aux_lp = [lp] + aux_nodes + list(prep_nodes.values())
@@ -710,6 +885,7 @@ def plan(run: RunRef, spec: RunSpec, observed: Observed, now: float,
 
     status = _status(run, spec, observed, now, prev, phase, failure, nodes, lp, aux_nodes,
                      target_nodes, avg, succeeded)
+    events = _child_events(run, prev, observed.jobs, expired) + events
     events += _phase_events(spec, prev, prev_phase, phase, failure, status, observed)
     return Plan(actions=tuple(actions), status=status, events=tuple(events),
                 requeue_after=requeue if outcome is None else None)
@@ -779,6 +955,8 @@ def _jobs_list(spec: RunSpec, observed: Observed, latest_names: set[str]) -> lis
             reason = "WaitingForQuota"
         if reason:
             entry["reason"] = reason
+        if j.message and (j.state == FAILED or (j.state == PENDING and j.reason not in BENIGN_WAITING)):
+            entry["message"] = _short_message(j.message)
         out.append(entry)
     return out
 
@@ -853,6 +1031,11 @@ def _status(run: RunRef, spec: RunSpec, observed: Observed, now: float, prev: Ma
     collapse = _collapse_condition(prev_conds, observed, now, gen) if phase == PHASE_SUCCEEDED else None
     if collapse is not None:
         conditions.append(collapse)
+    rejected = [n.latest for n in nodes if n.latest is not None and n.latest.rejected]
+    if rejected:
+        conditions.append(_condition(prev_conds, "JobsRejected", True, REASON_CREATE_REJECTED,
+                                     "; ".join(f"{j.stage}/{j.member}: {_why(j)}" for j in rejected[:5])
+                                     + (f"; and {len(rejected) - 5} more" if len(rejected) > 5 else ""), now, gen))
     latest_names = {n.latest.name for n in nodes if n.latest is not None}
     status: dict[str, Any] = {
         "observedGeneration": gen,
@@ -861,6 +1044,7 @@ def _status(run: RunRef, spec: RunSpec, observed: Observed, now: float, prev: Ma
         "conditions": conditions,
         "stages": stages,
         "jobs": _jobs_list(spec, observed, latest_names),
+        "attempts": _attempts_table(observed.jobs, prev),
         "storagePrefix": run_prefix(spec, run),
     }
     if phase == PHASE_SUCCEEDED:

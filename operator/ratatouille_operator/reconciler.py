@@ -16,7 +16,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Mapping
 
@@ -31,6 +31,20 @@ log = logging.getLogger("ratatouille.operator")
 MISSING_METRICS_RECHECK_S = 60.0
 #: Past this many remembered missing-metrics entries, the expired ones are dropped.
 MAX_REMEMBERED = 10_000
+#: A Job pending this long (seconds since it started) gets its pods read for why.
+PENDING_EXPLAIN_AFTER_S = 10.0
+
+
+class _Once:
+    """A value computed on first use, then kept (one LIST per reconcile, shared)."""
+
+    def __init__(self, fn: Callable[[], Any]):
+        self._fn, self._done, self._value = fn, False, None
+
+    def __call__(self) -> Any:
+        if not self._done:
+            self._value, self._done = self._fn(), True
+        return self._value
 
 
 @dataclass(frozen=True)
@@ -165,6 +179,42 @@ class ReconcileResult:
     phase: str | None
     created: list[str] = field(default_factory=list)
     requeue_after: float | None = None
+    #: The API server could not take a create now (5xx, 429, a full quota): try again after this
+    #: many seconds (grows while it lasts).
+    retry_after: float | None = None
+
+
+#: How long a create the API server refused is remembered in memory before the run's status
+#: (status.attempts) must hold it.
+REJECTED_MEMORY_S = 300.0
+#: Back-off for creates the API server could not take now: 2, 4, 8 ... up to this (seconds).
+MAX_CREATE_BACKOFF_S = 300.0
+
+
+def _api_error(exc) -> tuple[str, str]:
+    """(reason, message) of an ApiException, from the server's Status body when there is one."""
+    try:
+        body = json.loads(exc.body or "{}")
+    except (TypeError, ValueError):
+        body = {}
+    if not isinstance(body, dict):
+        body = {}
+    reason = str(body.get("reason") or exc.reason or f"HTTP{exc.status}")
+    message = str(body.get("message") or exc.reason or "")
+    return reason, message
+
+
+def _transient(exc) -> bool:
+    """A create worth trying again: the server is unwell (5xx), asks us to slow down (429), or
+    a quota is full for now (403 exceeded quota). Any other 4xx would fail the same way again."""
+    status = int(exc.status or 0)
+    if status == 429 or status >= 500 or status == 0:
+        return True
+    return status == 403 and "exceeded quota" in _api_error(exc)[1]
+
+
+#: Trainer exit codes (ARCHITECTURE.md) -> the reason a failed attempt shows.
+_EXIT_REASONS = {manifests.EXIT_BAD_INPUT: "BadInput", manifests.EXIT_DIVERGED: "Diverged"}
 
 
 def _rv(value: Any) -> int | None:
@@ -207,6 +257,13 @@ class Reconciler:
         # status): a run body from an index or a LIST may predate it, and planning from an older
         # status would repeat its phase-transition Events. Only ever used when it is newer.
         self._written: dict[tuple[str, str], tuple[str, int, dict]] = {}
+        # Creates the API server refused (4xx): name -> (when, run uid, the failed attempt),
+        # until the run's status remembers them.
+        self._rejected: dict[str, tuple[float, str, planner.ObservedJob]] = {}
+        # Runs whose creates the server could not take now -> consecutive times.
+        self._create_trouble: dict[tuple[str, str], int] = {}
+        # (run uid, Job name) of failed Jobs -> (reason, message) read from their pods.
+        self._failure_info: dict[tuple[str, str], tuple[str | None, str | None]] = {}
 
     # -- reading ---------------------------------------------------------------------------
     def list_jobs(self, namespace: str, run_name: str) -> list[dict]:
@@ -317,50 +374,192 @@ class Reconciler:
                              creation_time=_ts(meta.get("creationTimestamp")))
         if jobs is None:
             jobs = self.list_jobs(namespace, name)
+        jobs = [j for j in jobs
+                if (j.get("metadata", {}).get("labels") or {}).get(planner.LABEL_RUN_UID) == planner.label_value(uid)]
         observed_jobs = {}
-        for job in jobs:
-            if (job.get("metadata", {}).get("labels") or {}).get(planner.LABEL_RUN_UID) != planner.label_value(uid):
-                continue  # a Job of an earlier run with the same name
+        for job in jobs:  # (a Job of an earlier run with the same name has another uid label)
             o = manifests.parse_job(job)
             if o is not None:
                 observed_jobs[o.name] = o
         now = self.clock()
+        pods = _Once(lambda: self._run_pods(run))  # at most one LIST of the run's pods
+        if prev_status.get("phase") not in planner.TERMINAL_PHASES:
+            observed_jobs.update(self._explain(run, jobs, observed_jobs, prev_status, pods, now))
         for jname, (t, owner_uid, o) in list(self._recent.items()):
             if jname in observed_jobs or now - t > 60:
                 self._recent.pop(jname, None)
             elif owner_uid == uid:
                 observed_jobs[jname] = o
+        remembered = {f"{o.stage}/{o.member}/{o.attempt}" for o in planner.remembered_jobs(run, prev_status)}
+        for jname, (t, owner_uid, o) in list(self._rejected.items()):
+            if now - t > REJECTED_MEMORY_S or (owner_uid == uid and f"{o.stage}/{o.member}/{o.attempt}" in remembered):
+                self._rejected.pop(jname, None)
+            elif owner_uid == uid and jname not in observed_jobs:
+                observed_jobs[jname] = o
+        known = planner.with_remembered(run, observed_jobs.values(), prev_status)
         observed = planner.Observed(jobs=tuple(observed_jobs.values()),
                                     cache_hits=self._cache_hits(spec),
-                                    member_metrics=self._member_metrics(spec, run, observed_jobs.values()))
+                                    member_metrics=self._member_metrics(spec, run, known, pods))
         result = planner.plan(run, spec, observed, now, previous_status=prev_status or None)
         created = []
-        stale = False
+        again = False
+        retry_after = None
+        deletes = []
         for action in result.actions:
             if isinstance(action, planner.CreateJob):
-                if self._create(run, spec, body, action):
+                if retry_after is not None:
+                    continue  # the server could not take the last one: the rest waits too
+                outcome = self._create(run, spec, body, action)
+                if outcome == "created":
                     created.append(action.name)
-                else:
-                    stale = True
+                elif outcome == "transient":
+                    n = self._create_trouble.get((namespace, name), 0) + 1
+                    self._create_trouble[(namespace, name)] = n
+                    retry_after = min(MAX_CREATE_BACKOFF_S, 2.0 ** n)
+                else:  # "exists" (a stale view) or "rejected" (recorded): plan again
+                    again = True
             elif isinstance(action, planner.DeleteJob):
-                self._delete(namespace, action)
+                deletes.append(action)
             elif isinstance(action, planner.SetSuspend):
                 self._suspend(namespace, action)
-        if stale and not fresh:
-            # A Job we meant to create exists already: the view of the children was older than
-            # the API. The status and Events of this plan would be wrong (a phase going back), so
-            # plan again from a fresh LIST instead of writing them.
-            log.debug("stale view of the Jobs of %s/%s: planning again from a LIST", namespace, name)
-            again = self._reconcile(body, None, fresh=True)
-            return ReconcileResult(again.phase, created + again.created, again.requeue_after)
+        if retry_after is None and created:
+            self._create_trouble.pop((namespace, name), None)
+        if again and not fresh:
+            # A Job we meant to create exists already (the view of the children was older than
+            # the API), or the server refused one (a failed member now): the status and Events
+            # of this plan would be wrong, so plan again from a fresh LIST instead of writing them.
+            log.debug("planning %s/%s again from a LIST", namespace, name)
+            for action in deletes:
+                self._delete(namespace, action)
+            again_result = self._reconcile(body, None, fresh=True)
+            return ReconcileResult(again_result.phase, created + again_result.created, again_result.requeue_after,
+                                   retry_after if again_result.retry_after is None else again_result.retry_after)
         status = dict(result.status)
         if status != {k: prev_status.get(k) for k in status} or "observedGeneration" not in prev_status:
             self._patch_status(namespace, name, uid, status)
+        # Deletes after the status write: an attempt the operator fails (its pod never started) is
+        # in status.attempts before its Job goes, so that the attempt is never forgotten.
+        for action in deletes:
+            self._delete(namespace, action)
         # Events after the status write: should the write fail, the retry posts them (once).
         for ev in result.events:
             self.post_event(body, ev.type, ev.reason, ev.message)
         self._count(run, prev_status, status, observed_jobs.values())
-        return ReconcileResult(status.get("phase"), created, result.requeue_after)
+        requeue = result.requeue_after
+        if retry_after is not None:
+            requeue = retry_after if requeue is None else min(requeue, retry_after)
+        return ReconcileResult(status.get("phase"), created, requeue, retry_after)
+
+    # -- what the pods say ------------------------------------------------------------------
+    def _explain(self, run: planner.RunRef, jobs: list[Mapping], observed: Mapping[str, planner.ObservedJob],
+                 prev_status: Mapping, run_pods: "_Once", now: float) -> dict[str, planner.ObservedJob]:
+        """Pending Jobs get their pod's waiting reason and message (or the Job's FailedCreate
+        Event when it has no pod) and since when they have been waiting; failed ones the failed
+        container's termination message. One LIST of the run's pods, only when one is needed:
+        a Job pending for PENDING_EXPLAIN_AFTER_S or more (most pods start within seconds), or a
+        failed one not explained yet."""
+        ledger = prev_status.get("attempts") if isinstance(prev_status.get("attempts"), Mapping) else {}
+        bodies = {(j.get("metadata") or {}).get("name"): j for j in jobs}
+        pending = []
+        for o in observed.values():
+            if o.state != planner.PENDING:
+                continue
+            meta, status = (bodies.get(o.name) or {}).get("metadata") or {}, (bodies.get(o.name) or {}).get("status") or {}
+            since = manifests.parse_time(status.get("startTime")) or manifests.parse_time(meta.get("creationTimestamp"))
+            if since is not None and now - since >= PENDING_EXPLAIN_AFTER_S:
+                pending.append(o)
+        failed = []
+        for o in observed.values():
+            if o.state != planner.FAILED:
+                continue
+            known = self._failure_info.get((run.uid, o.name))
+            entry = ledger.get(f"{o.stage}/{o.member}") or {}
+            if known is None and entry.get("attempt") == o.attempt and entry.get("state") == planner.FAILED \
+                    and "message" in entry:
+                known = (entry.get("reason"), entry.get("message"))
+            if known is None:
+                failed.append(o)
+            else:
+                observed = {**observed, o.name: replace(o, reason=known[0] or o.reason, message=known[1])}
+        out = {o.name: observed[o.name] for o in observed.values() if o.state == planner.FAILED}
+        if not pending and not failed:
+            return out
+        pods = run_pods()
+        if pods is None:
+            return out
+        by_job: dict[str, list[dict]] = {}
+        for pod in pods:
+            jname = ((pod.get("metadata") or {}).get("labels") or {}).get("job-name")
+            if jname:
+                by_job.setdefault(jname, []).append(pod)
+        for o in pending:
+            out[o.name] = self._waiting(run, o, bodies.get(o.name) or {}, by_job.get(o.name, []))
+        for o in failed:
+            reason, message = _failure(bodies.get(o.name) or {}, by_job.get(o.name, []), o.reason)
+            if len(self._failure_info) > MAX_REMEMBERED:
+                self._failure_info.clear()
+            self._failure_info[(run.uid, o.name)] = (reason, message)
+            out[o.name] = replace(o, reason=reason, message=message)
+        return out
+
+    def _run_pods(self, run: planner.RunRef) -> list[dict] | None:
+        try:
+            resp = self.core.list_namespaced_pod(
+                run.namespace, label_selector=f"{planner.LABEL_RUN_UID}={planner.label_value(run.uid)}",
+                _preload_content=False)
+            return json.loads(resp.data).get("items") or []
+        except (self.k8s.ApiException, ValueError) as exc:
+            log.debug("cannot list the pods of %s/%s: %s", run.namespace, run.name, exc)
+            return None
+
+    def _waiting(self, run: planner.RunRef, o: planner.ObservedJob, job: Mapping, pods: list[dict]) -> planner.ObservedJob:
+        meta, status = job.get("metadata") or {}, job.get("status") or {}
+        times = [manifests.parse_time(status.get("startTime")) or manifests.parse_time(meta.get("creationTimestamp"))]
+        live = []
+        for pod in pods:
+            times.append(manifests.parse_time((pod.get("metadata") or {}).get("creationTimestamp")))
+            pstatus = pod.get("status") or {}
+            if pstatus.get("phase") in ("Succeeded", "Failed") or (pod.get("metadata") or {}).get("deletionTimestamp"):
+                for cs in pstatus.get("containerStatuses") or []:
+                    times.append(manifests.parse_time(((cs.get("state") or {}).get("terminated") or {}).get("finishedAt")))
+            else:
+                live.append(pod)
+        since = max((t for t in times if t is not None), default=None)
+        reason = message = None
+        live.sort(key=lambda p: manifests.parse_time((p.get("metadata") or {}).get("creationTimestamp")) or 0)
+        for pod in reversed(live):
+            pstatus = pod.get("status") or {}
+            scheduled = next((c for c in pstatus.get("conditions") or [] if c.get("type") == "PodScheduled"), None)
+            if scheduled is not None and scheduled.get("status") == "False":
+                reason, message = scheduled.get("reason") or "Unschedulable", scheduled.get("message")
+                break
+            waiting = next(((cs.get("state") or {}).get("waiting") for cs in pstatus.get("containerStatuses") or []
+                            if (cs.get("state") or {}).get("waiting")), None)
+            if waiting:
+                reason, message = waiting.get("reason"), waiting.get("message")
+                break
+        if not live and job:
+            reason, message = self._failed_create(run.namespace, meta.get("uid"), since) or (None, None)
+        return replace(o, reason=reason or o.reason, message=message, pending_since=since)
+
+    def _failed_create(self, namespace: str, job_uid: str | None, since: float | None) -> tuple[str, str] | None:
+        """The Job controller's latest FailedCreate Event for a Job that has no pod (a quota, a
+        missing ServiceAccount or PriorityClass, a pod that admission refuses)."""
+        if not job_uid:
+            return None
+        try:
+            resp = self.core.list_namespaced_event(
+                namespace, field_selector=f"involvedObject.uid={job_uid},reason=FailedCreate",
+                _preload_content=False)
+            items = json.loads(resp.data).get("items") or []
+        except (self.k8s.ApiException, ValueError) as exc:
+            log.debug("cannot list the Events of Job %s in %s: %s", job_uid, namespace, exc)
+            return None
+        if not items:
+            return None
+        last = max(items, key=lambda e: manifests.parse_time(e.get("lastTimestamp") or e.get("eventTime")
+                                                              or (e.get("metadata") or {}).get("creationTimestamp")) or 0)
+        return "FailedCreate", str(last.get("message") or "")
 
     def _cache_hits(self, spec) -> frozenset[str]:
         hits = set()
@@ -373,7 +572,7 @@ class Reconciler:
                     hits.add(key)
         return frozenset(hits)
 
-    def _member_metrics(self, spec, run, jobs: Iterable[planner.ObservedJob]) -> dict[str, dict]:
+    def _member_metrics(self, spec, run, jobs: Iterable[planner.ObservedJob], run_pods: "_Once") -> dict[str, dict]:
         out = {}
         now = self.clock()
         for j in jobs:
@@ -391,7 +590,7 @@ class Reconciler:
             answered = True
             if data is None:
                 answered = self.storage.said_missing(prefix)
-                data, final = self._termination_message(run.namespace, j.name)
+                data, final = self._termination_message(j.name, run_pods)
                 answered = answered and final
                 if data is not None:
                     self.storage.remember_metrics(prefix, data)
@@ -406,16 +605,13 @@ class Reconciler:
                     self._no_metrics.pop(k, None)
         return out
 
-    def _termination_message(self, namespace: str, job_name: str) -> tuple[dict | None, bool]:
+    def _termination_message(self, job_name: str, run_pods: "_Once") -> tuple[dict | None, bool]:
         """The trainer writes its metrics summary as the pod's termination message. Returns it
         (or None) and whether the pods could be listed."""
-        try:
-            resp = self.core.list_namespaced_pod(namespace, label_selector=f"job-name={job_name}",
-                                                 _preload_content=False)
-            pods = json.loads(resp.data).get("items") or []
-        except (self.k8s.ApiException, ValueError) as exc:
-            log.debug("cannot read the pods of Job %s/%s: %s", namespace, job_name, exc)
+        pods = run_pods()
+        if pods is None:
             return None, False
+        pods = [p for p in pods if ((p.get("metadata") or {}).get("labels") or {}).get("job-name") == job_name]
         final = True  # every container has terminated: what it said is all it will say
         for pod in pods:
             statuses = (pod.get("status") or {}).get("containerStatuses") or []
@@ -435,7 +631,9 @@ class Reconciler:
         return None, final
 
     # -- writing ---------------------------------------------------------------------------
-    def _create(self, run: planner.RunRef, spec, body: Mapping, action: planner.CreateJob) -> bool:
+    def _create(self, run: planner.RunRef, spec, body: Mapping, action: planner.CreateJob) -> str:
+        """Create the Job: "created", "exists" (ours already), "transient" (try again later) or
+        "rejected" (the server refused it: recorded as a failed attempt that is not retried)."""
         job = manifests.render_job(run, spec, action, default_image=self.settings.default_image,
                                    owner=body, service_account=self.settings.job_service_account,
                                    metrics_port=self.settings.trainer_metrics_port)
@@ -443,14 +641,25 @@ class Reconciler:
             self.batch.create_namespaced_job(run.namespace, job, _preload_content=False)
         except self.k8s.ApiException as exc:
             if exc.status != 409:
-                raise
+                reason, message = _api_error(exc)
+                if _transient(exc):
+                    log.warning("creating Job %s/%s failed for now (%s %s): %s; trying again later",
+                                run.namespace, action.name, exc.status, reason, message)
+                    return "transient"
+                log.warning("the API server refused Job %s/%s (%s %s): %s", run.namespace, action.name,
+                            exc.status, reason, message)
+                self._rejected[action.name] = (self.clock(), run.uid, planner.ObservedJob(
+                    name=action.name, stage=action.stage, member=action.member, attempt=action.attempt,
+                    state=planner.FAILED, finish_time=self.clock(), reason=reason, message=message,
+                    rejected=True))
+                return "rejected"
             # Already exists: done, if it is ours (same run uid); otherwise someone else's Job
             # holds the name and we must not adopt it.
             resp = self.batch.read_namespaced_job(action.name, run.namespace, _preload_content=False)
             labels = (json.loads(resp.data).get("metadata") or {}).get("labels") or {}
             if labels.get(planner.LABEL_RUN_UID) != planner.label_value(run.uid):
                 raise RuntimeError(f"Job {run.namespace}/{action.name} exists and belongs to another run") from None
-            return False
+            return "exists"
         log.info("created Job %s/%s (%s/%s attempt %d)", run.namespace, action.name, action.stage,
                  action.member, action.attempt)
         self._recent[action.name] = (self.clock(), run.uid, planner.ObservedJob(
@@ -460,7 +669,7 @@ class Reconciler:
             self.metrics.child_jobs_created.labels(namespace=run.namespace, stage=action.stage).inc()
             if action.attempt > 1:
                 self.metrics.child_job_retries.labels(namespace=run.namespace, stage=action.stage).inc()
-        return True
+        return "created"
 
     def _delete(self, namespace: str, action: planner.DeleteJob) -> None:
         try:
@@ -569,6 +778,40 @@ class Reconciler:
         if (status.get("result") or {}).get("diagnostics", {}).get("uniform", {}).get("collapse") and not \
                 (prev.get("result") or {}).get("diagnostics", {}).get("uniform", {}).get("collapse"):
             m.averaging_collapse.labels(namespace=namespace).inc()
+
+
+def _failure(job: Mapping, pods: list[dict], job_reason: str | None) -> tuple[str | None, str | None]:
+    """(reason, message) of a failed Job: the failed trainer container's termination message
+    (the trainer writes JSON with "error"; FallbackToLogsOnError gives the log's tail) and its
+    exit code, else the Job's Failed condition."""
+    cond = next((c for c in (job.get("status") or {}).get("conditions") or []
+                 if c.get("type") == "Failed" and c.get("status") == "True"), {})
+    term = None
+    pods = sorted(pods, key=lambda p: manifests.parse_time((p.get("metadata") or {}).get("creationTimestamp")) or 0)
+    for pod in pods:
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            t = (cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated")
+            if t and t.get("exitCode") not in (None, 0):
+                term = t
+    if term is None:
+        return job_reason, cond.get("message") or None
+    code = term.get("exitCode")
+    text = str(term.get("message") or "").strip()
+    payload = None
+    if text.startswith("{"):
+        try:
+            payload = json.loads(text)
+        except ValueError:
+            payload = None
+    reason = _EXIT_REASONS.get(code) or job_reason
+    if isinstance(payload, dict) and payload.get("error"):
+        reason = str(payload.get("reason") or reason)
+        message = str(payload["error"])
+    elif text:
+        message = text.splitlines()[-1]
+    else:
+        message = term.get("reason") or "error"
+    return reason, f"exit code {code}: {message}"
 
 
 def _was_invalid(status: Mapping) -> bool:

@@ -96,6 +96,9 @@ class FailurePolicy:
     max_attempts: int
     min_succeeded: int
     retry_backoff_seconds: int
+    #: A child whose pod has not started running this long after its Job started is failed as
+    #: one attempt (0: never).
+    pod_start_timeout_seconds: int = 300
 
 
 @dataclass(frozen=True)
@@ -231,6 +234,8 @@ def _parse(spec: Mapping[str, Any]) -> RunSpec:
         max_attempts=_int(fp.get("maxAttempts", 2), "spec.failurePolicy.maxAttempts", 1),
         min_succeeded=_int(fp.get("minSucceeded", 1), "spec.failurePolicy.minSucceeded", 1),
         retry_backoff_seconds=_int(fp.get("retryBackoffSeconds", 10), "spec.failurePolicy.retryBackoffSeconds", 0),
+        pod_start_timeout_seconds=_int(fp.get("podStartTimeoutSeconds", 300),
+                                       "spec.failurePolicy.podStartTimeoutSeconds", 0),
     )
     averaging = spec.get("averaging") or {}
     selection = str(averaging.get("selection", "uniform"))

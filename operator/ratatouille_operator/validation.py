@@ -74,6 +74,8 @@ _PATTERN_HINTS = {
         "must be a Kubernetes label value: letters, digits, '-', '_' and '.', starting and "
         "ending with a letter or digit",
     r"^[^\s]+$": "must not contain whitespace",
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$":
+        "must be a Kubernetes quantity such as 500m, 2 or 4Gi",
 }
 _JSON_TYPES = {"string": "a string", "integer": "an integer", "number": "a number",
                "boolean": "a boolean", "object": "an object", "array": "a list", "null": "null"}

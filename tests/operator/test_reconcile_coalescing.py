@@ -93,7 +93,7 @@ def test_settle_lets_a_burst_join_the_first_request(k8s, api):
 
 def test_a_succeeded_job_without_metrics_is_not_looked_for_on_every_reconcile(k8s, api):
     body = make_run(k8s, runs=1)
-    now = [1_900_000_000.0]
+    now = [time.time()]  # real time: the Jobs' timestamps are the server's
     rec = Reconciler(api, Settings(default_image=IMAGE), storage_view=StorageView(None), clock=lambda: now[0])
     rec.reconcile(body)
     k8s.finish_job("r-lp-0-a1")
@@ -110,6 +110,8 @@ def test_a_succeeded_job_without_metrics_is_not_looked_for_on_every_reconcile(k8
     statuses = pod["status"]["containerStatuses"]
     statuses[0]["state"]["terminated"]["message"] = '{"valAccuracy": 0.5}'
     k8s.patch(PODS, "default", pod["metadata"]["name"] + "/status", {"status": {"containerStatuses": statuses}})
+    # (The next Job's pod runs: a Job pending for a while would have its pods read for why.)
+    k8s.wait_for(lambda: (k8s.get(JOBS, "default", "r-target-0-a1").get("status") or {}).get("ready") == 1)
     now[0] += MISSING_METRICS_RECHECK_S
     rec.reconcile(k8s.get(RUNS, "default", "r"))
     assert pod_lists() == 2

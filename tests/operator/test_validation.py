@@ -214,7 +214,7 @@ def test_schema_is_structural():
     # preserve-unknown-fields only where foreign or open-ended data lives
     preserved = {p for p, n in _walk(schema) if n.get("x-kubernetes-preserve-unknown-fields")}
     assert preserved == {
-        ".spec.template.resources.", ".spec.template.tolerations.[].", ".spec.template.affinity.",
+        ".spec.template.tolerations.[].", ".spec.template.affinity.",
         ".status.", ".status.result.", ".status.result.diagnostics."}
 
 
@@ -280,7 +280,7 @@ def test_short_form_gets_every_default():
     assert body["linearProbe"] == {"steps": 5000, "batchSize": 32, "lr": "1e-3"}
     assert body["auxiliaryFinetune"] == {"steps": 5000, "batchSize": 32, "lr": "5e-5"}
     assert body["failurePolicy"] == {"backoffLimit": 1, "maxAttempts": 2, "minSucceeded": 1,
-                                     "retryBackoffSeconds": 10}
+                                     "retryBackoffSeconds": 10, "podStartTimeoutSeconds": 300}
     assert body["auxiliaries"] == [{"name": "pacs", "dataset": "s3://datasets/PACS", "runs": 1}]
     assert body["foundation"] == {"model": "resnet50", "inputSize": 224}
     assert body["target"]["holdoutFraction"] == "0.2"
