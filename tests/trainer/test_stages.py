@@ -206,7 +206,9 @@ def test_average_end_to_end(world, members, selection):
                  members=members, selection=selection)
     m = stages.run_stage(util.desc(d), progress=_quiet())
     files = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    assert set(files) == {"model.safetensors", "model-card.md", "lineage.json", "metrics.json", "DONE"}
+    assert set(files) == {"model.safetensors", "model-card.md", "lineage.json", "metrics.json", "DONE", "timm"}
+    assert sorted(p.name for p in (out / "timm").iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    files.update({f"timm/{p.name}": p.stat().st_mtime_ns for p in (out / "timm").iterdir()})
     assert files["DONE"] >= max(v for k, v in files.items() if k != "DONE")
     lineage = json.loads((out / "lineage.json").read_text())
     assert [x["member"] for x in lineage["members"]] == ["0", "1", "2"]
