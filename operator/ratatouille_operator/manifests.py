@@ -60,15 +60,28 @@ def render_job(run: planner.RunRef, spec: RunSpec, action: planner.CreateJob, *,
     }
     if metrics_port is not None:
         container["ports"] = [{"name": "metrics", "containerPort": int(metrics_port), "protocol": "TCP"}]
-    if spec.template.resources:
-        container["resources"] = _plain(spec.template.resources)
+    tp = spec.template
+    resources = _plain(tp.resources) if tp.resources else {}
+    scratch: dict[str, Any] = {}
+    if tp.scratch_size:
+        # A bounded scratch volume, and the node storage it needs reserved for it.
+        scratch["sizeLimit"] = tp.scratch_size
+        resources.setdefault("requests", {}).setdefault("ephemeral-storage", tp.scratch_size)
+    if resources:
+        container["resources"] = resources
 
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "containers": [container],
-        "volumes": [{"name": "tmp", "emptyDir": {}}],
+        "volumes": [{"name": "tmp", "emptyDir": scratch}],
         "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+        # The trainer never talks to the API server: no token in its pods.
+        "automountServiceAccountToken": False,
     }
+    if tp.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": n} for n in tp.image_pull_secrets]
+    if tp.runtime_class_name:
+        pod_spec["runtimeClassName"] = tp.runtime_class_name
     if spec.template.node_selector:
         pod_spec["nodeSelector"] = dict(spec.template.node_selector)
     if spec.template.tolerations:
@@ -80,6 +93,10 @@ def render_job(run: planner.RunRef, spec: RunSpec, action: planner.CreateJob, *,
     if service_account:
         pod_spec["serviceAccountName"] = service_account
 
+    # The user's pod labels and annotations; the operator's own labels win.
+    pod_meta: dict[str, Any] = {"labels": {**dict(spec.template.pod_labels), **labels}}
+    if spec.template.pod_annotations:
+        pod_meta["annotations"] = dict(spec.template.pod_annotations)
     metadata: dict[str, Any] = {
         "name": action.name,
         "namespace": run.namespace,
@@ -107,7 +124,7 @@ def render_job(run: planner.RunRef, spec: RunSpec, action: planner.CreateJob, *,
             "completions": 1,
             "parallelism": 1,
             "suspend": bool(spec.suspend),
-            "template": {"metadata": {"labels": dict(labels)}, "spec": pod_spec},
+            "template": {"metadata": pod_meta, "spec": pod_spec},
         },
     }
 

@@ -88,6 +88,11 @@ class PodTemplate:
     tolerations: tuple[Mapping[str, Any], ...]
     affinity: Mapping[str, Any] | None
     priority_class_name: str | None
+    runtime_class_name: str | None = None
+    image_pull_secrets: tuple[str, ...] = ()
+    pod_annotations: Mapping[str, str] = field(default_factory=dict)
+    pod_labels: Mapping[str, str] = field(default_factory=dict)
+    scratch_size: str | None = None  # emptyDir sizeLimit and ephemeral-storage request
 
 
 @dataclass(frozen=True)
@@ -227,6 +232,11 @@ def _parse(spec: Mapping[str, Any]) -> RunSpec:
         tolerations=tuple(tp.get("tolerations") or ()),
         affinity=tp.get("affinity") or None,
         priority_class_name=tp.get("priorityClassName") or None,
+        runtime_class_name=tp.get("runtimeClassName") or None,
+        image_pull_secrets=tuple(str(x) for x in tp.get("imagePullSecrets") or ()),
+        pod_annotations={str(k): str(v) for k, v in (tp.get("podAnnotations") or {}).items()},
+        pod_labels={str(k): str(v) for k, v in (tp.get("podLabels") or {}).items()},
+        scratch_size=str(tp["scratchSize"]) if tp.get("scratchSize") else None,
     )
     fp = spec.get("failurePolicy") or {}
     failure_policy = FailurePolicy(
