@@ -94,7 +94,9 @@ def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     metrics = OperatorMetrics()
     start_http_server(cfg.metrics_port, metrics.registry)
     STATE.metrics = metrics
-    STATE.reconciler = Reconciler(_api_client(), cfg, storage_view=StorageView(_open_storage, metrics),
+    trusted = [cfg.default_storage_endpoint] + [
+        e.strip() for e in os.environ.get("RATATOUILLE_TRUSTED_STORAGE_ENDPOINTS", "").split(",") if e.strip()]
+    STATE.reconciler = Reconciler(_api_client(), cfg, storage_view=StorageView(_open_storage, metrics, trusted),
                                   metrics=metrics, settle=JOB_EVENT_SETTLE_S)
     STATE.stop.clear()
     threading.Thread(target=_resync_loop, name="ratatouille-resync", daemon=True).start()

@@ -11,6 +11,7 @@ so that a stale body from an index never repeats a phase-transition Event).
 """
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -82,6 +83,10 @@ class Settings:
         )
 
 
+def _norm_endpoint(endpoint: str | None) -> str | None:
+    return endpoint.rstrip("/").lower() if endpoint else None
+
+
 def _ts(value: Any) -> float:
     t = manifests.parse_time(value)
     return t if t is not None else time.time()
@@ -105,24 +110,41 @@ def _fill_defaults(body: Mapping, settings: Settings) -> dict:
 class StorageView:
     """Facts the planner needs from storage: aux cache entries present and member metrics.
 
-    Uses the operator's own credentials (environment); when storage is unreachable the planner
-    still works: aux Jobs run (and return at once when their output exists), metrics are missing.
+    Uses the operator's own credentials (environment), and so only with the endpoints the
+    operator is configured with (`trusted_endpoints`: the chart's storage.endpoint and
+    RATATOUILLE_TRUSTED_STORAGE_ENDPOINTS): a run's spec.storage.endpoint is the tenant's choice,
+    and presenting the operator's keys there, or believing what it answers, would make the
+    operator a confused deputy. For any other endpoint nothing is read: aux Jobs run (and return
+    at once when their output exists) and metrics come from the pods' termination messages, as
+    when storage is unreachable. One client per endpoint and scheme, at most MAX_CLIENTS kept.
     """
 
-    def __init__(self, open_storage: Callable[[str, str | None], Any] | None, metrics=None):
+    MAX_CLIENTS = 8
+
+    def __init__(self, open_storage: Callable[[str, str | None], Any] | None, metrics=None,
+                 trusted_endpoints: Iterable[str | None] | None = None):
         self._open = open_storage
-        self._clients: dict[tuple[str, str | None], Any] = {}
+        self._clients: "collections.OrderedDict[tuple[str, str | None], Any]" = collections.OrderedDict()
         self._done: set[str] = set()
         self._metrics: dict[str, dict] = {}
         self._missing: set[str] = set()
         self._m = metrics
+        # None: every endpoint (tests that hand in their own opener)
+        self._trusted = None if trusted_endpoints is None else {_norm_endpoint(e) for e in trusted_endpoints}
+
+    def trusts(self, endpoint: str | None) -> bool:
+        return self._trusted is None or _norm_endpoint(endpoint) in self._trusted
 
     def _client(self, uri: str, endpoint: str | None):
-        if self._open is None:
+        if self._open is None or not self.trusts(endpoint):
             return None
-        key = (uri.split("/", 3)[2] if "://" in uri else "", endpoint)
-        if key not in self._clients:
+        key = (uri.split("://", 1)[0] if "://" in uri else "file", _norm_endpoint(endpoint))
+        if key in self._clients:
+            self._clients.move_to_end(key)
+        else:
             self._clients[key] = self._open(uri, endpoint)
+            while len(self._clients) > self.MAX_CLIENTS:
+                self._clients.popitem(last=False)
         return self._clients[key]
 
     def _error(self, op: str, uri: str, exc: Exception) -> None:
@@ -168,10 +190,10 @@ class StorageView:
     def remember_metrics(self, prefix: str, data: dict) -> None:
         self._metrics.setdefault(prefix, data)
 
-    def said_missing(self, prefix: str) -> bool:
+    def said_missing(self, prefix: str, endpoint: str | None = None) -> bool:
         """Whether storage answered that prefix has no metrics.json (not: could not be read), or
-        there is no storage to read."""
-        return self._open is None or prefix in self._missing
+        there is no storage the operator may read."""
+        return self._open is None or not self.trusts(endpoint) or prefix in self._missing
 
 
 @dataclass
@@ -589,7 +611,7 @@ class Reconciler:
             data = self.storage.metrics(prefix, spec.storage.endpoint)
             answered = True
             if data is None:
-                answered = self.storage.said_missing(prefix)
+                answered = self.storage.said_missing(prefix, spec.storage.endpoint)
                 data, final = self._termination_message(j.name, run_pods)
                 answered = answered and final
                 if data is not None:
