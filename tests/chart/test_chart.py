@@ -38,7 +38,8 @@ NAMESPACED_GRANTS = {
     ("ratatouille.dev", "ratatouilleruns/finalizers", "update"),
     *(("batch", "jobs", v) for v in ("get", "list", "watch", "create", "patch", "delete")),
     *(("", "pods", v) for v in ("get", "list", "watch")),
-    *(("", "events", v) for v in ("create", "patch")),
+    # list: the Job controller's FailedCreate Events say why a Job has no pod
+    *(("", "events", v) for v in ("create", "patch", "list")),
     *(("events.k8s.io", "events", v) for v in ("create", "patch")),
 }
 CLUSTER_SCOPED_GRANTS = {
