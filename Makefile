@@ -18,10 +18,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[trainer,operator,demo,bench,test]'
 	touch $@
 
-# Prometheus (promtool too) for the observability tests; openssl for the test cluster's PKI.
+# Prometheus (promtool too) for the observability tests; openssl for the test cluster's PKI;
+# podman, runc and debootstrap to build and run the images (scripts/images/build.sh).
 system-deps:
-	@command -v prometheus >/dev/null && command -v openssl >/dev/null || { apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus openssl >/dev/null; }
+	@for tool in prometheus openssl podman runc debootstrap; do command -v $$tool >/dev/null || missing=1; done; \
+	  [ -z "$$missing" ] || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    prometheus openssl podman runc debootstrap >/dev/null; }
 
 # The upstream control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler,
 # kubectl), Helm and Kueue, built from their Go modules (scripts/k8s/versions.env) once per

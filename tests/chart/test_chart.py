@@ -308,7 +308,9 @@ def test_default_environment_values(rendered):
     c = H.one(rendered["defaults"], "Deployment")["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e.get("value") for e in c["env"]}
     assert env["RATATOUILLE_WATCH_NAMESPACES"] == ""
-    assert env["RATATOUILLE_DEFAULT_IMAGE"] == c["image"] == "ghcr.io/ratatouille-dev/ratatouille:0.1.0"
+    # two images: the operator's has no torch, child Jobs get the trainer's
+    assert c["image"] == "ghcr.io/ratatouille-dev/ratatouille-operator:0.1.0"
+    assert env["RATATOUILLE_DEFAULT_IMAGE"] == "ghcr.io/ratatouille-dev/ratatouille:0.1.0"
     assert env["RATATOUILLE_RECONCILE_INTERVAL"] == "15"
     assert env["RATATOUILLE_TRAINER_METRICS_PORT"] == "9400"
     assert env["RATATOUILLE_LOG_LEVEL"] == "INFO"

@@ -1,4 +1,5 @@
-"""The Dockerfile cannot be built here (no Docker engine): parse it and check what can be checked."""
+"""The Dockerfile, read as text: pinned bases, non-root targets, nothing built shipped. It is also
+really built and run with podman (tests/chart/test_images.py)."""
 from __future__ import annotations
 
 import json
@@ -90,29 +91,38 @@ def test_multi_stage_with_pinned_bases(dockerfile):
         assert re.match(r"^\d+\.\d+\.\d+", tag), f"{image}: tag {tag} is not an exact version"
 
 
-def test_final_stage_runs_as_non_root(dockerfile):
-    _, stages = dockerfile
-    final = stages[-1]
-    users = final.all("USER")
-    assert users, "no USER in the final stage"
-    user = users[-1].split(":")[0]
-    assert user not in ("root", "0")
-    # numeric, so Kubernetes' runAsNonRoot can verify it without runAsUser
-    assert user.isdigit() and int(user) >= 10000
+def _targets(stages: list[Stage]) -> dict[str, Stage]:
+    return {s.name: s for s in stages if s.name in ("operator", "trainer")}
 
 
-def test_final_stage_has_no_build_tools(dockerfile):
+def _runtime(stages: list[Stage]) -> Stage:
+    return next(s for s in stages if s.name == "runtime")
+
+
+def test_both_targets_run_as_non_root(dockerfile):
     _, stages = dockerfile
-    final = stages[-1]
-    runs = " ".join(final.all("RUN"))
-    for tool in ("build-essential", "gcc", "g++", "make ", "clang", "cmake", "-dev "):
-        assert tool not in runs, f"{tool} installed in the final stage"
-    # the builder does have them: the split is real
-    assert "build-essential" in " ".join(stages[0].all("RUN"))
-    # only the venv crosses over from the builder
-    copies = final.all("COPY")
-    from_builder = [c for c in copies if c.startswith("--from=")]
-    assert from_builder and all("/opt/ratatouille" in c for c in from_builder)
+    targets = _targets(stages)
+    assert set(targets) == {"operator", "trainer"}
+    for name, stage in targets.items():
+        users = stage.all("USER")
+        assert users, f"no USER in the {name} target"
+        user = users[-1].split(":")[0]
+        # numeric, so Kubernetes' runAsNonRoot can verify it without runAsUser
+        assert user.isdigit() and int(user) >= 10000, name
+
+
+def test_shipped_stages_have_no_build_tools_and_only_environments_cross_over(dockerfile):
+    _, stages = dockerfile
+    shipped = [_runtime(stages), *_targets(stages).values()]
+    runs = " ".join(r for s in shipped for r in s.all("RUN"))
+    for tool in ("build-essential", "gcc", "g++", "make ", "clang", "cmake", "-dev ", "pip install"):
+        assert tool not in runs, f"{tool} in a shipped stage"
+    for stage in _targets(stages).values():
+        copies = [c for c in stage.all("COPY") if c.startswith("--from=")]
+        assert copies and all(" /opt/ratatouille" in c for c in copies), copies
+    # the operator target never takes the torch environment
+    operator = " ".join(_targets(stages)["operator"].all("COPY"))
+    assert "deps-trainer" not in operator and "venv-trainer" not in operator
 
 
 def test_installs_cuda_torch_and_the_project_extras(dockerfile):
@@ -128,7 +138,7 @@ def test_installs_cuda_torch_and_the_project_extras(dockerfile):
 
 def test_environment_and_labels(dockerfile):
     _, stages = dockerfile
-    final = stages[-1]
+    final = _runtime(stages)  # both targets start from it
     env = " ".join(final.all("ENV"))
     assert re.search(r"\bHF_HUB_OFFLINE=1\b", env)
     labels = " ".join(final.all("LABEL"))
@@ -140,11 +150,11 @@ def test_environment_and_labels(dockerfile):
 
 def test_entrypoints_exist_in_pyproject_scripts(dockerfile, scripts):
     _, stages = dockerfile
-    final = stages[-1]
-    assert not final.all("ENTRYPOINT"), "ENTRYPOINT would force a command on child Jobs"
-    [cmd] = final.all("CMD")
-    argv = json.loads(cmd)  # exec form
-    assert argv == ["ratatouille", "operator"]
+    for final in _targets(stages).values():
+        assert not final.all("ENTRYPOINT"), "ENTRYPOINT would force a command on child Jobs"
+        [cmd] = final.all("CMD")
+        argv = json.loads(cmd)  # exec form
+        assert argv == ["ratatouille", "operator"]
     referenced = set()
     for stage in stages:
         for op, arg in stage.instructions:

@@ -414,6 +414,7 @@ class NodeAgent:
         env = dict(self.env)
         env["PATH"] = os.pathsep.join([*self.path, env.get("PATH", "/usr/bin:/bin")])
         env["HOSTNAME"] = pod["metadata"]["name"]
+        node_env = dict(env)  # what the pod spec sets below may point into its volumes
         for source in container.get("envFrom") or []:
             prefix = source.get("prefix", "")
             for kind in ("secretRef", "configMapRef"):
@@ -440,6 +441,8 @@ class NodeAgent:
         # caches under /tmp do not meet).
         mounts = self._empty_dirs(pod, container)
         for name, value in list(env.items()):
+            if node_env.get(name) == value:
+                continue  # the node's own (PATH, the venv...): not a path inside the container
             for mount, local in mounts.items():
                 if value == mount or value.startswith(mount.rstrip("/") + "/"):
                     env[name] = local + value[len(mount.rstrip("/")):]

@@ -273,6 +273,7 @@ class ChartOperator:
         self.liveness_port = free_port()
         self.values: dict[str, Any] = {
             "image": {"repository": IMAGE.split(":")[0], "tag": IMAGE.split(":")[1]},
+            "trainer": {"image": IMAGE},
             "storage": {"endpoint": cluster.s3.endpoint, "credentialsSecret": CREDENTIALS_SECRET},
             "reconcileInterval": interval,
             "ports": {"metrics": self.metrics_port, "liveness": self.liveness_port},

@@ -47,6 +47,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}
 
+{{/* The trainer image of child Jobs: trainer.image, else trainer.repository:trainer.tag. */}}
+{{- define "ratatouille.trainerImage" -}}
+{{- default (printf "%s:%s" .Values.trainer.repository (default .Chart.AppVersion .Values.trainer.tag)) .Values.trainer.image -}}
+{{- end -}}
+
 {{/* Fixed ports of the operator process (its defaults; set explicitly in its environment). */}}
 {{- define "ratatouille.metricsPort" -}}{{ .Values.ports.metrics | default 9090 }}{{- end -}}
 {{- define "ratatouille.livenessPort" -}}{{ .Values.ports.liveness | default 8080 }}{{- end -}}
