@@ -6,6 +6,7 @@ see ARCHITECTURE.md. Pure standard library, so the planner can build description
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
@@ -71,6 +72,14 @@ class MemberRef:
     source: str
 
 
+def _common_base(uris: list[str]) -> str:
+    """The longest common prefix of the URIs that ends with '/' (empty for fewer than two)."""
+    if len(uris) < 2:
+        return ""
+    prefix = os.path.commonprefix(uris)
+    return prefix[:prefix.rfind("/") + 1] if "/" in prefix else ""
+
+
 @dataclass(frozen=True)
 class JobDescription:
     stage: str
@@ -108,7 +117,16 @@ class JobDescription:
         if self.hyperparameters:
             d["hyperparameters"] = dict(self.hyperparameters)
         if self.stage == "average":
-            d["members"] = [asdict(m) for m in self.members]
+            members = [asdict(m) for m in self.members]
+            # The members' outputs share the run's prefix: it is written once (membersBase) and
+            # each uri relative to it, so a 500-member average with a long storage URI stays far
+            # below the kernel's limit on one argument (MAX_ARG_STRLEN, 128 KiB).
+            base = _common_base([m["uri"] for m in members])
+            if base:
+                d["membersBase"] = base
+                for m in members:
+                    m["uri"] = m["uri"][len(base):]
+            d["members"] = members
             d["selection"] = self.selection
         return d
 
@@ -147,7 +165,8 @@ class JobDescription:
                 training=Training(**training) if training else None,
                 init=Init(**init) if init else None,
                 hyperparameters=dict(d.get("hyperparameters") or {}),
-                members=tuple(MemberRef(**m) for m in d.get("members") or ()),
+                members=tuple(MemberRef(**{**m, "uri": str(d.get("membersBase") or "") + str(m["uri"])})
+                              for m in d.get("members") or ()),
                 selection=str(d.get("selection", "uniform")),
             )
         except JobDescriptionError:
