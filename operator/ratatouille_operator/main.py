@@ -73,6 +73,9 @@ def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.finalizer = "ratatouille.dev/finalizer"
     settings.posting.enabled = False  # we post our own Events, one per transition
     settings.watching.server_timeout = 300
+    # Only our own Jobs, selected by the API server: on a cluster with thousands of other Jobs
+    # the operator neither receives nor keeps them (the handlers' label filters are client-side).
+    settings.watching.label_selectors["batch", "jobs"] = planner.LABEL_RUN_UID
     # No cap on kopf's per-object workers (its default). A worker serves one object and lingers
     # `queueing.idle_timeout` (5 s) after that object's last event, so a cap of N let only N runs
     # (and N Jobs) be processed at a time: the runs created after the first N waited seconds for
