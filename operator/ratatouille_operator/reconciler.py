@@ -419,9 +419,12 @@ class Reconciler:
             elif owner_uid == uid and jname not in observed_jobs:
                 observed_jobs[jname] = o
         known = planner.with_remembered(run, observed_jobs.values(), prev_status)
+        # A finished run's status is final (the planner keeps it as it is): no storage reads and
+        # no pod LISTs for it, so an operator restart costs nothing per finished run.
+        finished = prev_status.get("phase") in planner.TERMINAL_PHASES
         observed = planner.Observed(jobs=tuple(observed_jobs.values()),
-                                    cache_hits=self._cache_hits(spec),
-                                    member_metrics=self._member_metrics(spec, run, known, pods))
+                                    cache_hits=frozenset() if finished else self._cache_hits(spec),
+                                    member_metrics={} if finished else self._member_metrics(spec, run, known, pods))
         result = planner.plan(run, spec, observed, now, previous_status=prev_status or None)
         created = []
         again = False

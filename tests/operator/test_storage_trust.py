@@ -88,3 +88,27 @@ def test_a_trusted_endpoint_is_read_with_one_client_however_many_buckets(tenant_
     for i in range(StorageView.MAX_CLIENTS + 4):
         many._client("s3://b/x", f"http://e{i}")
     assert len(many._clients) == StorageView.MAX_CLIENTS
+
+
+def test_a_finished_run_costs_no_storage_read_and_no_pod_list(k8s, api, monkeypatch):
+    """What an operator restart does for every finished run: reconcile it once. That must not
+    read storage or list pods (a cluster keeps thousands of finished runs)."""
+    from tests.operator.harness import IMAGE, run_manifest
+
+    body = k8s.create("ratatouille.dev/v1alpha1/ratatouilleruns",
+                      run_manifest("done", dataset="s3://ratatouille/datasets/target", runs=1,
+                                   aux=[{"name": "shapes", "dataset": "s3://ratatouille/datasets/aux"}]))
+    opened = []
+    view = StorageView(lambda uri, ep: opened.append(uri) or (_ for _ in ()).throw(AssertionError("read")))
+    rec = Reconciler(api, Settings(default_image=IMAGE), storage_view=view)
+    rec.reconcile(body)  # unfinished: it looks for the auxiliary's cache entry
+    assert opened
+    status = {"phase": "Succeeded", "observedGeneration": 1, "progress": "4/4",
+              "result": {"model": "s3://ratatouille/runs/x/average/model.safetensors", "members": 1}}
+    k8s.patch("ratatouille.dev/v1alpha1/ratatouilleruns", "default", "done/status", {"status": status})
+    opened.clear()
+    pod_lists = k8s.count("list", "v1/pods")
+    rec2 = Reconciler(api, Settings(default_image=IMAGE), storage_view=view)  # a restarted operator
+    result = rec2.reconcile(k8s.get("ratatouille.dev/v1alpha1/ratatouilleruns", "default", "done"))
+    assert result.phase == "Succeeded" and result.created == []
+    assert opened == [] and k8s.count("list", "v1/pods") == pod_lists
