@@ -358,3 +358,17 @@ def test_exhausted_retries_raise_and_leave_no_done(s3_bucket, moto_server, tmp_p
     assert not direct.is_done(prefix)
     assert not direct.exists(join(prefix, "model.safetensors"))
     assert direct.list(prefix) == []
+
+
+def test_atomic_write_honours_the_umask(tmp_path):
+    """metrics.json, DONE and lineage go through atomic_write: 0666 & ~umask, not mkstemp's 0600."""
+    import os
+
+    from ratatouille_trainer.storage import atomic_write
+
+    old = os.umask(0o027)
+    try:
+        atomic_write(str(tmp_path / "metrics.json"), lambda fh: fh.write(b"{}"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "metrics.json").stat().st_mode & 0o777 == 0o640

@@ -361,12 +361,28 @@ class Storage:
 # ---------------------------------------------------------------------------------- local files
 
 
+def new_file_mode() -> int:
+    """The mode ``open()`` gives a new file under the process umask (0666 & ~umask): what an
+    output written through a private temporary file must get before it is renamed into place."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # no /proc: read it by setting it (and put it back at once)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write(path: str, write: Callable[[Any], None]) -> None:
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=directory)
     try:
         with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), new_file_mode())  # mkstemp made it 0600: honour the umask
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())

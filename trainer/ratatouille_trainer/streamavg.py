@@ -43,7 +43,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from .storage import atomic_write
+from .storage import atomic_write, new_file_mode  # noqa: F401  (new_file_mode: re-exported)
 
 __all__ = [
     "AveragingError",
@@ -1043,21 +1043,6 @@ class _PrefetchReader:
 
 
 # ------------------------------------------------------------------------------ entry points
-
-def new_file_mode() -> int:
-    """The mode ``open()`` gives a new file under the process umask (0666 & ~umask): what an
-    output written through a private temporary file must get before it is renamed into place."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("Umask:"):
-                    return 0o666 & ~int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)  # no /proc: read it by setting it (and put it back at once)
-    os.umask(mask)
-    return 0o666 & ~mask
-
 
 def check_output_path(path: str) -> None:
     """The output is written by rename over ``path``: refuse to replace anything but a regular
