@@ -1,5 +1,5 @@
 """The `ratatouille` command line: run, validate and plan RatatouilleRuns, average checkpoints,
-start the operator or a local emulated cluster.
+start the operator (a development cluster is `make dev-cluster`, outside the product).
 
 Errors in user input end with one line naming what is wrong and exit code 2, never a traceback.
 """
