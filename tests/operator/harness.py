@@ -282,6 +282,7 @@ class ChartOperator:
         self.starts = 0
         self.installed = False
         self.upgrades: list[tuple[int, int]] = []  # audit-log windows of helm upgrades
+        self.audit_start = 0
 
     @property
     def service_account(self) -> str:
@@ -305,6 +306,9 @@ class ChartOperator:
         return path
 
     def install(self, *extra: str) -> "ChartOperator":
+        # Requests before this install (an earlier release of the same name, uninstalled while
+        # its pod still ran) are not this operator's.
+        self.audit_start = len(self.cluster.audit())
         self.cluster.namespace(self.namespace)
         # --take-ownership: the CRD may already be there, applied with kubectl or kept by an
         # uninstalled release (crds.keep); this release adopts it.
@@ -400,11 +404,14 @@ class ChartOperator:
         with urllib.request.urlopen(self.metrics_url, timeout=5) as rsp:
             return rsp.read().decode()
 
-    def requests(self, since: int = 0) -> set[tuple[str, str]]:
+    def requests(self, since: int | None = None) -> set[tuple[str, str]]:
+        since = self.audit_start if since is None else since
         return {(verb, res) for verb, res, _ in self.cluster.requests_of(self.service_account, since)}
 
-    def refused(self, since: int = 0) -> list[tuple[str, str, int]]:
-        """Requests the server refused (403) outside the windows of helm upgrades."""
+    def refused(self, since: int | None = None) -> list[tuple[str, str, int]]:
+        """Requests the server refused (403) since this install, outside the windows of helm
+        upgrades."""
+        since = self.audit_start if since is None else since
         out = []
         for i, e in enumerate(self.cluster.audit()):
             if i < since or any(a <= i < b for a, b in self.upgrades):
