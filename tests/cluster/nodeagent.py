@@ -283,8 +283,6 @@ class NodeAgent:
                 meta = pod["metadata"]
                 t = self.pods.get(meta["uid"])
                 if t is None:
-                    if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed") and not meta.get("deletionTimestamp"):
-                        continue  # finished before this agent knew it (a restart of the agent)
                     t = self.pods[meta["uid"]] = Tracked(meta["uid"], meta["namespace"], meta["name"], pod)
                 t.pod = pod
                 if meta.get("deletionTimestamp"):

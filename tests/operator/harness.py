@@ -29,8 +29,8 @@ from typing import Any, Callable, Iterable, Mapping
 import pytest
 import yaml
 
-from tests.cluster.controlplane import ApiError, ControlPlane, free_port, path_for
-from tests.cluster.nodeagent import NodeAgent, matches
+from tests.cluster.controlplane import ControlPlane, free_port, path_for
+from tests.cluster.nodeagent import NodeAgent
 from tests.cluster.s3 import CREDENTIALS_SECRET, MotoS3
 
 REPO = Path(__file__).resolve().parents[2]
@@ -223,24 +223,27 @@ class Cluster:
         return self.rest.items(path_for(PODS, namespace), **query)
 
     def wait_for(self, predicate: Callable[[], Any], timeout: float, what: str,
-                 operator: "ChartOperator | None" = None, interval: float = 0.2) -> Any:
-        """Poll until predicate() is truthy; fail with the operator's log and the node agent's
-        errors when it times out."""
+                 operator: "ChartOperator | None" = None, interval: float = 0.2,
+                 detail: Callable[[], str] | None = None) -> Any:
+        """Poll until predicate() is truthy; fail with the operator's log, the node agent's
+        errors and `detail()` when it times out."""
         deadline = time.monotonic() + timeout
         while True:
             value = predicate()
             if value:
                 return value
             if time.monotonic() > deadline:
-                detail = ""
+                text = ""
                 if operator is not None:
-                    detail = "\n--- operator log (tail)\n" + operator.log_tail()
+                    text = "\n--- operator log (tail)\n" + operator.log_tail()
                 if self.controller is not None and self.controller.errors:
-                    detail += f"\n--- node agent errors: {self.controller.errors[-5:]}"
+                    text += f"\n--- node agent errors: {self.controller.errors[-5:]}"
+                if detail is not None:
+                    text += "\n" + detail()
                 dead = {k: v for k, v in self.cp.alive().items() if v is not None}
                 if dead:
-                    detail += f"\n--- control plane processes that exited: {dead}"
-                raise AssertionError(f"timed out after {timeout} s waiting for {what}{detail}")
+                    text += f"\n--- control plane processes that exited: {dead}"
+                raise AssertionError(f"timed out after {timeout} s waiting for {what}{text}")
             time.sleep(interval)
 
     def wait_phase(self, namespace: str, name: str, phases: str | Iterable[str], timeout: float = 120,

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from tests.cluster.kueue import Kueue, KueueUnavailable
-from tests.operator.harness import JOBS, cluster, operator_process, run_manifest  # noqa: F401
+from tests.operator.harness import cluster, operator_process, run_manifest  # noqa: F401
 
 pytest.importorskip("kopf")
 pytestmark = pytest.mark.slow

@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
 import time
 import urllib.request
-import warnings
-from pathlib import Path
 
 import pytest
 
@@ -125,17 +122,6 @@ def _installed(cluster, op: ChartOperator) -> dict:
     return {"liveness_path": probe["path"], "command": container["command"], "env": env}
 
 
-def _wait(predicate, timeout: float, what: str, detail=lambda: ""):
-    deadline = time.monotonic() + timeout
-    while True:
-        got = predicate()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}\n{detail()}")
-        time.sleep(0.5)
-
-
 def test_chart_deployment_operator_is_scraped_and_every_chart_query_evaluates(
         cluster, monitoring_objects, tmp_path):
     ctl = cluster.controller
@@ -212,7 +198,7 @@ def test_chart_deployment_operator_is_scraped_and_every_chart_query_evaluates(
             ("linear-probe", "0"), ("target", "0"), ("target", "1"), ("average", "0")}
         assert all(g["labels"]["namespace"] == ns and g["labels"]["ratatouille_dev_run"] == "observed"
                    and g["labels"]["pod"].startswith("observed-") for g in seen)
-        _wait(lambda: json.loads(ctl.metrics_sd_file.read_text()) == [], 10, "the target list to empty")
+        cluster.wait_for(lambda: json.loads(ctl.metrics_sd_file.read_text()) == [], 10, "the target list to empty")
 
         # Prometheus has the runs' outcome and a resync's gauges.
         def scraped():
@@ -220,7 +206,7 @@ def test_chart_deployment_operator_is_scraped_and_every_chart_query_evaluates(
             phases = _result(prom.query(f'ratatouille_runs{{namespace="{ns}", phase="Succeeded"}}'))
             return {(r["metric"]["namespace"], r["metric"]["result"]) for r in done} >= {
                 (ns, "Succeeded"), (failing_ns, "Failed")} and phases
-        _wait(scraped, 30, "the finished runs in Prometheus", logs)
+        cluster.wait_for(scraped, 30, "the finished runs in Prometheus", detail=logs, interval=0.5)
         time.sleep(3)  # a few more scrapes after the last change: rates and increases need two samples
         t1 = time.time()
 
