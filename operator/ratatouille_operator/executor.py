@@ -62,7 +62,8 @@ class LocalJob:
     def observed(self) -> planner.ObservedJob:
         return planner.ObservedJob(name=self.name, stage=self.stage, member=self.member,
                                    attempt=self.attempt, state=self.state, start_time=self.start_time,
-                                   finish_time=self.finish_time, reason=self.reason)
+                                   finish_time=self.finish_time, reason=self.reason,
+                                   held=self.state == "Suspended")  # only the executor suspends
 
     def to_record(self) -> dict:
         return {"name": self.name, "stage": self.stage, "member": self.member, "attempt": self.attempt,
@@ -168,6 +169,11 @@ def local_command(job: Mapping, env: Mapping[str, str]) -> tuple[list[str], dict
     # A pod would have its own /tmp; keep each member's cache on the machine-wide cache instead.
     out.pop("RATATOUILLE_CACHE_DIR", None)
     out.pop("RATATOUILLE_METRICS_PORT", None)
+    # Which device a pod's resources imply is a cluster matter: here this machine's own setting.
+    if "RATATOUILLE_DEVICE" in env:
+        out["RATATOUILLE_DEVICE"] = env["RATATOUILLE_DEVICE"]
+    else:
+        out.pop("RATATOUILLE_DEVICE", None)
     return argv, out
 
 

@@ -18,6 +18,8 @@ from .spec import API_GROUP, API_VERSION, KIND, RunSpec
 CONTAINER_NAME = "trainer"
 CACHE_DIR = "/tmp/ratatouille-cache"
 ANNOTATION_MEMBER = "ratatouille.dev/member"
+#: On a child Job the run holds suspended (`spec.suspend`); only those are released on resume.
+ANNOTATION_HELD = "ratatouille.dev/held"
 #: The trainer's exit codes (ARCHITECTURE.md): 2 bad input, 3 diverged.
 EXIT_BAD_INPUT, EXIT_DIVERGED = 2, 3
 
@@ -61,7 +63,12 @@ def render_job(run: planner.RunRef, spec: RunSpec, action: planner.CreateJob, *,
     if metrics_port is not None:
         container["ports"] = [{"name": "metrics", "containerPort": int(metrics_port), "protocol": "TCP"}]
     tp = spec.template
-    resources = _plain(tp.resources) if tp.resources else {}
+    resources = stage_resources(tp, action.stage)
+    device = _device(resources, _plain(tp.resources) if tp.resources else {})
+    if device:
+        # The trainer then fails (exit 2) instead of training a GPU pod's work on the CPU, and
+        # a stage that was left without the template's GPUs never looks for one.
+        env.append({"name": "RATATOUILLE_DEVICE", "value": device})
     scratch: dict[str, Any] = {}
     if tp.scratch_size:
         # A bounded scratch volume, and the node storage it needs reserved for it.
@@ -127,6 +134,51 @@ def render_job(run: planner.RunRef, spec: RunSpec, action: planner.CreateJob, *,
             "template": {"metadata": pod_meta, "spec": pod_spec},
         },
     }
+
+
+#: CRD key of each stage under `template.stageResources`.
+STAGE_RESOURCE_KEYS = {planner.STAGE_PREPARE: "prepare", planner.STAGE_AUX: "auxiliary",
+                       planner.STAGE_LP: "linearProbe", planner.STAGE_TARGET: "target",
+                       planner.STAGE_AVERAGE: "average"}
+
+
+def _is_gpu(resource: str) -> bool:
+    """An accelerator resource (nvidia.com/gpu, amd.com/gpu, ...)."""
+    return resource.endswith("/gpu")
+
+
+def stage_resources(tp: Any, stage: str) -> dict:
+    """The container resources of one stage's pods: `template.stageResources.<stage>` when
+    given; otherwise the template's resources, except that the data preparation and the averaging
+    (which never train) take no GPU and the linear probe (one process, one device) at most one,
+    so that they never hold the GPUs the fine-tunings wait for."""
+    own = tp.stage_resources.get(STAGE_RESOURCE_KEYS.get(stage, ""))
+    if own is not None:
+        return _plain(own)
+    out = _plain(tp.resources) if tp.resources else {}
+    for kind in ("requests", "limits"):
+        section = out.get(kind)
+        if not isinstance(section, dict):
+            continue
+        for name in [n for n in section if _is_gpu(n)]:
+            if stage in (planner.STAGE_PREPARE, planner.STAGE_AVERAGE):
+                del section[name]
+            elif stage == planner.STAGE_LP and str(section[name]).isdigit() and int(section[name]) > 1:
+                section[name] = 1
+        if not section:
+            del out[kind]
+    return out
+
+
+def _device(resources: Mapping, template_resources: Mapping) -> str | None:
+    """RATATOUILLE_DEVICE for a pod: cuda when it asks for a GPU, cpu when the template did
+    and this stage was left without one, unset (the trainer's auto) otherwise."""
+    def gpus(res: Mapping) -> bool:
+        return any(_is_gpu(n) and str(v) not in ("0", "")
+                   for kind in ("requests", "limits") for n, v in (res.get(kind) or {}).items())
+    if gpus(resources):
+        return "cuda"
+    return "cpu" if gpus(template_resources) else None
 
 
 def pod_failure_policy() -> dict:
@@ -207,4 +259,6 @@ def parse_job(job: Mapping) -> planner.ObservedJob | None:
         running = (ready or 0) > 0 if ready is not None else active > 0
         state = planner.ACTIVE if running else planner.PENDING
     return planner.ObservedJob(name=name, stage=stage, member=str(member), attempt=attempt, state=state,
-                               start_time=start, finish_time=finish, reason=reason)
+                               start_time=start, finish_time=finish, reason=reason,
+                               held=(meta.get("annotations") or {}).get(ANNOTATION_HELD) == "true",
+                               queued=bool(labels.get(planner.LABEL_KUEUE_QUEUE)))

@@ -101,6 +101,12 @@ class ObservedJob:
     pending_since: float | None = None
     #: The API server refused to create the Job (a 4xx): permanent for the member.
     rejected: bool = False
+    #: The run holds this Job suspended (the operator suspended it for `spec.suspend`); a
+    #: suspended Job that is not held was suspended by someone else (Kueue) and is left to them.
+    held: bool = False
+    #: Kueue admits this Job (it carries Kueue's queue-name label, set by the operator from
+    #: `queueName` or by Kueue's default LocalQueue): suspend and resume go through its Workload.
+    queued: bool = False
 
 
 @dataclass(frozen=True)
@@ -128,8 +134,12 @@ class DeleteJob:
 
 @dataclass(frozen=True)
 class SetSuspend:
+    """Hold (suspend=True) or release one in-flight Job for the run's `spec.suspend`. A queued
+    Job is held the way Kueue supports (its Workload deactivated), never by flipping the Job's
+    `spec.suspend` under Kueue's feet."""
     name: str
     suspend: bool
+    queued: bool = False
 
 
 @dataclass(frozen=True)
@@ -821,16 +831,19 @@ def plan(run: RunRef, spec: RunSpec, observed: Observed, now: float,
         for j in in_flight_jobs:
             actions.append(DeleteJob(j.name, failure[0]))
     elif outcome is None and spec.suspend:
+        # Hold every in-flight Job, a queued one waiting for quota too (else Kueue would admit it).
         for j in in_flight_jobs:
-            if j.state != SUSPENDED:
-                actions.append(SetSuspend(j.name, True))
+            if not j.held or j.state != SUSPENDED:
+                actions.append(SetSuspend(j.name, True, j.queued))
     elif outcome is None:
-        # Resume what we suspended. With Kueue, a Suspended Job is normally waiting for quota
-        # and Kueue unsuspends it on admission: only undo our own suspension (the transition).
-        if not spec.queue_name or prev_phase == PHASE_SUSPENDED:
-            for j in in_flight_jobs:
-                if j.state == SUSPENDED:
-                    actions.append(SetSuspend(j.name, False))
+        # Release what the run holds, and only that: a Job suspended by someone else (Kueue
+        # waiting for quota, or managing every Job of the namespace) is theirs to start.
+        # (Jobs held by an operator older than the `held` annotation: those of a run that was
+        # Suspended, when Kueue does not manage them.)
+        for j in in_flight_jobs:
+            if j.held or (j.state == SUSPENDED and prev_phase == PHASE_SUSPENDED and not j.queued
+                          and not spec.queue_name):
+                actions.append(SetSuspend(j.name, False, j.queued))
         budget = spec.parallelism - len(in_flight_jobs)
         for n in nodes:
             if n.state not in (MISSING, RETRY) or not n.ready:
@@ -951,12 +964,18 @@ def _jobs_list(spec: RunSpec, observed: Observed, latest_names: set[str]) -> lis
             if isinstance(metrics.get("valAccuracy"), (int, float)):
                 entry["valAccuracy"] = _fmt(metrics["valAccuracy"])
         reason = j.reason
-        if reason is None and j.state == SUSPENDED and spec.queue_name and not spec.suspend:
-            reason = "WaitingForQuota"
+        message = j.message
+        if j.state == SUSPENDED and not j.held and not spec.suspend:
+            if j.queued or spec.queue_name:
+                reason = "WaitingForQuota"
+            else:
+                reason, message = "SuspendedExternally", ("suspended by another controller, not by this"
+                                                          " run: the operator leaves it to them")
         if reason:
             entry["reason"] = reason
-        if j.message and (j.state == FAILED or (j.state == PENDING and j.reason not in BENIGN_WAITING)):
-            entry["message"] = _short_message(j.message)
+        if message and (j.state == FAILED or reason == "SuspendedExternally"
+                        or (j.state == PENDING and j.reason not in BENIGN_WAITING)):
+            entry["message"] = _short_message(message)
         out.append(entry)
     return out
 

@@ -34,6 +34,10 @@ MISSING_METRICS_RECHECK_S = 60.0
 MAX_REMEMBERED = 10_000
 #: A Job pending this long (seconds since it started) gets its pods read for why.
 PENDING_EXPLAIN_AFTER_S = 10.0
+#: Kueue's Workload API (deactivating a Workload is how a queued Job is held).
+KUEUE_GROUP, KUEUE_VERSIONS, KUEUE_JOB_UID_LABEL = "kueue.x-k8s.io", ("v1beta2", "v1beta1"), "kueue.x-k8s.io/job-uid"
+#: How soon to try again to hold a queued Job whose Workload Kueue has not made yet.
+KUEUE_WORKLOAD_WAIT_S = 2.0
 
 
 class _Once:
@@ -286,6 +290,8 @@ class Reconciler:
         self._create_trouble: dict[tuple[str, str], int] = {}
         # (run uid, Job name) of failed Jobs -> (reason, message) read from their pods.
         self._failure_info: dict[tuple[str, str], tuple[str | None, str | None]] = {}
+        # Kueue's served Workload API version: None not looked up yet, False not served.
+        self._kueue_version: str | bool | None = None
 
     # -- reading ---------------------------------------------------------------------------
     def list_jobs(self, namespace: str, run_name: str) -> list[dict]:
@@ -398,6 +404,7 @@ class Reconciler:
             jobs = self.list_jobs(namespace, name)
         jobs = [j for j in jobs
                 if (j.get("metadata", {}).get("labels") or {}).get(planner.LABEL_RUN_UID) == planner.label_value(uid)]
+        uids = {(j.get("metadata") or {}).get("name"): (j.get("metadata") or {}).get("uid") for j in jobs}
         observed_jobs = {}
         for job in jobs:  # (a Job of an earlier run with the same name has another uid label)
             o = manifests.parse_job(job)
@@ -446,7 +453,8 @@ class Reconciler:
             elif isinstance(action, planner.DeleteJob):
                 deletes.append(action)
             elif isinstance(action, planner.SetSuspend):
-                self._suspend(namespace, action)
+                if not self._suspend(namespace, action, uids.get(action.name)):
+                    retry_after = KUEUE_WORKLOAD_WAIT_S if retry_after is None else retry_after
         if retry_after is None and created:
             self._create_trouble.pop((namespace, name), None)
         if again and not fresh:
@@ -705,14 +713,62 @@ class Reconciler:
             if exc.status != 404:
                 raise
 
-    def _suspend(self, namespace: str, action: planner.SetSuspend) -> None:
+    def _suspend(self, namespace: str, action: planner.SetSuspend, job_uid: str | None) -> bool:
+        """Hold or release a Job for the run's `spec.suspend`, and mark it (the `held` annotation)
+        so that only what the run holds is released. A Job Kueue admits is held by deactivating
+        its Workload (`spec.active: false`, which Kueue supports: it evicts the Workload and
+        suspends the Job itself); flipping such a Job's `spec.suspend` would fight Kueue, which
+        starts every suspended Job whose Workload is admitted. False: not done yet (Kueue has not
+        made the Workload of a new Job); the caller plans again shortly."""
+        verb = "held" if action.suspend else "released"
+        held = {"metadata": {"annotations": {manifests.ANNOTATION_HELD: "true" if action.suspend else None}}}
         try:
-            self.batch.patch_namespaced_job(action.name, namespace, {"spec": {"suspend": action.suspend}},
+            if action.queued:
+                found = self._workload(namespace, job_uid)
+                if found is not None:
+                    version, workload = found
+                    if workload.get("spec", {}).get("active", True) != (not action.suspend):
+                        self.custom.patch_namespaced_custom_object(
+                            KUEUE_GROUP, version, namespace, "workloads", workload["metadata"]["name"],
+                            {"spec": {"active": not action.suspend}}, _preload_content=False)
+                    self.batch.patch_namespaced_job(action.name, namespace, held, _preload_content=False)
+                    log.info("%s Job %s/%s (its Kueue Workload %s)", verb, namespace, action.name,
+                             "deactivated" if action.suspend else "activated")
+                    return True
+                if found is None and self._kueue_version is not False:
+                    if action.suspend:
+                        return False  # Kueue makes the Workload within moments: hold it then
+                    self.batch.patch_namespaced_job(action.name, namespace, held, _preload_content=False)
+                    return True
+            self.batch.patch_namespaced_job(action.name, namespace, {**held, "spec": {"suspend": action.suspend}},
                                             _preload_content=False)
-            log.info("%s Job %s/%s", "suspended" if action.suspend else "resumed", namespace, action.name)
+            log.info("%s Job %s/%s", verb, namespace, action.name)
         except self.k8s.ApiException as exc:
             if exc.status != 404:
                 raise
+        return True
+
+    def _workload(self, namespace: str, job_uid: str | None) -> tuple[str, dict] | None:
+        """The Kueue Workload of a Job (Kueue labels it with the Job's uid), as (API version,
+        object); None when there is none. Remembers when Kueue's API is not served at all."""
+        if not job_uid or self._kueue_version is False:
+            return None
+        versions = [self._kueue_version] if self._kueue_version else list(KUEUE_VERSIONS)
+        for version in versions:
+            try:
+                resp = self.custom.list_namespaced_custom_object(
+                    KUEUE_GROUP, version, namespace, "workloads",
+                    label_selector=f"{KUEUE_JOB_UID_LABEL}={job_uid}", _preload_content=False)
+            except self.k8s.ApiException as exc:
+                if exc.status == 404:
+                    continue
+                raise
+            self._kueue_version = version
+            items = json.loads(resp.data).get("items") or []
+            return (version, items[0]) if items else None
+        self._kueue_version = False
+        log.info("Kueue's Workload API is not served: queued Jobs are held by their spec.suspend")
+        return None
 
     def _patch_status(self, namespace: str, name: str, uid: str, status: dict) -> None:
         # A merge patch replaces lists (conditions, jobs) whole: the planner computes them whole.

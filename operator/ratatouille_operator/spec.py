@@ -93,6 +93,9 @@ class PodTemplate:
     pod_annotations: Mapping[str, str] = field(default_factory=dict)
     pod_labels: Mapping[str, str] = field(default_factory=dict)
     scratch_size: str | None = None  # emptyDir sizeLimit and ephemeral-storage request
+    #: Per-stage resources (CRD keys: prepare, auxiliary, linearProbe, target, average) that
+    #: replace `resources` for that stage.
+    stage_resources: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -237,6 +240,7 @@ def _parse(spec: Mapping[str, Any]) -> RunSpec:
         pod_annotations={str(k): str(v) for k, v in (tp.get("podAnnotations") or {}).items()},
         pod_labels={str(k): str(v) for k, v in (tp.get("podLabels") or {}).items()},
         scratch_size=str(tp["scratchSize"]) if tp.get("scratchSize") else None,
+        stage_resources={str(k): dict(v) for k, v in (tp.get("stageResources") or {}).items() if v is not None},
     )
     fp = spec.get("failurePolicy") or {}
     failure_policy = FailurePolicy(

@@ -41,6 +41,8 @@ NAMESPACED_GRANTS = {
     # list: the Job controller's FailedCreate Events say why a Job has no pod
     *(("", "events", v) for v in ("create", "patch", "list")),
     *(("events.k8s.io", "events", v) for v in ("create", "patch")),
+    # a suspended run's queued Jobs are held by deactivating their Kueue Workloads
+    *(("kueue.x-k8s.io", "workloads", v) for v in ("list", "patch")),
 }
 CLUSTER_SCOPED_GRANTS = {
     ("", "namespaces", "list"), ("", "namespaces", "watch"),

@@ -19,7 +19,7 @@ CLUSTER_SCOPED = {"namespaces", "customresourcedefinitions"}
 
 def split(resource: str) -> tuple[str, str]:
     parts = resource.split("/")
-    if parts[0] in ("ratatouille.dev", "batch", "events.k8s.io", "apiextensions.k8s.io"):
+    if parts[0] in ("ratatouille.dev", "batch", "events.k8s.io", "apiextensions.k8s.io", "kueue.x-k8s.io"):
         return parts[0], "/".join(parts[1:])
     return "", resource
 

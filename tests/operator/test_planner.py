@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import re
 import time
@@ -401,8 +402,12 @@ def test_best_single_falls_back_to_member_metrics():
 
 
 # -- suspend / resume ---------------------------------------------------------------------------------
+def held(o: P.ObservedJob, held: bool = True, queued: bool = False) -> P.ObservedJob:
+    return dataclasses.replace(o, held=held, queued=queued)
+
+
 def test_suspend_suspends_running_children_and_creates_nothing():
-    jobs = [lp(), aux("pacs-0", "Active"), aux("pacs-1", "Suspended"), tgt(0, "Pending")]
+    jobs = [lp(), aux("pacs-0", "Active"), held(aux("pacs-1", "Suspended")), tgt(0, "Pending")]
     p = P.plan(RUN, make_spec(suspend=True), observed(*jobs), now=2000.0)
     assert p.actions == (P.SetSuspend("office-aux-pacs-0-a1", True), P.SetSuspend("office-target-0-a1", True))
     assert p.status["phase"] == "Suspended"
@@ -410,9 +415,19 @@ def test_suspend_suspends_running_children_and_creates_nothing():
     assert [e.reason for e in p.events] == ["Suspended"]
 
 
+def test_suspend_holds_jobs_someone_else_suspended_and_queued_ones_through_kueue():
+    # A Job Kueue holds back for quota is held by the run too (else Kueue admits it while the
+    # run is suspended); a queued Job is held through Kueue (the action says so).
+    jobs = [lp(), held(aux("pacs-0", "Suspended"), False, queued=True), held(aux("pacs-1", "Active"), False, queued=True),
+            held(tgt(0, "Active"), True, queued=True)]
+    p = P.plan(RUN, make_spec(suspend=True), observed(*jobs), now=2000.0)
+    assert p.actions == (P.SetSuspend("office-aux-pacs-0-a1", True, True), P.SetSuspend("office-aux-pacs-1-a1", True, True),
+                         P.SetSuspend("office-target-0-a1", True, True))
+
+
 def test_resume_unsuspends_and_continues():
     suspended = P.plan(RUN, make_spec(suspend=True), observed(lp(), aux("pacs-0", "Active")), now=2000.0)
-    jobs = [lp(), aux("pacs-0", "Suspended")]
+    jobs = [lp(), held(aux("pacs-0", "Suspended"))]
     p = P.plan(RUN, SPEC, observed(*jobs), now=2100.0, previous_status=suspended.status)
     assert p.actions[0] == P.SetSuspend("office-aux-pacs-0-a1", False)
     # One slot used by the resumed Job; the rest of the graph continues.
@@ -420,18 +435,36 @@ def test_resume_unsuspends_and_continues():
     assert p.status["phase"] == "Auxiliary"
     assert cond(p.status, "Suspended")["status"] == "False"
     assert "Resumed" in [e.reason for e in p.events]
+    # A release that did not happen yet (the operator stopped in between) happens on the next plan.
+    p = P.plan(RUN, SPEC, observed(*jobs), now=2200.0, previous_status=p.status)
+    assert p.actions[0] == P.SetSuspend("office-aux-pacs-0-a1", False)
 
 
 def test_kueue_jobs_waiting_for_quota_are_left_to_kueue():
     spec = make_spec(queueName="gpu-queue")
-    jobs = [lp("Suspended"), aux("pacs-0", "Suspended")]
+    jobs = [held(lp("Suspended"), False, True), held(aux("pacs-0", "Suspended"), False, True)]
     p = P.plan(RUN, spec, observed(*jobs), now=2000.0, previous_status={"phase": "Auxiliary"})
     assert not any(isinstance(a, P.SetSuspend) for a in p.actions)
     assert {j["reason"] for j in p.status["jobs"]} == {"WaitingForQuota"}
-    # ... but the operator undoes its own suspension when the user resumes.
+    # ... even right after a resume: only what the run holds is released, through Kueue.
+    jobs = [held(lp("Suspended"), False, True), held(aux("pacs-0", "Suspended"), True, True)]
     p = P.plan(RUN, spec, observed(*jobs), now=2000.0, previous_status={"phase": "Suspended"})
-    assert [a for a in p.actions if isinstance(a, P.SetSuspend)] == [
-        P.SetSuspend("office-lp-0-a1", False), P.SetSuspend("office-aux-pacs-0-a1", False)]
+    assert [a for a in p.actions if isinstance(a, P.SetSuspend)] == [P.SetSuspend("office-aux-pacs-0-a1", False, True)]
+
+
+def test_jobs_kueue_manages_without_a_queue_name_are_not_fought():
+    # Kueue's default LocalQueue queues every Job of the namespace: the run has no queueName, but
+    # its Jobs carry Kueue's label, wait suspended, and the operator never unsuspends them.
+    jobs = [held(lp("Suspended"), False, queued=True)]
+    p = P.plan(RUN, SPEC, observed(*jobs), now=2000.0, previous_status={"phase": "Suspended"})
+    assert not any(isinstance(a, P.SetSuspend) for a in p.actions)
+    assert p.status["jobs"][0]["reason"] == "WaitingForQuota"
+    # Suspended by some other controller, not queued: left alone, and the status says so.
+    jobs = [lp("Suspended")]
+    p = P.plan(RUN, SPEC, observed(*jobs), now=2000.0, previous_status={"phase": "Auxiliary"})
+    assert not any(isinstance(a, P.SetSuspend) for a in p.actions)
+    entry = p.status["jobs"][0]
+    assert entry["reason"] == "SuspendedExternally" and "another controller" in entry["message"]
 
 
 # -- deadline ---------------------------------------------------------------------------------------

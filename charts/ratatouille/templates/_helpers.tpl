@@ -102,4 +102,9 @@ true
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
+# A run's suspend holds its queued Jobs the way Kueue supports: their Workloads are deactivated
+# (spec.active), never by flipping a queued Job's spec.suspend. Unused without Kueue.
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["workloads"]
+  verbs: ["list", "patch"]
 {{- end -}}
