@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Mapping
 
 from . import manifests, planner
+from .policy import REASON_NOT_ALLOWED, Policy, PolicyError
 from .spec import API_GROUP, API_VERSION, PLURAL, SpecError
 from .validation import validate_manifest
 
@@ -65,6 +66,8 @@ class Settings:
     trainer_metrics_port: int = 9400
     job_service_account: str | None = None
     log_level: str = "INFO"
+    #: What runs may ask for (images, tolerations, priority classes): policy.py.
+    policy: Policy = Policy()
 
     @staticmethod
     def from_env(env: Mapping[str, str] | None = None) -> "Settings":
@@ -84,6 +87,7 @@ class Settings:
             trainer_metrics_port=int(e.get("RATATOUILLE_TRAINER_METRICS_PORT") or 9400),
             job_service_account=opt("RATATOUILLE_JOB_SERVICE_ACCOUNT"),
             log_level=(e.get("RATATOUILLE_LOG_LEVEL") or "INFO").upper(),
+            policy=Policy.from_env(e),
         )
 
 
@@ -393,6 +397,11 @@ class Reconciler:
             validated = validate_manifest(_fill_defaults({k: v for k, v in body.items() if k != "status"}, self.settings))
         except SpecError as err:
             return self._invalid(body, prev_status, generation, err)
+        if prev_status.get("phase") not in planner.TERMINAL_PHASES or _was_invalid(prev_status):
+            try:  # (a finished run stays as it finished, whatever the policy says now)
+                self.settings.policy.check(validated.spec, self.settings.default_image)
+            except PolicyError as err:
+                return self._invalid(body, prev_status, generation, err, REASON_NOT_ALLOWED)
         if _was_invalid(prev_status):
             # The spec was fixed: plan from scratch (the invalid verdict is not a run outcome).
             log.info("RatatouilleRun %s/%s: the spec is valid again", namespace, name)
@@ -811,7 +820,8 @@ class Reconciler:
         except Exception as exc:  # noqa: BLE001 - an Event is never worth failing a reconcile
             log.warning("could not post event %s for %s/%s: %s", reason, namespace, meta.get("name"), exc)
 
-    def _invalid(self, body: Mapping, prev_status: Mapping, generation: int, err: SpecError) -> ReconcileResult:
+    def _invalid(self, body: Mapping, prev_status: Mapping, generation: int, err: SpecError,
+                 reason: str = "InvalidSpec") -> ReconcileResult:
         meta = body["metadata"]
         namespace = meta.get("namespace") or "default"
         message = str(err)
@@ -822,17 +832,17 @@ class Reconciler:
         now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         conds = [c for c in prev_status.get("conditions") or [] if c.get("type") not in ("Accepted", "Failed", "Complete")]
         conds[:0] = [
-            {"type": "Accepted", "status": "False", "reason": "InvalidSpec", "message": message,
+            {"type": "Accepted", "status": "False", "reason": reason, "message": message,
              "lastTransitionTime": now, "observedGeneration": generation},
-            {"type": "Complete", "status": "False", "reason": "InvalidSpec", "message": "",
+            {"type": "Complete", "status": "False", "reason": reason, "message": "",
              "lastTransitionTime": now, "observedGeneration": generation},
-            {"type": "Failed", "status": "True", "reason": "InvalidSpec", "message": message,
+            {"type": "Failed", "status": "True", "reason": reason, "message": message,
              "lastTransitionTime": now, "observedGeneration": generation},
         ]
         status = {"observedGeneration": generation, "phase": "Failed", "conditions": conds}
         self._patch_status(namespace, meta["name"], meta.get("uid") or "", status)
         if not (old and old.get("status") == "False" and old.get("message") == message):
-            self.post_event(body, "Warning", "InvalidSpec", message)
+            self.post_event(body, "Warning", reason, message)
         return ReconcileResult("Failed")
 
     def _count(self, run: planner.RunRef, prev: Mapping, status: Mapping, jobs: Iterable[planner.ObservedJob]) -> None:
@@ -896,7 +906,8 @@ def _failure(job: Mapping, pods: list[dict], job_reason: str | None) -> tuple[st
 
 
 def _was_invalid(status: Mapping) -> bool:
-    return any(c.get("type") == "Accepted" and c.get("status") == "False" and c.get("reason") == "InvalidSpec"
+    return any(c.get("type") == "Accepted" and c.get("status") == "False"
+               and c.get("reason") in ("InvalidSpec", REASON_NOT_ALLOWED)
                for c in status.get("conditions") or [] if isinstance(c, Mapping))
 
 
