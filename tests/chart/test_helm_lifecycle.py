@@ -1,7 +1,7 @@
 """The chart's life cycle with real Helm on the upstream control plane: install, upgrade (a values
 change rolls the operator), uninstall (the CRD and the runs are kept), and a second install under
 another release name that adopts the kept CRD and serves the old runs again; `kubectl get rrun -w`
-follows a run as on a cluster."""
+follows a run as on a cluster; releases that would watch the same runs are refused."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.operator.harness import ChartOperator, run_manifest
+from tests.operator.harness import CHART, ChartOperator, run_manifest
 
 pytest.importorskip("kopf")
 pytestmark = pytest.mark.slow
@@ -71,4 +71,57 @@ def test_install_upgrade_uninstall_and_a_second_release(k8s_cluster, tmp_path):
     finally:
         first.uninstall()
         second.uninstall()
+        agent.reset()
+
+
+def _try_install(op: ChartOperator):
+    """helm install as ChartOperator.install does it, but returning a refusal instead of raising."""
+    op.cluster.namespace(op.namespace)
+    return op.cluster.helm("upgrade", "--install", "--take-ownership", op.release, str(CHART), "-n", op.namespace,
+                           "-f", str(op._values_file()), check=False)
+
+
+def test_releases_that_would_watch_the_same_runs_are_refused_and_disjoint_ones_work(k8s_cluster):
+    c = k8s_cluster
+    agent = c.controller
+    agent.reset()
+    team_a, team_b = c.namespace("guard-a"), c.namespace("guard-b")
+    agent.instant = lambda pod: pod["metadata"]["namespace"] in (team_a, team_b)
+    namespaced = {"crds": {"install": False}}
+    wide = ChartOperator(c, release="rt-wide", namespace="rt-wide-system")
+    a = ChartOperator(c, release="rt-team-a", namespace="rt-team-a-system", values={**namespaced, "watchNamespaces": [team_a]})
+    b = ChartOperator(c, release="rt-team-b", namespace="rt-team-b-system", values={**namespaced, "watchNamespaces": [team_b]})
+    both = ChartOperator(c, release="rt-both", namespace="rt-both-system",
+                         values={**namespaced, "watchNamespaces": ["elsewhere", team_b]})
+    try:
+        wide.install()
+        # A namespaced release beside a cluster-wide one: refused by helm, nothing installed.
+        proc = _try_install(a)
+        assert proc.returncode != 0
+        assert ('another Ratatouille operator (release "rt-wide" in namespace "rt-wide-system") already watches'
+                f" every namespace, and this release would watch {team_a}") in proc.stderr, proc.stderr
+        assert not c.rest.items("/apis/apps/v1/namespaces/rt-team-a-system/deployments")
+        wide.uninstall()
+
+        # Namespaced releases with their own namespaces live side by side, each serving its own.
+        a.install()
+        b.install()
+        c.apply(run_manifest("mine", dataset="s3://ratatouille/datasets/target", runs=1), team_b)
+        assert c.wait_phase(team_b, "mine", ("Succeeded", "Failed"), timeout=90,
+                            operator=b)["status"]["phase"] == "Succeeded"
+        creators = {(e.get("user") or {}).get("username") for e in c.audit()
+                    if e.get("verb") == "create" and (e.get("objectRef") or {}).get("resource") == "jobs"
+                    and (e.get("objectRef") or {}).get("namespace") == team_b}
+        assert creators == {b.service_account}
+        assert not a.refused() and not b.refused(), (a.refused(), b.refused())
+
+        # One that overlaps either, or a cluster-wide one, is refused.
+        proc = _try_install(both)
+        assert proc.returncode != 0 and f"already watches namespaces {team_b}" in proc.stderr, proc.stderr
+        proc = _try_install(wide)
+        assert proc.returncode != 0 and "this release would watch every namespace" in proc.stderr, proc.stderr
+    finally:
+        for op in (wide, a, b, both):
+            op.installed = True
+            op.uninstall()
         agent.reset()

@@ -288,8 +288,13 @@ class ChartOperator:
         self.audit_start = 0
 
     @property
+    def fullname(self) -> str:
+        """The chart's fullname: the release name when it holds the chart name, else both."""
+        return self.release if "ratatouille" in self.release else f"{self.release}-ratatouille"
+
+    @property
     def service_account(self) -> str:
-        return f"system:serviceaccount:{self.namespace}:{self.release}"
+        return f"system:serviceaccount:{self.namespace}:{self.fullname}"
 
     @property
     def selector(self) -> str:
@@ -365,7 +370,7 @@ class ChartOperator:
             return self.install()
         pod = self._pod()
         if pod is None:
-            self.cluster.kubectl("scale", "deployment", f"{self.release}-operator", "-n", self.namespace,
+            self.cluster.kubectl("scale", "deployment", f"{self.fullname}-operator", "-n", self.namespace,
                                  "--replicas=1")
         if wait:
             self.wait_ready()
@@ -386,7 +391,7 @@ class ChartOperator:
         assert killed, "no running operator container to kill"
 
     def stop(self) -> None:
-        self.cluster.kubectl("scale", "deployment", f"{self.release}-operator", "-n", self.namespace,
+        self.cluster.kubectl("scale", "deployment", f"{self.fullname}-operator", "-n", self.namespace,
                              "--replicas=0")
         self.cluster.wait_for(lambda: not self.cluster.pods(self.namespace, self.selector), 60,
                               "the operator pod to be gone")
