@@ -64,6 +64,14 @@ def _percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
 
 
+def stop_cluster(cluster, op, tmp: Path, keep_log: str | None) -> None:
+    """Keep the operator's log when asked, stop the cluster, remove its files."""
+    if op is not None and keep_log:
+        Path(keep_log).write_text(op.log_text())
+    cluster.stop()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 class JobWatch:
     """One watch on the namespace's Jobs: when each Job was first seen, and first seen Complete."""
 
@@ -116,15 +124,23 @@ class JobWatch:
 
     def transitions(self, run: str) -> list[float]:
         """Per stage boundary of one run: next stage's first Job seen minus last Job seen Complete."""
+        return [d["latency_s"] for d in self.transition_details(run)]
+
+    def transition_details(self, run: str, t0: float = 0.0) -> list[dict]:
+        """The same, with the Jobs at either end and their times (seconds after t0)."""
         by_stage: dict[str, list[str]] = {}
         for name, labels in self.labels.items():
             if labels.get("ratatouille.dev/run") == run:
                 by_stage.setdefault(labels.get("ratatouille.dev/stage", ""), []).append(name)
         out = []
         for before, after in (("linear-probe", "target"), ("target", "average")):
-            done = [self.completed[n] for n in by_stage.get(before, []) if n in self.completed]
+            done = [(self.completed[n], n) for n in by_stage.get(before, []) if n in self.completed]
             if done and by_stage.get(after) and len(done) == len(by_stage[before]):
-                out.append(min(self.created[n] for n in by_stage[after]) - max(done))
+                t_done, last = max(done)
+                t_next, first = min((self.created[n], n) for n in by_stage[after])
+                out.append({"run": run, "from": before, "to": after, "latency_s": t_next - t_done,
+                            "last_complete": last, "last_complete_at_s": round(t_done - t0, 3),
+                            "next_created": first, "next_created_at_s": round(t_next - t0, 3)})
         return out
 
 
@@ -161,6 +177,7 @@ def main() -> int:
         cpu0 = proc_cpu_seconds(pid)
         stats0 = reconcile_stats(op.metrics_url)
         t_start = time.monotonic()
+        t_wall0 = time.time()
         names = [f"scale-{i:02d}" for i in range(args.runs)]
         created_at: dict[str, float] = {}
         manifests = []
@@ -202,6 +219,15 @@ def main() -> int:
         time.sleep(1)  # the watch's last events
         latencies = [first_job(n) - created_at[n] for n in names if first_job(n) is not None]
         transitions = [x for n in names for x in watch.transitions(n)]
+        details = sorted((d for n in names for d in watch.transition_details(n, t_start)),
+                         key=lambda d: -d["latency_s"])
+        # The server's own times of the slowest transitions' Jobs (1-s resolution), to tell a late
+        # watch event from a late operator.
+        for d in details[:5]:
+            for key in ("last_complete", "next_created"):
+                job = cluster.get("batch/v1/jobs", ns, d[key]) or {}
+                d[key + "_server"] = {"created": (job.get("metadata") or {}).get("creationTimestamp"),
+                                      "completed": (job.get("status") or {}).get("completionTime")}
         jobs = sum(len(cluster.jobs(ns, n)) for n in names)
         figures.update({
             "all_succeeded": all(p == "Succeeded" for p in phases),
@@ -226,16 +252,20 @@ def main() -> int:
                                    "p99": round(_percentile(transitions, 0.99), 3) if transitions else None,
                                    "max": round(max(transitions), 3) if transitions else None},
             "target": "all Succeeded; stage-transition latency p99 < 2 s",
+            # For joining with the operator's log (wall-clock timestamps): wall time at t_start.
+            "t_start_wall": round(t_wall0, 3),
+            "slowest_transitions": details[:5],
+            "watch_errors": watch.errors[-10:],
+            "job_times_s": {n: [round(watch.created[n] - t_start, 3),
+                                round(watch.completed[n] - t_start, 3) if n in watch.completed else None]
+                            for n in sorted(watch.created)},
         })
         figures["met"] = bool(figures["all_succeeded"] and transitions
                               and figures["stage_transition_s"]["p99"] < 2.0)
     finally:
         if watch is not None:
             watch.stop()
-        if op is not None and args.keep_log:
-            Path(args.keep_log).write_text(op.log_text())
-        cluster.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+        stop_cluster(cluster, op, tmp, args.keep_log)
     figures["machine_end"] = common.machine()
     common.emit("bench_operator", figures, args.out)
     return 0
