@@ -18,11 +18,17 @@ Design notes:
   `StorageError` whose one-line message names the URI.
 - `DONE` is a completion marker: `mark_done` writes it after everything else and can check that
   the files it vouches for exist first. A prefix without `DONE` is not a result.
+- Conditional writes (`read_versioned`, `write_if`, `delete_if`) are compare-and-swap on one
+  small object, what `lease.py` builds its exclusive leases on: on S3 a PUT with
+  `If-None-Match: *` (create only) or `If-Match: <ETag>` (replace only that version) and a DELETE
+  with `If-Match`; locally a hard link of a complete temporary file (exclusive create, like
+  O_EXCL but never seen half-written) and an in-place rewrite under `flock`.
 """
 from __future__ import annotations
 
 import base64
 import errno
+import fcntl
 import hashlib
 import http.client
 import json
@@ -344,7 +350,26 @@ class Storage:
             return None
         return payload if isinstance(payload, dict) else {}
 
+    # --- conditional writes (compare-and-swap on one small object; lease.py) ---
+    def read_versioned(self, uri: str) -> tuple[bytes, str, float] | None:
+        """``(data, version, age)`` of the object, or None when it does not exist. ``version``
+        changes with every write; ``age`` is seconds since its last write by the store's own
+        clock (S3: the response's Date minus Last-Modified, 1 s resolution; a file: its mtime)."""
+        return self._for(uri)._read_versioned(uri)
+
+    def write_if(self, uri: str, data: bytes, *, match: str | None) -> str | None:
+        """Write ``data`` only if the object does not exist (``match=None``) or is still at
+        version ``match``; returns the new version, or None when the condition does not hold."""
+        return self._for(uri)._write_if(uri, bytes(data), match)
+
+    def delete_if(self, uri: str, match: str) -> bool:
+        """Delete the object only if it is still at version ``match``; True when deleted."""
+        return self._for(uri)._delete_if(uri, match)
+
     # --- backend primitives ---
+    def _read_versioned(self, uri: str) -> tuple[bytes, str, float] | None: raise NotImplementedError
+    def _write_if(self, uri: str, data: bytes, match: str | None) -> str | None: raise NotImplementedError
+    def _delete_if(self, uri: str, match: str) -> bool: raise NotImplementedError
     def _exists(self, uri: str) -> bool: raise NotImplementedError
     def _read_bytes(self, uri: str) -> bytes: raise NotImplementedError
     def _write_bytes(self, uri: str, data: bytes) -> None: raise NotImplementedError
@@ -511,6 +536,100 @@ class LocalStorage(Storage):
         except OSError as exc:
             raise _os_error(uri, exc) from None
         return digest.hexdigest()
+
+    # Conditional writes. Every reader and writer of such an object takes flock on it (shared
+    # to read, exclusive to change), and a changer checks, under its lock, that the path still
+    # names the inode it locked (a deleted or replaced file is a failed condition). A new object
+    # appears with link(2) of a complete temporary file: exclusive (EEXIST when it exists) and
+    # never seen half-written. The version is a digest of the content.
+    @staticmethod
+    def _version(data: bytes) -> str:
+        return hashlib.sha256(data).hexdigest()[:32]
+
+    def _locked(self, uri: str, mode: int):
+        """``(fd, data, version, age)`` with ``mode`` (LOCK_SH/LOCK_EX) held, or None when absent."""
+        path = _local_path(uri)
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR if mode == fcntl.LOCK_EX else os.O_RDONLY)
+            except FileNotFoundError:
+                return None
+            except OSError as exc:
+                raise _os_error(uri, exc) from None
+            try:
+                fcntl.flock(fd, mode)
+                st = os.fstat(fd)
+                try:
+                    same = os.stat(path).st_ino == st.st_ino
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    data = b""
+                    while True:
+                        block = os.pread(fd, _CHUNK, len(data))
+                        if not block:
+                            break
+                        data += block
+                    return fd, data, self._version(data), max(0.0, time.time() - st.st_mtime)
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)  # deleted or replaced while we waited for the lock: look again
+
+    def _read_versioned(self, uri: str) -> tuple[bytes, str, float] | None:
+        got = self._locked(uri, fcntl.LOCK_SH)
+        if got is None:
+            return None
+        os.close(got[0])
+        return got[1], got[2], got[3]
+
+    def _write_if(self, uri: str, data: bytes, match: str | None) -> str | None:
+        path = _local_path(uri)
+        if match is None:
+            directory = os.path.dirname(path)
+            try:
+                os.makedirs(directory, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=directory)
+                try:
+                    with os.fdopen(fd, "wb") as fh:
+                        os.fchmod(fh.fileno(), new_file_mode())
+                        fh.write(data)
+                        fh.flush()
+                        os.fsync(fh.fileno())
+                    os.link(tmp, path)
+                except FileExistsError:
+                    return None
+                finally:
+                    os.unlink(tmp)
+            except OSError as exc:
+                raise _os_error(uri, exc) from None
+            return self._version(data)
+
+        def rewrite(fd: int) -> str:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, data, 0)
+            os.fsync(fd)
+            return self._version(data)
+        return self._swap(uri, match, rewrite)
+
+    def _delete_if(self, uri: str, match: str) -> bool:
+        return bool(self._swap(uri, match, lambda fd: os.unlink(_local_path(uri)) or True))
+
+    def _swap(self, uri: str, match: str, change: Callable[[int], T]) -> T | None:
+        """``change(fd)`` under the exclusive lock if the object is still at version ``match``;
+        None when it is not (or is gone)."""
+        got = self._locked(uri, fcntl.LOCK_EX)
+        if got is None:
+            return None
+        fd, _, version, _ = got
+        try:
+            return change(fd) if version == match else None
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise _os_error(uri, exc) from None
+        finally:
+            os.close(fd)
 
     def _sync(self, prefix_uri: str, local_dir: str) -> SyncStats:
         path = _local_path(prefix_uri)
@@ -886,6 +1005,65 @@ class S3Storage(Storage):
     def _delete(self, uri: str) -> None:
         bucket, key = self._object_bk(uri)
         self._call("delete", uri, lambda: self.client.delete_object(Bucket=bucket, Key=key))
+
+    # --- conditional writes ---
+    def _conditional(self, op: str, uri: str, fn: Callable[[], T]) -> T | None:
+        """``fn`` through the retries; None when its condition does not hold: 412
+        PreconditionFailed, 409 ConditionalRequestConflict (a concurrent conditional write; the
+        caller reads again) or, for If-Match, an object that no longer exists."""
+        from botocore.exceptions import ClientError
+
+        def call():
+            try:
+                return fn()
+            except ClientError as exc:
+                info = _client_error_info(exc)
+                if info and (info[1] in (409, 412) or info[0] in ("PreconditionFailed",
+                                                                  "ConditionalRequestConflict")
+                             or (info[0] in _NOT_FOUND_CODES and info[0] != "NoSuchBucket")):
+                    return None
+                raise
+        return self._call(op, uri, call)
+
+    def _read_versioned(self, uri: str) -> tuple[bytes, str, float] | None:
+        import email.utils
+
+        bucket, key = self._object_bk(uri)
+
+        def get():
+            from botocore.exceptions import ClientError
+            try:
+                resp = self.client.get_object(Bucket=bucket, Key=key)
+            except ClientError as exc:
+                info = _client_error_info(exc)
+                if info and info[0] in _NOT_FOUND_CODES and info[0] != "NoSuchBucket":
+                    return None
+                raise
+            with resp["Body"] as body:
+                data = body.read()
+            if len(data) != int(resp.get("ContentLength", len(data))):
+                raise _Truncated(f"read {len(data)} of {resp['ContentLength']} bytes")
+            age = 0.0
+            date = (resp.get("ResponseMetadata") or {}).get("HTTPHeaders", {}).get("date")
+            if date and resp.get("LastModified") is not None:
+                now = email.utils.parsedate_to_datetime(date)
+                age = max(0.0, (now - resp["LastModified"]).total_seconds())
+            return data, str(resp.get("ETag", "")), age
+        return self._call("read", uri, get)
+
+    def _write_if(self, uri: str, data: bytes, match: str | None) -> str | None:
+        bucket, key = self._object_bk(uri)
+        md5 = base64.b64encode(hashlib.md5(data).digest()).decode("ascii")
+        cond = {"IfNoneMatch": "*"} if match is None else {"IfMatch": match}
+        resp = self._conditional("conditional write", uri, lambda: self.client.put_object(
+            Bucket=bucket, Key=key, Body=data, ContentMD5=md5, **cond))
+        return None if resp is None else str(resp.get("ETag", ""))
+
+    def _delete_if(self, uri: str, match: str) -> bool:
+        bucket, key = self._object_bk(uri)
+        resp = self._conditional("conditional delete", uri, lambda: self.client.delete_object(
+            Bucket=bucket, Key=key, IfMatch=match))
+        return resp is not None
 
     def _stat(self, uri: str) -> tuple[int, str]:
         head = self._head(uri)
