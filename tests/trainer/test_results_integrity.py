@@ -187,7 +187,7 @@ def test_an_unreadable_checkpoint_is_discarded_and_training_starts_over(world, t
     with pytest.raises(SimulatedCrash):
         stages.run_stage(util.desc(job), progress=_quiet())
     monkeypatch.delenv("RATATOUILLE_ABORT_AT_STEP")
-    ck = out / "checkpoint"
+    (ck,) = (out / "checkpoint").glob("attempt-*")  # the crashed attempt's folder
     if damage == "truncate-model":
         (model,) = [p for p in ck.glob("step-*/model.safetensors")
                     if p.parent.name == json.loads((ck / "state.json").read_text())["latestDir"]]
@@ -233,7 +233,7 @@ def test_a_diverging_stage_fails_with_reason_diverged_and_no_done(world, tmp_pat
     assert json.loads(termination.read_text())["reason"] == "Diverged"
     assert not (out / "DONE").exists() and not (out / "metrics.json").exists()
     # no checkpoint of a non-finite model was kept to resume from
-    for ck in out.glob("checkpoint/step-*/model.safetensors"):
+    for ck in out.glob("checkpoint/attempt-*/step-*/model.safetensors"):
         assert all(torch.isfinite(t).all() for t in load_file(str(ck)).values() if t.is_floating_point())
 
 

@@ -163,7 +163,8 @@ def test_resume_after_crash_continues_without_repeating_steps(world, tmp_path, m
     with pytest.raises(SimulatedCrash):
         stages.run_stage(util.desc(_target_job(world, out, **job)), progress=_quiet())
     assert not (out / "DONE").exists() and not (out / "model.safetensors").exists()
-    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    (state_json,) = (out / "checkpoint").glob("attempt-*/state.json")  # one folder per attempt
+    state = json.loads(state_json.read_text())
     assert state["step"] == 6
     monkeypatch.delenv("RATATOUILLE_ABORT_AT_STEP")
 

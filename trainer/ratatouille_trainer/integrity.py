@@ -18,12 +18,10 @@ import math
 import sys
 from typing import Any
 
+from .layout import METRICS, MODEL
 from .storage import DONE, NotFound, StorageError, join
 
 __all__ = ["MODEL", "METRICS", "strict_json", "loads_strict", "problem", "Verifier", "discard"]
-
-MODEL = "model.safetensors"
-METRICS = "metrics.json"
 
 
 def _refuse_constant(name: str) -> Any:

@@ -13,11 +13,12 @@ Training-domain validation, as in the reference: the member's score is DomainBed
 the pooled accuracy over the concatenated out splits (``ValScore.pooled``, what greedy
 selection uses) is recorded beside it.
 
-Every evaluation also writes a checkpoint to ``<output>/checkpoint/`` through the storage: the
-model, the Adam state (flattened into safetensors + JSON), RNG states of the samplers, the
-augmentation and dropout, the curve and the best-so-far, with ``state.json`` written last as
-the pointer. A resumed run continues after the checkpointed step with the same RNG states, so
-it reproduces an uninterrupted run exactly on the CPU.
+Every evaluation also writes a checkpoint to ``<output>/checkpoint/<attempt>/`` (one folder per
+writer, layout.py) through the storage: the model, the Adam state (flattened into safetensors +
+JSON), RNG states of the samplers, the augmentation and dropout, the curve and the best-so-far,
+with ``state.json`` written last as the pointer. A resumed run (a later attempt) continues after
+the newest checkpointed step with the same RNG states, so it reproduces an uninterrupted run
+exactly on the CPU.
 """
 from __future__ import annotations
 
@@ -202,17 +203,31 @@ def optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 # ------------------------------------------------------------------------------ checkpoints
 
 class Checkpointer:
-    """Checkpoints under ``<prefix>/`` through a storage: ``step-XXXXXXXX/{model,optimizer}
-    .safetensors`` and ``state.json`` (written last; the pointer). Older step folders are removed
-    except the latest and the best."""
+    """Checkpoints through a storage, one folder per attempt (layout.py): this writer's are
+    under ``<root>/<attempt>/``: ``step-XXXXXXXX/{model,optimizer}.safetensors`` and
+    ``state.json`` (written last; the pointer). Older step folders of this attempt are removed
+    except the latest and the best; nothing of another attempt is written or deleted while
+    training, so a stale writer never deletes the current one's checkpoint.
 
-    def __init__(self, storage, prefix: str, fingerprint: str):
+    :meth:`load` finds the newest complete checkpoint (highest step, then latest attempt) of the
+    earlier attempts (and one written by an older trainer straight under ``<root>/``), and
+    :meth:`fetch_state_dict` reads from it; the first :meth:`save` after resuming copies the
+    best step's model from it, so this attempt's own folder is complete. :meth:`clear` (after
+    DONE) removes every attempt. ``guard`` is called before every write (the lease's check)."""
+
+    def __init__(self, storage, root: str, fingerprint: str, attempt: str | None = None,
+                 guard: Callable[[], None] | None = None):
+        from . import layout
         from .storage import join
 
         self.storage = storage
-        self.prefix = prefix.rstrip("/")
-        self.fingerprint = fingerprint
+        self.root = root.rstrip("/")
+        self.attempt = attempt or layout.new_attempt()
         self._join = join
+        self.prefix = join(self.root, self.attempt)
+        self.fingerprint = fingerprint
+        self.guard = guard or (lambda: None)
+        self.source: str | None = None  # the prefix of the checkpoint load() found
         self.tmp = tempfile.mkdtemp(prefix="ratatouille-ckpt-")
 
     def uri(self, *parts: str) -> str:
@@ -222,29 +237,56 @@ class Checkpointer:
     def dirname(step: int) -> str:
         return f"step-{step:08d}"
 
+    def _earlier(self) -> list[str]:
+        """Prefixes holding a state.json: every earlier attempt, and the root (older trainers)."""
+        from . import layout
+
+        out = []
+        for rel, _, _ in self.storage.entries(self.root):
+            parts = rel.split("/")
+            if parts == ["state.json"]:
+                out.append(self.root)
+            elif len(parts) == 2 and parts[1] == "state.json" and layout.is_attempt(parts[0]) \
+                    and parts[0] != self.attempt:
+                out.append(self._join(self.root, parts[0]))
+        return out
+
     def load(self) -> dict | None:
         from .storage import NotFound, StorageError
 
-        try:
-            state = self.storage.read_json(self.uri("state.json"))
-        except NotFound:
+        found: tuple[int, str, dict] | None = None
+        for prefix in self._earlier():
+            uri = self._join(prefix, "state.json")
+            try:
+                state = self.storage.read_json(uri)
+            except NotFound:
+                continue
+            except StorageError as e:
+                if not self.storage.exists(uri):
+                    raise
+                self._discard(prefix, f"state.json cannot be read: {e}")
+                continue
+            if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
+                continue
+            if state.get("fingerprint") != self.fingerprint:
+                print("ratatouille-trainer: warning: ignoring a checkpoint written for a different "
+                      "job description", flush=True, file=__import__("sys").stderr)
+                continue
+            try:
+                step = int(state["step"])
+            except (KeyError, TypeError, ValueError):
+                self._discard(prefix, "state.json has no step")
+                continue
+            if found is None or (step, prefix) > found[:2]:
+                found = (step, prefix, state)
+        if found is None:
             return None
-        except StorageError as e:
-            if not self.storage.exists(self.uri("state.json")):
-                raise
-            self.discard(f"state.json cannot be read: {e}")
-            return None
-        if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
-            return None
-        if state.get("fingerprint") != self.fingerprint:
-            print("ratatouille-trainer: warning: ignoring a checkpoint written for a different "
-                  "job description", flush=True, file=__import__("sys").stderr)
-            return None
-        return state
+        self.source = found[1]
+        return found[2]
 
     def fetch_state_dict(self, dirname: str, name: str) -> dict[str, torch.Tensor]:
         local = os.path.join(self.tmp, dirname + "-" + name)
-        self.storage.download(self.uri(dirname, name), local)
+        self.storage.download(self._join(self.source or self.prefix, dirname, name), local)
         try:
             return load_safetensors_file(local)
         finally:
@@ -252,16 +294,25 @@ class Checkpointer:
 
     def save(self, step: int, model_state: dict[str, torch.Tensor],
              opt_tensors: dict[str, torch.Tensor], state: dict) -> None:
+        self.guard()
         d = self.dirname(step)
         for name, tensors in (("model.safetensors", model_state), ("optimizer.safetensors", opt_tensors)):
             local = os.path.join(self.tmp, name)
             save_state_dict(tensors, local)
             self.storage.upload(local, self.uri(d, name))
             os.unlink(local)
+        best_dir = (state.get("best") or {}).get("dir")
+        if self.source is not None and best_dir and best_dir != d \
+                and not self.storage.exists(self.uri(best_dir, "model.safetensors")):
+            # resumed: the best step so far is in the earlier attempt's folder; copy its bytes
+            local = os.path.join(self.tmp, "best.safetensors")
+            self.storage.download(self._join(self.source, best_dir, "model.safetensors"), local)
+            self.storage.upload(local, self.uri(best_dir, "model.safetensors"))
+            os.unlink(local)
+        self.guard()
         body = dict(state, version=CHECKPOINT_VERSION, fingerprint=self.fingerprint, latestDir=d)
         self.storage.write_json(self.uri("state.json"), body)
-        keep = {d, (state.get("best") or {}).get("dir")}
-        self._prune(keep)
+        self._prune({d, best_dir})
 
     def _prune(self, keep: set) -> None:
         try:
@@ -278,15 +329,29 @@ class Checkpointer:
                   file=__import__("sys").stderr, flush=True)
 
     def discard(self, why: str) -> None:
-        """Drop an unreadable checkpoint (the run starts over rather than failing every attempt)."""
+        """Drop the unreadable checkpoint load() found (the run starts over rather than failing
+        every attempt)."""
+        self._discard(self.source or self.prefix, why)
+
+    def _discard(self, prefix: str, why: str) -> None:
         print(f"ratatouille-trainer: warning: discarding the unreadable checkpoint under "
-              f"{self.prefix} ({why}); training starts from step 0", file=__import__("sys").stderr,
+              f"{prefix} ({why}); training starts from step 0", file=__import__("sys").stderr,
               flush=True)
-        self.clear()
+        if prefix == self.source:
+            self.source = None
+        try:
+            self.guard()
+            if prefix == self.root:  # an older trainer's: its pointer is what makes it a checkpoint
+                self.storage.delete(self._join(prefix, "state.json"))
+            else:
+                self.storage.delete_prefix(prefix)
+        except Exception:
+            pass
 
     def clear(self) -> None:
+        """Remove every attempt's checkpoints (the result is DONE: none is needed any more)."""
         try:
-            self.storage.delete_prefix(self.prefix)
+            self.storage.delete_prefix(self.root)
         except Exception:
             pass
 
