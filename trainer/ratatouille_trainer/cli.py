@@ -9,6 +9,13 @@ NaN/Inf: reason ``Diverged``; nothing is marked done), 1 other runtime failures.
 one line on stderr (``ratatouille-trainer: error: ...``), never a traceback
 (``RATATOUILLE_DEBUG=1`` shows it).
 The final summary is written to ``/dev/termination-log`` when that file exists (Kubernetes).
+
+Before it writes anything under its output prefix the trainer takes the prefix's lease
+(lease.py): when another live trainer holds it, this one waits for it (up to
+``RATATOUILLE_LEASE_WAIT`` seconds, default 6 hours) and then finds ``DONE``: exit 0, "already
+complete", nothing trained or deleted. A wait that runs out, or a lease lost to another writer,
+is exit 1 with one line naming the prefix and the holder. ``RATATOUILLE_LEASE_TTL`` (default
+60 s) is how long a lease lives unrenewed.
 """
 from __future__ import annotations
 
@@ -89,6 +96,14 @@ def _load_description(args):
     return desc
 
 
+def _complete(desc, note: str = "") -> int:
+    print(json.dumps({"event": "complete", "stage": desc.stage, "member": desc.member,
+                      "message": "already complete"}), flush=True)
+    print(f"{PROG}: {desc.stage} {desc.member}: already complete ({desc.output}/DONE exists{note})",
+          file=sys.stderr, flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = os.environ.get("RATATOUILLE_DEBUG", "") in ("1", "true", "yes")
@@ -99,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .jobdesc import JobDescriptionError
     from .averaging import AveragingError, UnsafeWeightsError
+    from .lease import Lease, LeaseBusy, LeaseLost
     from .storage import NotFound, StorageError
 
     try:
@@ -115,22 +131,27 @@ def main(argv: list[str] | None = None) -> int:
         from .storage import open_storage
 
         storage = open_storage(desc.output, desc.storage_endpoint)
-        why = integrity.problem(storage, desc.output)
-        if why is not None:
-            integrity.discard(storage, desc.output, why, what=f"{desc.stage} {desc.member}")
-        elif storage.is_done(desc.output):
-            print(json.dumps({"event": "complete", "stage": desc.stage, "member": desc.member,
-                              "message": "already complete"}), flush=True)
-            print(f"{PROG}: {desc.stage} {desc.member}: already complete ({desc.output}/DONE exists)",
-                  file=sys.stderr, flush=True)
-            return 0
-        metrics = stages.run_stage(desc)
+        if storage.is_done(desc.output) and integrity.problem(storage, desc.output) is None:
+            return _complete(desc)  # a cache hit needs no lease: nothing is written
+        try:
+            lease = Lease(storage, desc.output, stage=desc.stage, member=desc.member)
+        except ValueError as e:  # RATATOUILLE_LEASE_TTL / _WAIT
+            return _error(str(e), 2)
+        with lease:
+            why = integrity.problem(storage, desc.output)
+            if why is not None:
+                integrity.discard(storage, desc.output, why, what=f"{desc.stage} {desc.member}")
+            elif storage.is_done(desc.output):  # finished by the writer we waited for
+                return _complete(desc, ", written by another trainer meanwhile")
+            metrics = stages.run_stage(desc, lease=lease)
         summary = stages.summary(metrics)
         print(json.dumps({"event": "result", **summary}, default=str), flush=True)
         _termination(summary)
         return 0
     except KeyboardInterrupt:
         return _error("interrupted", 130)
+    except (LeaseBusy, LeaseLost) as e:
+        return _error(str(e), 1)
     except Diverged as e:
         if debug:
             traceback.print_exc()

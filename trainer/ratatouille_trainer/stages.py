@@ -11,6 +11,10 @@ Every stage writes its results under ``desc.output`` through the storage, ``DONE
   validation; accuracy on every test domain.
 - ``average``: uniform or greedy weight averaging of the target members (streaming), evaluated
   on the test domains, with the best single member and diagnostics.
+
+A stage given the member's :class:`~.lease.Lease` (the trainer's entrypoint always holds one)
+checks it before every checkpoint and reads it back before the model and ``DONE``; its
+checkpoints go under ``checkpoint/<the lease's attempt>/`` (layout.py).
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ from .data import DomainDataset, TrainStream, load_dataset, seed_hash
 from .integrity import strict_json
 from .device import DeviceContext, select_device
 from .jobdesc import JobDescription, JobDescriptionError
+from .layout import METRICS, MODEL, checkpoint_root
 from .models import (ModelError, Network, build_network, copy_featurizer_parameters,
                      featurizer_digest, freeze_bn, load_foundation, load_head,
                      load_network_state, load_weights)
@@ -38,9 +43,6 @@ from .progress import Progress
 from .storage import join, open_storage
 from .training import (Checkpointer, Evaluator, Phase, TrainResult, evaluate,
                        test_accuracies, train)
-
-MODEL = "model.safetensors"
-METRICS = "metrics.json"
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -136,14 +138,17 @@ def _local_or_download(storage, uri: str, tmp: str, name: str) -> str:
 class _Job:
     """Shared set-up of the training stages."""
 
-    def __init__(self, desc: JobDescription, ctx: DeviceContext | None = None, progress=None):
+    def __init__(self, desc: JobDescription, ctx: DeviceContext | None = None, progress=None,
+                 lease=None):
         self.desc = desc
+        self.lease = lease
         self.training = _require_training(desc)
         self.storage = _storage(desc)
         self.ctx = ctx or select_device()
         self.dataset = _dataset(desc)
         self.tmp = tempfile.mkdtemp(prefix="ratatouille-stage-")
         self.progress = progress
+        self._checkpointer: Checkpointer | None = None
 
     def stream(self) -> TrainStream:
         from .prepared import train_stream  # TrainStream, or windows over the budget
@@ -155,7 +160,12 @@ class _Job:
         return Evaluator(self.dataset.validation_sets(), self.ctx)
 
     def checkpointer(self) -> Checkpointer:
-        return Checkpointer(self.storage, join(self.desc.output, "checkpoint"), fingerprint(self.desc))
+        if self._checkpointer is None:
+            self._checkpointer = Checkpointer(
+                self.storage, checkpoint_root(self.desc.output), fingerprint(self.desc),
+                attempt=self.lease.attempt if self.lease is not None else None,
+                guard=self.lease.check if self.lease is not None else None)
+        return self._checkpointer
 
     def make_progress(self, steps: int) -> Progress:
         if self.progress is None:
@@ -171,12 +181,14 @@ class _Job:
                          seed=seed_hash(self.desc.seed, self.desc.stage, self.desc.member, "torch"))
         finally:
             ck.close()
+            self._checkpointer = None
 
     def finish(self, net: Network, result: TrainResult, extra: dict) -> dict:
         """Write model.safetensors, metrics.json, then DONE; drop the checkpoints."""
         desc = self.desc
         load_network_state(net, result.state, "kept checkpoint")
         test = test_accuracies(net, self.dataset.test_domain_list, self.ctx)
+        _confirm(self.lease)
         sha = _upload_model(self.storage, desc, result.state, self.tmp)
         metrics = {
             "stage": desc.stage, "member": desc.member,
@@ -200,6 +212,7 @@ class _Job:
         }
         metrics = strict_json(metrics)  # metrics.json is strict JSON: no bare NaN/Infinity
         self.storage.write_json(join(desc.output, METRICS), metrics)
+        _confirm(self.lease)
         self.storage.mark_done(desc.output, {"stage": desc.stage, "member": desc.member, "sha256": sha},
                                require=(MODEL, METRICS))
         if os.environ.get("RATATOUILLE_KEEP_CHECKPOINTS", "") not in ("1", "true", "yes"):
@@ -210,6 +223,12 @@ class _Job:
 
     def close(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _confirm(lease) -> None:
+    """Still this member's writer? (raises LeaseLost otherwise; no lease: library use, tests)"""
+    if lease is not None:
+        lease.confirm()
 
 
 def _hyper(desc: JobDescription) -> dict[str, float]:
@@ -224,8 +243,9 @@ def _hyper(desc: JobDescription) -> dict[str, float]:
 
 # ------------------------------------------------------------------------------------ stages
 
-def run_linear_probe(desc: JobDescription, ctx: DeviceContext | None = None, progress=None) -> dict:
-    job = _Job(desc, ctx, progress)
+def run_linear_probe(desc: JobDescription, ctx: DeviceContext | None = None, progress=None,
+                     lease=None) -> dict:
+    job = _Job(desc, ctx, progress, lease)
     try:
         t = job.training
         hp = _hyper(desc)
@@ -300,8 +320,9 @@ def target_phases(desc: JobDescription) -> list[Phase]:
     return [Phase(0, "all", hp["lr"], hp["weightDecay"])]
 
 
-def run_target(desc: JobDescription, ctx: DeviceContext | None = None, progress=None) -> dict:
-    job = _Job(desc, ctx, progress)
+def run_target(desc: JobDescription, ctx: DeviceContext | None = None, progress=None,
+               lease=None) -> dict:
+    job = _Job(desc, ctx, progress, lease)
     try:
         net, info = init_target_network(desc, job.dataset.num_classes, job.storage)
         result = job.run(net, target_phases(desc), int(job.training.steps), "best")
@@ -317,10 +338,11 @@ def run_target(desc: JobDescription, ctx: DeviceContext | None = None, progress=
         job.close()
 
 
-def run_aux(desc: JobDescription, ctx: DeviceContext | None = None, progress=None) -> dict:
+def run_aux(desc: JobDescription, ctx: DeviceContext | None = None, progress=None,
+            lease=None) -> dict:
     if desc.data.testDomains:
         raise JobDescriptionError("aux stage: data.testDomains must be empty (all domains train)")
-    job = _Job(desc, ctx, progress)
+    job = _Job(desc, ctx, progress, lease)
     try:
         t = job.training
         hp = _hyper(desc)
@@ -364,7 +386,8 @@ def _l2(a: dict, b: dict, names: list[str]) -> float:
     return math.sqrt(s)
 
 
-def run_average(desc: JobDescription, ctx: DeviceContext | None = None, progress=None) -> dict:
+def run_average(desc: JobDescription, ctx: DeviceContext | None = None, progress=None,
+                lease=None) -> dict:
     if desc.selection not in ("uniform", "greedy"):
         raise JobDescriptionError(f"selection must be uniform or greedy, got {desc.selection!r}")
     if not desc.members:
@@ -483,6 +506,7 @@ def run_average(desc: JobDescription, ctx: DeviceContext | None = None, progress
         # ---- outputs: model, lineage, card, metrics, DONE
         from .provenance import lineage_json, model_card, write_lineage
 
+        _confirm(lease)
         sha = _upload_model(storage, desc, result_state, tmp)
         members_lineage = []
         every = {**at_chance, **infos}
@@ -529,6 +553,7 @@ def run_average(desc: JobDescription, ctx: DeviceContext | None = None, progress
         }
         metrics = strict_json(metrics)
         storage.write_json(join(desc.output, METRICS), metrics)
+        _confirm(lease)
         storage.mark_done(desc.output, {"stage": "average", "member": desc.member, "sha256": sha},
                           require=(MODEL, "lineage.json", "model-card.md", METRICS,
                                    "timm/model.safetensors", "timm/config.json"))
@@ -605,9 +630,11 @@ def _interpolation(infos: dict, ordered: list[str], load_member, val_pooled, net
             "featurizerDistance": far_d, "points": points}
 
 
-def run_prepare(desc: JobDescription, ctx: DeviceContext | None = None, progress=None) -> dict:
+def run_prepare(desc: JobDescription, ctx: DeviceContext | None = None, progress=None,
+                lease=None) -> dict:
     from .prepared import run_prepare as prepare
 
+    _confirm(lease)
     return prepare(desc, ctx, progress)
 
 
@@ -620,8 +647,12 @@ STAGE_FUNCTIONS = {
 }
 
 
-def run_stage(desc: JobDescription, ctx: DeviceContext | None = None, progress=None) -> dict:
-    return STAGE_FUNCTIONS[desc.stage](desc, ctx, progress)
+def run_stage(desc: JobDescription, ctx: DeviceContext | None = None, progress=None,
+              lease=None) -> dict:
+    """Run the stage. ``lease``: the member prefix's :class:`~.lease.Lease`, held by the caller
+    (the trainer's entrypoint); without one (library use, tests) nothing is checked and the
+    checkpoints go under a fresh attempt."""
+    return STAGE_FUNCTIONS[desc.stage](desc, ctx, progress, lease)
 
 
 def summary(metrics: dict) -> dict:
