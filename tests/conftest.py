@@ -126,3 +126,14 @@ def k8s_cluster(tmp_path_factory):
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def built_images():
+    """Both images of the Dockerfile, built with podman (cached by build.sh's layers)."""
+    from tests.cluster.images import ImagesUnavailable, build
+
+    try:
+        return build()
+    except ImagesUnavailable as err:
+        pytest.skip(str(err))

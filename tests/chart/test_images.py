@@ -5,33 +5,19 @@ local S3 endpoint."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-TAG = "test"
-OPERATOR, TRAINER = f"localhost/ratatouille-operator:{TAG}", f"localhost/ratatouille:{TAG}"
+from tests.cluster.images import OPERATOR, TRAINER, podman_env
+
 pytestmark = pytest.mark.slow
 
 
-def _env() -> dict[str, str]:
-    return dict(os.environ, CONTAINERS_CONF=str(ROOT / "scripts" / "images" / "containers.conf"))
-
-
 @pytest.fixture(scope="module")
-def images():
-    if shutil.which("podman") is None or shutil.which("debootstrap") is None:
-        pytest.skip("podman and debootstrap are not installed (make system-deps installs them)")
-    proc = subprocess.run(["bash", str(ROOT / "scripts" / "images" / "build.sh"), TAG], env=_env(),
-                          capture_output=True, text=True, timeout=3600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    sizes = dict(line.split(" ", 1) for line in proc.stderr.splitlines() if line.startswith("localhost/ratatouille"))
-    print("\nimage sizes:", sizes)
-    return sizes
+def images(built_images):
+    print("\nimage sizes:", built_images)
+    return built_images
 
 
 def podman_run(image: str, *argv: str, env: dict[str, str] | None = None, timeout: float = 300,
@@ -41,7 +27,7 @@ def podman_run(image: str, *argv: str, env: dict[str, str] | None = None, timeou
         cmd += ["--user", user]
     for k, v in (env or {}).items():
         cmd += ["-e", f"{k}={v}"]
-    return subprocess.run(cmd + [image, *argv], env=_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd + [image, *argv], env=podman_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def test_both_images_run_their_commands_as_the_non_root_user_on_a_read_only_root(images):

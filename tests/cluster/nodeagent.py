@@ -95,6 +95,7 @@ class Container:
     gate: str | None = None
     metrics_port: int | None = None
     exit_code: int | None = None  # for containers that never ran a process (instant)
+    runtime_name: str | None = None  # a container of the runtime (podman), not a host process
 
 
 @dataclass
@@ -148,10 +149,15 @@ class NodeAgent:
         self.instant: Matcher = None
         self.hold: Matcher = None
         self.commands: list[list[Any]] = []  # [matcher, argv]: run argv instead of the command
+        # Image reference in a pod -> a local image: such containers run in that image with podman
+        # (the node's network, a read-only root, emptyDirs and the termination log mounted).
+        self.containers: dict[str, str] = {}
+        self.containers_conf: str | None = None  # CONTAINERS_CONF for podman
         # bookkeeping the tests read
         self.pods: dict[str, Tracked] = {}
         self.starts: dict[str, int] = {}      # "<ns>/<job or pod>" -> containers started
         self.processes: dict[str, int] = {}   # the same, counting only real commands
+        self.runtime_starts: dict[str, int] = {}  # the same, counting containers run by podman
         self.errors: list[str] = []
         self._lock = threading.RLock()
         self._stop = threading.Event()
@@ -231,6 +237,7 @@ class NodeAgent:
             self.instant = None
             self.hold = None
             self.commands = []
+            self.containers = {}
 
     def running(self) -> list[str]:
         """The Job (or, for pods without one, the pod) of every running container."""
@@ -364,7 +371,15 @@ class NodeAgent:
             if metrics_port is not None:
                 env["RATATOUILLE_METRICS_PORT"] = str(metrics_port)
                 env["RATATOUILLE_METRICS_ADDR"] = "127.0.0.1"
-        env["RATATOUILLE_TERMINATION_LOG"] = term_file
+        runtime_name = None
+        local_image = None if (failing or replaced is not None or instant) else self.containers.get(image)
+        if local_image is not None:
+            runtime_name = f"rt-pod-{t.uid[:18]}-{t.restarts}"
+            argv = self._podman_argv(t, container, local_image, runtime_name, term_file, metrics_port, argv)
+            env = dict(os.environ, **({"CONTAINERS_CONF": self.containers_conf} if self.containers_conf else {}))
+            self.runtime_starts[key] = self.runtime_starts.get(key, 0) + 1
+        else:
+            env["RATATOUILLE_TERMINATION_LOG"] = term_file
         gate = None
         if held:
             gate = str(self.workdir / f"{t.uid}-{t.restarts}.gate")
@@ -382,11 +397,40 @@ class NodeAgent:
                 self._waiting(t, "RunContainerError", f"exec: {err}")
                 t.done = True
                 return False
-        t.container = Container(proc, now(), term_file, log_path, gate=gate, metrics_port=metrics_port)
+        t.container = Container(proc, now(), term_file, log_path, gate=gate, metrics_port=metrics_port,
+                                runtime_name=runtime_name)
         if metrics_port is not None and self._listed(pod):
             self._add_metrics_target(pod, container, metrics_port)
         self._running(t)
         return True
+
+    def _podman_argv(self, t: Tracked, container: Mapping, local_image: str, name: str, term_file: str,
+                     metrics_port: int | None, argv: list[str]) -> list[str]:
+        """`podman run` of the container in its image, as a kubelet would start it: the
+        declared environment only (in a file of the pod's, never on a command line), emptyDir
+        volumes and the termination-log file mounted, the node's network (so a loopback S3 and
+        the metrics port work as for processes), a read-only root file system."""
+        pod = t.pod
+        env = self._declared_env(pod, container)
+        if metrics_port is not None:
+            env.update(RATATOUILLE_METRICS_PORT=str(metrics_port), RATATOUILLE_METRICS_ADDR="127.0.0.1")
+        env["RATATOUILLE_TERMINATION_LOG"] = "/dev/termination-log"
+        poddir = self.workdir / "pods" / t.uid
+        poddir.mkdir(parents=True, exist_ok=True)
+        env_file = poddir / f"env-{t.restarts}"
+        env_file.write_text("".join(f"{k}={v}\n" for k, v in env.items() if "\n" not in v))
+        env_file.chmod(0o600)
+        os.chmod(term_file, 0o666)  # written by the image's (non-root) user
+        cmd = ["podman", "run", "--rm", "--name", name, "--pull", "never", "--network", "host", "--read-only",
+               "--env-file", str(env_file), "-v", f"{term_file}:/dev/termination-log"]
+        user = (container.get("securityContext") or {}).get("runAsUser") or \
+            (pod["spec"].get("securityContext") or {}).get("runAsUser")
+        if user is not None:
+            cmd += ["--user", str(user)]
+        for mount, local in self._empty_dirs(pod, container).items():
+            os.chmod(local, 0o777)  # an emptyDir is world-writable, as the kubelet makes it
+            cmd += ["-v", f"{local}:{mount}"]
+        return cmd + [local_image, *argv]
 
     def _take_failure(self, pod: Mapping) -> bool:
         for entry in self.fail:
@@ -407,12 +451,10 @@ class NodeAgent:
                               f"(pod: \"{pod['metadata']['name']}_{pod['metadata']['namespace']}\", "
                               f"container: {container['name']})")
 
-    def _env(self, pod: Mapping, container: Mapping) -> dict[str, str]:
+    def _declared_env(self, pod: Mapping, container: Mapping) -> dict[str, str]:
+        """The container's environment as its spec declares it (envFrom, then env)."""
         ns = pod["metadata"]["namespace"]
-        env = dict(self.env)
-        env["PATH"] = os.pathsep.join([*self.path, env.get("PATH", "/usr/bin:/bin")])
-        env["HOSTNAME"] = pod["metadata"]["name"]
-        node_env = dict(env)  # what the pod spec sets below may point into its volumes
+        env: dict[str, str] = {}
         for source in container.get("envFrom") or []:
             prefix = source.get("prefix", "")
             for kind in ("secretRef", "configMapRef"):
@@ -434,6 +476,14 @@ class NodeAgent:
             value = self._value_from(pod, ns, src)
             if value is not None:
                 env[var["name"]] = value
+        return env
+
+    def _env(self, pod: Mapping, container: Mapping) -> dict[str, str]:
+        env = dict(self.env)
+        env["PATH"] = os.pathsep.join([*self.path, env.get("PATH", "/usr/bin:/bin")])
+        env["HOSTNAME"] = pod["metadata"]["name"]
+        node_env = dict(env)  # what the pod spec sets below may point into its volumes
+        env.update(self._declared_env(pod, container))
         # Processes share this machine's file system: each emptyDir volume is a directory of the
         # pod's own, and environment values under its mount path point into it (so two pods'
         # caches under /tmp do not meet).
@@ -584,16 +634,26 @@ class NodeAgent:
         if c.proc is None:
             return c.exit_code
         if c.proc.poll() is None:
+            if grace <= 0:
+                self._remove_container(c)
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(c.proc.pid, signal.SIGTERM if grace > 0 else signal.SIGKILL)
             try:
                 c.proc.wait(grace if grace > 0 else 10)
             except subprocess.TimeoutExpired:
+                self._remove_container(c)
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(c.proc.pid, signal.SIGKILL)
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     c.proc.wait(10)
         return c.proc.returncode
+
+    def _remove_container(self, c: Container) -> None:
+        """A container run by podman outlives a SIGKILLed podman client: remove it at once."""
+        if c.runtime_name:
+            subprocess.run(["podman", "rm", "-f", "-t", "0", c.runtime_name], capture_output=True,
+                           env=dict(os.environ, **({"CONTAINERS_CONF": self.containers_conf}
+                                                   if self.containers_conf else {})))
 
     def kill_container(self, matcher: Matcher) -> list[str]:
         """SIGKILL the running container of matching pods (an OOM kill or a crash); the pod's
@@ -603,6 +663,7 @@ class NodeAgent:
             for t in self.pods.values():
                 c = t.container
                 if c is not None and c.proc is not None and c.proc.poll() is None and matches(matcher, t.pod):
+                    self._remove_container(c)
                     with contextlib.suppress(ProcessLookupError, PermissionError):
                         os.killpg(c.proc.pid, signal.SIGKILL)
                     c.proc.wait(10)

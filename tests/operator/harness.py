@@ -150,8 +150,8 @@ class Cluster:
 
     # -- kubectl and helm -----------------------------------------------------------------------------
     def kubectl(self, *args: str, input: str | None = None, check: bool = True,
-                kubeconfig: Path | None = None) -> subprocess.CompletedProcess:
-        return self.cp.kubectl(*args, input=input, check=check, kubeconfig=kubeconfig)
+                kubeconfig: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+        return self.cp.kubectl(*args, input=input, check=check, kubeconfig=kubeconfig, timeout=timeout)
 
     def apply(self, manifest: Mapping | str, namespace: str = "default") -> None:
         """Plain `kubectl apply -f -`: client-side OpenAPI validation and the server's strict

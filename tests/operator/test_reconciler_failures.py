@@ -151,8 +151,8 @@ def test_a_missing_credentials_secret_is_a_visible_create_container_config_error
 
 
 def test_an_unschedulable_pod_reports_the_scheduler_message(k8s, api):
-    gpus = {"nvidia.com/gpu": 64}  # the node has 2
-    make_run(k8s, template={"resources": {"requests": gpus, "limits": gpus}})
+    gpus = {"nvidia.com/gpu": 64}  # the node has 2 (the linear probe's own resources: by default it
+    make_run(k8s, template={"stageResources": {"linearProbe": {"requests": gpus, "limits": gpus}}})  # takes at most 1)
     rec = reconciler(api)
     rec.reconcile(k8s.get(RUNS, "default", "r"))
 
