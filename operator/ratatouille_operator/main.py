@@ -10,7 +10,6 @@ references, so the operator has no cleanup of its own and no finalizer.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import threading
@@ -19,9 +18,9 @@ from typing import Any
 
 import kopf
 
-from . import planner
+from . import manifests, planner
 from .manifests import parse_time
-from .reconciler import Reconciler, Settings, StorageView, child_job_counts
+from .reconciler import Reconciler, Settings, StorageView, child_job_counts, list_slim_jobs
 from .spec import API_GROUP, API_VERSION, PLURAL
 
 log = logging.getLogger("ratatouille.operator")
@@ -120,7 +119,7 @@ def probe(**_: Any) -> bool:
 # -- indexes: the in-memory view of children, rebuilt by kopf from LIST+WATCH -------------------
 @kopf.index("batch", "v1", "jobs", labels={planner.LABEL_RUN_UID: kopf.PRESENT})
 def run_jobs(namespace: str, labels: dict, body: kopf.Body, **_: Any):
-    return {(namespace, labels.get(planner.LABEL_RUN)): dict(body)}
+    return {(namespace, labels.get(planner.LABEL_RUN)): manifests.slim_job(body)}
 
 
 @kopf.index(*RUNS)
@@ -222,11 +221,9 @@ def _list_jobs(rec: Reconciler, namespaces: tuple[str, ...]) -> list[dict]:
     if namespaces:
         items = []
         for ns in namespaces:
-            resp = rec.batch.list_namespaced_job(ns, label_selector=selector, _preload_content=False)
-            items += json.loads(resp.data).get("items") or []
+            items += list_slim_jobs(rec.batch.list_namespaced_job, ns, label_selector=selector)
         return items
-    resp = rec.batch.list_job_for_all_namespaces(label_selector=selector, _preload_content=False)
-    return json.loads(resp.data).get("items") or []
+    return list_slim_jobs(rec.batch.list_job_for_all_namespaces, label_selector=selector)
 
 
 def resync_once(rec: Reconciler, namespaces: tuple[str, ...], metrics=None) -> int:

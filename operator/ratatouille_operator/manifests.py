@@ -221,6 +221,22 @@ def format_time(t: float) -> str:
     return datetime.fromtimestamp(t, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def slim_job(job: Mapping) -> dict:
+    """What the operator keeps of a child Job: its identity, labels, its own annotations, whether
+    it is suspended, and its status. A Job's pod template (the job description, the user's pod
+    annotations, tolerations...) can be hundreds of KB and is never read back, so the operator's
+    memory grows with the number of Jobs, not with their size."""
+    meta = job.get("metadata") or {}
+    kept_meta = {k: meta[k] for k in ("name", "namespace", "uid", "labels", "creationTimestamp",
+                                      "deletionTimestamp", "resourceVersion") if k in meta}
+    annotations = {k: v for k, v in (meta.get("annotations") or {}).items() if k.startswith("ratatouille.dev/")}
+    if annotations:
+        kept_meta["annotations"] = annotations
+    spec = job.get("spec") or {}
+    return {"metadata": kept_meta, "spec": {"suspend": spec.get("suspend")} if "suspend" in spec else {},
+            "status": job.get("status") or {}}
+
+
 def parse_job(job: Mapping) -> planner.ObservedJob | None:
     """A batch/v1 Job (dict) -> ObservedJob, or None when it is not one of ours."""
     meta = job.get("metadata") or {}

@@ -128,14 +128,17 @@ class StorageView:
     """
 
     MAX_CLIENTS = 8
+    #: Member prefixes remembered as done / with their metrics, most recently used kept: a
+    #: bounded memory whatever the number of runs and members (a forgotten one is read again).
+    MAX_PREFIXES = 4096
 
     def __init__(self, open_storage: Callable[[str, str | None], Any] | None, metrics=None,
                  trusted_endpoints: Iterable[str | None] | None = None):
         self._open = open_storage
         self._clients: "collections.OrderedDict[tuple[str, str | None], Any]" = collections.OrderedDict()
-        self._done: set[str] = set()
-        self._metrics: dict[str, dict] = {}
-        self._missing: set[str] = set()
+        self._done: "collections.OrderedDict[str, None]" = collections.OrderedDict()
+        self._metrics: "collections.OrderedDict[str, dict]" = collections.OrderedDict()
+        self._missing: "collections.OrderedDict[str, None]" = collections.OrderedDict()
         self._m = metrics
         # None: every endpoint (tests that hand in their own opener)
         self._trusted = None if trusted_endpoints is None else {_norm_endpoint(e) for e in trusted_endpoints}
@@ -160,13 +163,20 @@ class StorageView:
         if self._m is not None:
             self._m.storage_errors.labels(op=op).inc()
 
+    def _remember(self, table: "collections.OrderedDict", key: str, value: Any = None) -> None:
+        table[key] = value
+        table.move_to_end(key)
+        while len(table) > self.MAX_PREFIXES:
+            table.popitem(last=False)
+
     def is_done(self, prefix: str, endpoint: str | None) -> bool:
         if prefix in self._done:
+            self._done.move_to_end(prefix)
             return True
         try:
             client = self._client(prefix, endpoint)
             if client is not None and client.is_done(prefix):
-                self._done.add(prefix)
+                self._remember(self._done, prefix)
                 return True
         except Exception as exc:  # noqa: BLE001 - storage is best effort here
             self._error("head", prefix, exc)
@@ -174,6 +184,7 @@ class StorageView:
 
     def metrics(self, prefix: str, endpoint: str | None) -> dict | None:
         if prefix in self._metrics:
+            self._metrics.move_to_end(prefix)
             return self._metrics[prefix]
         try:
             client = self._client(prefix, endpoint)
@@ -185,18 +196,19 @@ class StorageView:
                 # Not an error of the storage: the member left no metrics.json (the termination
                 # message may have them). Said once per member, not on every reconcile.
                 if prefix not in self._missing:
-                    self._missing.add(prefix)
+                    self._remember(self._missing, prefix)
                     log.info("no metrics.json under %s", prefix)
             else:
                 self._error("get", prefix, exc)
             return None
         if not isinstance(data, dict):
             return None
-        self._metrics[prefix] = data
+        self._remember(self._metrics, prefix, data)
         return data
 
     def remember_metrics(self, prefix: str, data: dict) -> None:
-        self._metrics.setdefault(prefix, data)
+        if prefix not in self._metrics:
+            self._remember(self._metrics, prefix, data)
 
     def said_missing(self, prefix: str, endpoint: str | None = None) -> bool:
         """Whether storage answered that prefix has no metrics.json (not: could not be read), or
@@ -299,9 +311,8 @@ class Reconciler:
 
     # -- reading ---------------------------------------------------------------------------
     def list_jobs(self, namespace: str, run_name: str) -> list[dict]:
-        resp = self.batch.list_namespaced_job(namespace, label_selector=f"{planner.LABEL_RUN}={planner.label_value(run_name)}",
-                                              _preload_content=False)
-        return json.loads(resp.data).get("items") or []
+        return list_slim_jobs(self.batch.list_namespaced_job, namespace,
+                              label_selector=f"{planner.LABEL_RUN}={planner.label_value(run_name)}")
 
     def get_run(self, namespace: str, name: str) -> dict | None:
         try:
@@ -903,6 +914,26 @@ def _failure(job: Mapping, pods: list[dict], job_reason: str | None) -> tuple[st
     else:
         message = term.get("reason") or "error"
     return reason, f"exit code {code}: {message}"
+
+
+#: Jobs per page of a LIST: one page of full Job bodies is in memory at a time.
+JOB_LIST_PAGE = 100
+
+
+def list_slim_jobs(list_fn: Callable[..., Any], *args: Any, label_selector: str) -> list[dict]:
+    """Every Job a (paged) LIST returns, slimmed as it arrives (manifests.slim_job): a run's
+    hundreds of Jobs of up to a few hundred KB each are never all in memory at once."""
+    items: list[dict] = []
+    token = None
+    while True:
+        kwargs = {"label_selector": label_selector, "limit": JOB_LIST_PAGE, "_preload_content": False}
+        if token:
+            kwargs["_continue"] = token
+        page = json.loads(list_fn(*args, **kwargs).data)
+        items += [manifests.slim_job(j) for j in page.get("items") or []]
+        token = (page.get("metadata") or {}).get("continue")
+        if not token:
+            return items
 
 
 def _was_invalid(status: Mapping) -> bool:
