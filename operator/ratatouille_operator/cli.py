@@ -312,6 +312,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"{e.filename}: no such file" if e.filename else str(e))
     except StorageError as e:
         return _fail(str(e), EXIT_FAILED)
+    except BrokenPipeError:
+        # The reader went away (`ratatouille plan ... | head`), as for any Unix filter: no
+        # traceback, and nothing more written to the closed pipe (not even at exit's flush).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":
