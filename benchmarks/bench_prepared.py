@@ -1,6 +1,7 @@
 """Prepared datasets vs per-Job decoding, side by side in one run (issue 14's figures).
 
-    .venv/bin/python benchmarks/bench_prepared.py --images 100000 [--size 32] [--out results/prepared.json]
+    .venv/bin/python benchmarks/bench_prepared.py --images 100000 [--size 32] [--bounded-images 5000]
+        [--out results/prepared.json]
 
 A generated DomainBed-layout dataset of ``--images`` small PNGs (4 domains x 10 classes) in a
 local S3 (moto). Each "Job" is a fresh worker process with an empty local cache, as a new pod:
@@ -9,14 +10,20 @@ local S3 (moto). Each "Job" is a fresh worker process with an empty local cache,
   (``load_prepared``), after one prepare Job (timed separately);
 each up to its first training batch (sampler + augmentation), with the S3 requests it made.
 Then peak RSS of a worker streaming 30 batches from a prepared dataset above its memory budget,
-at 1x and 4x the images; and data steps per second, TrainStream (in memory) vs WindowStream.
+at 1x and 4x the images (``--bounded-images``, default ``--images``: the 4x dataset is generated
+and prepared too, so at 100,000 images that part alone is 400,000 more; with a quarter of
+``--images``, the dataset above is the 4x one); and data steps per second,
+TrainStream (in memory) vs WindowStream. With ``--out``, the figures measured so far are written
+after every phase (``"partial"`` names the last phase done), so a run stopped for time keeps them.
 """
 from __future__ import annotations
 
 import argparse
+import atexit
 import io
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -98,13 +105,25 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=100_000)
     ap.add_argument("--size", type=int, default=32)
+    ap.add_argument("--bounded-images", type=int, help="images of the 1x dataset of the RSS-flat part")
     ap.add_argument("--out")
     args = ap.parse_args()
+    bounded_images = args.bounded_images or args.images
     m = machine()
     work = Path(tempfile.mkdtemp(prefix="bench-prepared-"))
+    atexit.register(shutil.rmtree, work, True)  # the Jobs' caches: hundreds of MB at 100,000 images
     worker = work / "worker.py"
     worker.write_text(WORKER)
-    results: dict = {"machine": m, "images": args.images, "size": args.size}
+    results: dict = {"machine": m, "images": args.images, "size": args.size, "boundedImages": bounded_images}
+    t_start = time.perf_counter()
+
+    def done(phase: str) -> None:
+        """Progress on stderr, and the figures so far in --out."""
+        results["partial"] = phase
+        print(f"[{time.perf_counter() - t_start:7.1f} s, load {os.getloadavg()[0]:.2f}] {phase}",
+              file=sys.stderr, flush=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps(results, indent=2, default=str) + "\n")
     with MotoServer() as moto:
         ep = moto.endpoint
         env_base = dict(S3_ENV, AWS_ACCESS_KEY_ID=moto.access_key, AWS_SECRET_ACCESS_KEY=moto.secret_key)
@@ -116,6 +135,7 @@ def main() -> int:
         t = time.perf_counter()
         generate(ep, "bench", "small", args.images, args.size)
         results["generateSeconds"] = time.perf_counter() - t
+        done("generated")
 
         def job(mode: str, uri: str, budget: int = 8 << 30, steps: int = 1, *extra: str) -> tuple[dict, int]:
             env = bench_env(**env_base, RATATOUILLE_CACHE_DIR=tempfile.mkdtemp(dir=work), OMP_NUM_THREADS="1",
@@ -125,25 +145,38 @@ def main() -> int:
         data = "s3://bench/small"
         cache = "s3://bench/cache/data"
         decode, decode_rss = job("decode", data)
+        results["decodeJob"] = {**decode, "peakRss": decode_rss}
+        done("decode Job")
         prep, _ = job("prepare", data, 0, 1, cache)
         entry = prep["info"]["entry"]
-        second, second_rss = job("prepared", entry)
-        results["decodeJob"] = {**decode, "peakRss": decode_rss}
         results["prepareJob"] = {"seconds": prep["seconds"], "requests": prep["requests"],
                                  "shards": prep["info"]["shards"]}
+        done("prepare Job")
+        second, second_rss = job("prepared", entry)
         results["preparedJob"] = {**second, "peakRss": second_rss}
         results["firstStepSpeedup"] = decode["toFirstStep"] / second["toFirstStep"]
+        done("prepared Job")
         # RSS flat above the budget: 1x and 4x the images (the larger one is the small one 4 times)
         row = 3 * args.size * args.size
-        budget = max(1 << 20, int(args.images * 0.75 * row / 4))   # the 1x training split is 4x the budget
-        generate(ep, "bench", "large", 4 * args.images, args.size)
-        big_prep, _ = job("prepare", "s3://bench/large", 0, 1, cache)
-        s1, rss1 = job("prepared", entry, budget, 200)
-        s4, rss4 = job("prepared", big_prep["info"]["entry"], budget, 200)
-        mem_ref, rss_mem = job("prepared", entry, 8 << 30, 200)
+        budget = max(1 << 20, int(bounded_images * 0.75 * row / 4))   # the 1x training split is 4x the budget
+        if bounded_images == args.images:
+            small_entry = entry
+        else:
+            generate(ep, "bench", "bounded", bounded_images, args.size)
+            small_entry = job("prepare", "s3://bench/bounded", 0, 1, cache)[0]["info"]["entry"]
+        if 4 * bounded_images == args.images:
+            big_entry = entry  # the dataset above is the 4x one
+        else:
+            generate(ep, "bench", "large", 4 * bounded_images, args.size)
+            big_entry = job("prepare", "s3://bench/large", 0, 1, cache)[0]["info"]["entry"]
+        done("1x and 4x datasets prepared")
+        s1, rss1 = job("prepared", small_entry, budget, 200)
+        s4, rss4 = job("prepared", big_entry, budget, 200)
+        mem_ref, rss_mem = job("prepared", small_entry, 8 << 30, 200)
         results["bounded"] = {"budget": budget, "x1": {**s1, "peakRss": rss1}, "x4": {**s4, "peakRss": rss4},
                               "rssRatio": rss4 / rss1, "inMemory": {**mem_ref, "peakRss": rss_mem},
                               "stepsPerSecondRatio": s1["stepsPerSecond"] / mem_ref["stepsPerSecond"]}
+        results.pop("partial", None)
     results["machineAfter"] = machine()
     print(describe_machine(m))
     emit("bench_prepared", results, args.out)
