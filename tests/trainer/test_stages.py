@@ -189,7 +189,8 @@ def test_resume_after_crash_continues_without_repeating_steps(world, tmp_path, m
 @pytest.fixture(scope="module")
 def members(world):
     out = world["out"] / "target"
-    specs = [("0", "foundation", None, {}), ("1", "p-0", str(world["aux_model"]), {"lr": "1e-2"}),
+    # "1" is the twin of "0": same hyperparameters, another initialization source
+    specs = [("0", "foundation", None, {}), ("1", "p-0", str(world["aux_model"]), {}),
              ("2", "foundation", None, {"lr": "3e-3", "weightDecay": "1e-4", "dropout": "0.1"})]
     refs = []
     for name, source, feat, hp in specs:
@@ -232,10 +233,35 @@ def test_average_end_to_end(world, members, selection):
     assert m["uniform"]["membersBestVal"] == max(m["membersValAccuracyPooled"].values())
     assert isinstance(m["uniform"]["collapse"], bool)
     interp = m["interpolation"]
-    assert interp["a"] in ("0", "2") and interp["b"] == "1" and interp["featurizerDistance"] > 0
+    assert interp["kind"] == "twins" and interp["a"] == "0" and interp["b"] == "1"
+    assert interp["sourceA"] == "foundation" and interp["sourceB"] == "p-0" and interp["featurizerDistance"] > 0
     assert [p["alpha"] for p in interp["points"]] == [0.0, 0.25, 0.5, 0.75, 1.0]
     assert interp["points"][0]["valAccuracy"] == pytest.approx(m["membersValAccuracyPooled"][interp["a"]])
     assert interp["points"][-1]["valAccuracy"] == pytest.approx(m["membersValAccuracyPooled"]["1"])
+    pts = interp["points"]
+    assert interp["barrier"] == pytest.approx(max((1 - p["alpha"]) * pts[0]["valAccuracy"] + p["alpha"]
+                                                  * pts[-1]["valAccuracy"] - p["valAccuracy"] for p in pts))
+    assert interp["pairs"] == [{k: v for k, v in interp.items() if k != "pairs"}]
+    # the other diagnostics: present, consistent, and strict JSON on disk
+    u = m["uniform"]
+    assert u["gain"] == pytest.approx(u["valAccuracy"] - u["membersMeanVal"])
+    assert u["gapToBest"] == pytest.approx(u["valAccuracy"] - u["membersBestVal"])
+    assert u["collapseGrade"] in ("none", "partial", "collapsed") and u["collapse"] == (u["collapseGrade"] != "none")
+    src = m["sources"]
+    assert set(src) == {"foundation", "p-0"}
+    assert src["foundation"]["members"] == 2 and src["p-0"]["members"] == 1
+    assert src["foundation"]["featurizerRelL2"] == 0.0 and src["p-0"]["featurizerRelL2"] > 0
+    assert src["foundation"]["membersRelL2"] > 0 and src["p-0"]["membersRelL2"] > 0
+    assert src["p-0"]["meanVal"] == pytest.approx(m["membersValAccuracyPooled"]["1"])
+    assert all(0 <= s["leaveOutVal"] <= 1 for s in src.values())
+    e = m["ensemble"]
+    assert e["members"] == 3 and 0 <= e["disagreement"] <= 1 and 0 <= e["valAccuracy"] <= 1
+    c = m["convergence"]
+    assert c["members"] == 3 and c["share"] == pytest.approx(c["bestAtLast"] / 3)
+    assert c["warn"] == (c["share"] > 0.5)
+    assert isinstance(m["diagnosticWarnings"], list)
+    assert json.loads((out / "metrics.json").read_text(), parse_constant=lambda c: 1 / 0)["sources"] == src
+    assert "## Averaging diagnostics" in card
     if selection == "uniform":
         assert sel == ["0", "1", "2"] and m["members"] == 3
         assert m["uniform"]["valAccuracy"] == pytest.approx(m["valAccuracyPooled"])
@@ -245,6 +271,50 @@ def test_average_end_to_end(world, members, selection):
         assert sel[0] == best["member"]
         assert m["valAccuracyPooled"] >= best["valAccuracyPooled"]
         assert [t["member"] for t in m["greedyTrace"]][0] == best["member"]
+
+
+def test_average_diagnostics_of_identical_members(world, members, tmp_path):
+    """Three copies of one member, from two sources with the same hyperparameters: every
+    diagnostic has a known answer (no gain, no disagreement, no barrier, nothing to leave out)."""
+    import shutil
+
+    src = Path(members[0]["uri"])
+    last = max(p["step"] for p in json.loads((src / "metrics.json").read_text())["curve"])
+    refs = []
+    for name, source, best in (("x0", "foundation", last), ("x1", "p-0", last), ("x2", "p-0", 0)):
+        dst = tmp_path / "target" / name
+        shutil.copytree(src, dst)
+        met = json.loads((dst / "metrics.json").read_text())
+        met.update(member=name, source=source, bestStep=best)
+        if source != "foundation":
+            met["init"] = {**met["init"], "source": source, "featurizer": str(world["aux_model"])}
+        (dst / "metrics.json").write_text(json.dumps(met))
+        refs.append({"member": name, "uri": str(dst), "source": source})
+    out = tmp_path / "average"
+    d = util.job("average", out, world["ds"], member="average", weights=str(world["fw"]), members=refs)
+    m = stages.run_stage(util.desc(d), progress=_quiet())
+    val = m["membersValAccuracyPooled"]["x0"]
+    assert set(m["membersValAccuracyPooled"].values()) == {val}
+    u = m["uniform"]
+    assert u["valAccuracy"] == val and u["gain"] == pytest.approx(0, abs=1e-12) and u["gapToBest"] == 0
+    assert u["collapseGrade"] == "none" and u["collapse"] is False and u["valImages"] > 0
+    assert m["ensemble"] == {"members": 3, "disagreement": 0.0, "valAccuracy": pytest.approx(val)}
+    s = m["sources"]
+    assert s["foundation"]["members"] == 1 and s["p-0"]["members"] == 2
+    assert s["foundation"]["leaveOutVal"] == val and s["p-0"]["leaveOutVal"] == val
+    assert s["foundation"]["leaveOutGain"] == 0 and s["p-0"]["leaveOutGain"] == 0
+    assert s["foundation"]["featurizerRelL2"] == 0.0 and s["p-0"]["featurizerRelL2"] > 0
+    assert s["foundation"]["membersRelL2"] > 0
+    assert s["foundation"]["membersRelL2"] == pytest.approx(s["p-0"]["membersRelL2"])
+    it = m["interpolation"]
+    assert (it["kind"], it["a"], it["b"]) == ("twins", "x0", "x1") and len(it["pairs"]) == 1
+    assert it["featurizerDistance"] == 0 and it["barrier"] == pytest.approx(0, abs=1e-12)
+    assert all(p["valAccuracy"] == val for p in it["points"])
+    c = m["convergence"]
+    assert (c["members"], c["bestAtLast"], c["warn"]) == (3, 2, True)
+    assert [w["code"] for w in m["diagnosticWarnings"]] == ["TrainLonger"]
+    card = (out / "model-card.md").read_text()
+    assert "train longer before averaging" in card and "disagreement 0.0000" in card
 
 
 # ---------------------------------------------------------------------------------------- CLI

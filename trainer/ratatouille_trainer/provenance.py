@@ -14,7 +14,9 @@ so a re-run of the averaging Job rewrites the same files. Standard library only.
   ``greedy``), and optionally ``uri``, ``selected`` (member names), ``valAccuracy``,
   ``testAccuracy``, ``run`` (``{namespace, name, uid}``), ``foundation`` (``{model, weights,
   inputSize}``), ``data`` (``{dataset, testDomains}``), ``uniform``, ``interpolation``,
-  ``greedyTrace``, ``trainerVersion``, ``createdAt`` (passed in, never read from a clock).
+  ``greedyTrace``, ``sources``, ``ensemble``, ``convergence``, ``diagnosticWarnings`` (the
+  averaging diagnostics, ``diagnostics.py``), ``trainerVersion``, ``createdAt`` (passed in,
+  never read from a clock).
 
 Accuracies are fractions in [0, 1] (as in ``metrics.json``); the card shows them as percents.
 """
@@ -154,7 +156,8 @@ def write_lineage(members: list[dict], result: dict) -> dict:
         "bestSingle": best_single,
         "members": out_members,
     }
-    for extra in ("uniform", "interpolation", "greedyTrace", "trainerVersion", "createdAt"):
+    for extra in ("uniform", "interpolation", "greedyTrace", "sources", "ensemble", "convergence",
+                  "diagnosticWarnings", "trainerVersion", "createdAt"):
         if result.get(extra) is not None:
             lineage[extra] = _plain(result[extra])
     return lineage
@@ -198,6 +201,73 @@ def _code(v: Any) -> str:
 
 def _short(sha: Any) -> str:
     return "n/a" if not sha else _code(str(sha)[:12])
+
+
+def _num(v: Any, digits: int = 4) -> str:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
+        return "n/a"
+    return f"{float(v):.{digits}f}"
+
+
+def _pts(v: Any) -> str:
+    """A difference of accuracies in percentage points, signed."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
+        return "n/a"
+    return f"{100.0 * float(v):+.2f}"
+
+
+def _diagnostics_section(lineage: Mapping[str, Any]) -> list[str]:
+    """The averaging diagnostics (diagnostics.py), in points of pooled validation accuracy."""
+    uni = lineage.get("uniform")
+    if not isinstance(uni, Mapping):
+        return []
+    L = ["## Averaging diagnostics", "",
+         "On the pooled training-domain validation split; differences in percentage points.", ""]
+    L.append(f"- Uniform average {_pct(uni.get('valAccuracy'))}: gain over the members' mean "
+             f"{_pts(uni.get('gain'))}, gap to the best member {_pts(uni.get('gapToBest'))}; "
+             f"collapse: {_cell(uni.get('collapseGrade', 'yes' if uni.get('collapse') else 'no'))} "
+             f"(a drop below the members' mean counts beyond {_pts(uni.get('collapseMargin'))} on "
+             f"{_cell(uni.get('valImages'))} images).")
+    ens = lineage.get("ensemble")
+    if isinstance(ens, Mapping):
+        L.append(f"- Members' prediction disagreement {_num(ens.get('disagreement'), 4)} (share of "
+                 f"member pairs predicting different classes); functional ensemble "
+                 f"{_pct(ens.get('valAccuracy'))}.")
+    conv = lineage.get("convergence")
+    if isinstance(conv, Mapping) and conv.get("members"):
+        L.append(f"- {_cell(conv.get('bestAtLast'))} of {_cell(conv.get('members'))} members are best at "
+                 f"their last evaluation{' (train longer before averaging)' if conv.get('warn') else ''}.")
+    it = lineage.get("interpolation")
+    if isinstance(it, Mapping):
+        for p in it.get("pairs") or [it]:
+            if not isinstance(p, Mapping):
+                continue
+            what = ("same hyperparameters" if p.get("kind") == "twins"
+                    else "the farthest pair found")
+            L.append(f"- Interpolation {_code(p.get('a'))} ({_cell(p.get('sourceA'))}) to "
+                     f"{_code(p.get('b'))} ({_cell(p.get('sourceB'))}), {what}: barrier "
+                     f"{_pts(p.get('barrier'))} (featurizer L2 distance {_num(p.get('featurizerDistance'), 3)}).")
+    src = lineage.get("sources")
+    if isinstance(src, Mapping) and src:
+        L.append("")
+        L.append("| init source | members | mean validation | source featurizer rel. L2 from foundation"
+                 " | members rel. L2 from foundation | uniform without it | change |")
+        L.append("|---|---|---|---|---|---|---|")
+        for name in sorted(src):
+            r = src[name] if isinstance(src[name], Mapping) else {}
+            L.append("| " + " | ".join([_cell(name), _cell(r.get("members")), _pct(r.get("meanVal")),
+                                        _num(r.get("featurizerRelL2")), _num(r.get("membersRelL2")),
+                                        _pct(r.get("leaveOutVal")), _pts(r.get("leaveOutGain"))]) + " |")
+    warns = lineage.get("diagnosticWarnings")
+    if isinstance(warns, (list, tuple)) and warns:
+        L.append("")
+        for w in warns:
+            if isinstance(w, Mapping):
+                L.append(f"**Warning** ({_cell(w.get('code'))}): {_cell(w.get('message'))}")
+                L.append("")
+    if L[-1] != "":
+        L.append("")
+    return L
 
 
 def model_card(lineage: dict) -> str:
@@ -290,6 +360,8 @@ def model_card(lineage: dict) -> str:
         L.append(row(f"best single member ({_code(best.get('member'))})",
                      best.get("valAccuracy"), best.get("testAccuracy") or {}))
     L.append("")
+
+    L.extend(_diagnostics_section(lineage))
 
     L.append("## Intended use")
     L.append("")

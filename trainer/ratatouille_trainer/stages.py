@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import __version__, integrity
+from . import __version__, diagnostics, integrity
 from .averaging import (AveragingError, RunningSum, greedy_select, interpolate,
                         load_safetensors_file, save_state_dict, sha256_file)
 from .data import DomainDataset, TrainStream, load_dataset, seed_hash
@@ -379,13 +379,6 @@ def _featurizer_param_names(net: Network) -> list[str]:
     return ["featurizer." + n for n, _ in net.featurizer.named_parameters()]
 
 
-def _l2(a: dict, b: dict, names: list[str]) -> float:
-    s = 0.0
-    for n in names:
-        s += float(((a[n].double() - b[n].double()) ** 2).sum())
-    return math.sqrt(s)
-
-
 def run_average(desc: JobDescription, ctx: DeviceContext | None = None, progress=None,
                 lease=None) -> dict:
     if desc.selection not in ("uniform", "greedy"):
@@ -416,6 +409,8 @@ def run_average(desc: JobDescription, ctx: DeviceContext | None = None, progress
             infos[m.member] = {"ref": m, "metrics": met}
         chance = chance_level(dataset)
         excluded, at_chance = _exclude_at_chance(infos, chance)
+        sources = {n: str(infos[n]["ref"].source or infos[n]["metrics"].get("source") or "foundation")
+                   for n in infos}
 
         # the architecture only: every tensor comes from the members
         net = freeze_bn(build_network(desc.foundation.model, dataset.num_classes, 0.0,
@@ -428,6 +423,9 @@ def run_average(desc: JobDescription, ctx: DeviceContext | None = None, progress
                 load_network_state(net, state, what)
             except ModelError as e:
                 raise AveragingError(str(e)) from None
+
+        feat_names = _featurizer_param_names(net)
+        found_feat = _foundation_featurizer(desc, dataset.num_classes, storage, feat_names)
 
         def val_pooled(state: dict) -> float:
             set_state(state, "averaged candidate")
@@ -453,16 +451,36 @@ def run_average(desc: JobDescription, ctx: DeviceContext | None = None, progress
             return state
 
         # ---- one streaming pass: each member is read once; its own pooled validation and the
-        # uniform running sum are taken as it goes by (greedy keeps its own running sum).
+        # uniform running sum are taken as it goes by (greedy keeps its own running sum), and
+        # so are the diagnostics (diagnostics.py): its predictions (ensemble, disagreement), its
+        # sum per source (leave-one-source-out), its distances to the foundation and to the
+        # first member read (the farthest pair for the interpolation check).
         uniform_sum = RunningSum()
         member_val: dict[str, float] = {}
+        source_sums = diagnostics.SourceSums() if len(set(sources.values())) > 1 else None
+        tally = diagnostics.VoteTally(evaluator.labels(), dataset.num_classes)
+        member_rel: dict[str, float | None] = {}
+        ref: dict[str, Any] = {}          # the first member read: name, featurizer parameters
+        dist_to_ref: dict[str, float] = {}
 
         def loader(name: str) -> Callable[[], dict]:
             def load() -> dict:
                 state = load_member(name)
                 uniform_sum.add(name, state)
+                if source_sums is not None:
+                    source_sums.add(sources[name], state)
                 set_state(state, f"member {name!r}")
-                member_val[name] = evaluator.score(net).pooled
+                sc, probs, preds = evaluator.score_with_probs(net)
+                member_val[name] = sc.pooled
+                tally.add(probs, preds)
+                del probs, preds
+                if found_feat is not None:
+                    member_rel[name] = diagnostics.relative_l2(state, found_feat, feat_names)
+                if not ref:
+                    ref["name"] = name
+                    ref["feat"] = {k: state[k].detach().clone() for k in feat_names}
+                else:
+                    dist_to_ref[name] = diagnostics.l2_distance(state, ref["feat"], feat_names)
                 progress.update(len(member_val), val=member_val[name])
                 return state
             return load
@@ -481,11 +499,24 @@ def run_average(desc: JobDescription, ctx: DeviceContext | None = None, progress
             uniform_state = uniform_sum.mean()
             result_state, selected = uniform_state, sorted(infos)
         uniform_val = val_pooled(uniform_state)
-        del uniform_state, uniform_sum
-        vals = list(member_val.values())
-        uniform_diag = {"valAccuracy": uniform_val, "membersMeanVal": sum(vals) / len(vals),
-                        "membersBestVal": max(vals),
-                        "collapse": uniform_val < sum(vals) / len(vals) - 0.05}
+        leave_out: dict[str, float | None] = {}
+        if source_sums is not None:  # leave-one-source-out: one validation pass per source
+            for src in sorted(source_sums.sums):
+                st = source_sums.mean_without(src, uniform_state)
+                leave_out[src] = val_pooled(st) if st is not None else None
+                del st
+        del uniform_state, uniform_sum, source_sums
+        ref.pop("feat", None)
+        n_val = int(tally.labels.shape[0])
+        uniform_diag = diagnostics.uniform_diagnostic(
+            uniform_val, list(member_val.values()), n_val,
+            chance if chance is not None else 1.0 / dataset.num_classes)
+        ensemble = tally.as_dict()
+        del tally
+        convergence = diagnostics.convergence({n: infos[n]["metrics"] for n in infos})
+        source_tab = diagnostics.source_table(
+            sources, member_val, member_rel,
+            _source_distances(infos, sources, storage, found_feat, feat_names), leave_out, uniform_val)
 
         # ---- the result: validation (DomainBed score and pooled) and test domains
         set_state(result_state, "averaged model")
@@ -500,8 +531,14 @@ def run_average(desc: JobDescription, ctx: DeviceContext | None = None, progress
                        "valAccuracyPooled": member_val.get(top),
                        "testAccuracy": dict(top_met.get("testAccuracy") or {})}
 
-        # ---- interpolation diagnostic: foundation-initialised member vs most distant aux one
-        interpolation = _interpolation(infos, ordered, load_member, val_pooled, net)
+        # ---- interpolation check: twins (same hyperparameters, different sources), else the
+        # first member read and the one farthest from it
+        interpolation = _interpolation(infos, ordered, sources, load_member, val_pooled, member_val,
+                                       feat_names, ref.get("name"), dist_to_ref)
+        del found_feat
+        diag_warnings = diagnostics.warnings(uniform_diag, source_tab, convergence, interpolation)
+        for w in diag_warnings:
+            print(f"ratatouille-trainer: warning: {w['code']}: {w['message']}", file=sys.stderr, flush=True)
 
         # ---- outputs: model, lineage, card, metrics, DONE
         from .provenance import lineage_json, model_card, write_lineage
@@ -530,6 +567,8 @@ def run_average(desc: JobDescription, ctx: DeviceContext | None = None, progress
             "data": {"dataset": desc.data.dataset, "testDomains": list(desc.data.testDomains),
                      "prepared": dataset.prepared},
             "uniform": uniform_diag, "interpolation": interpolation, "greedyTrace": trace,
+            "sources": source_tab, "ensemble": ensemble, "convergence": convergence,
+            "diagnosticWarnings": diag_warnings,
             "trainerVersion": __version__, "excludedAtChance": excluded, "chanceLevel": chance,
         }
         lineage = write_lineage(members_lineage, result)
@@ -546,6 +585,8 @@ def run_average(desc: JobDescription, ctx: DeviceContext | None = None, progress
             "members": len(selected), "membersAvailable": len(infos), "selected": selected,
             "bestSingle": best_single, "uniform": uniform_diag, "interpolation": interpolation,
             "greedyTrace": trace, "membersValAccuracyPooled": member_val,
+            "sources": source_tab, "ensemble": ensemble, "convergence": convergence,
+            "diagnosticWarnings": diag_warnings, "membersRelL2": member_rel,
             "bestStep": None, "steps": 0, "hyperparameters": {}, "source": "average",
             "sha256": sha, "curve": [], "imagesPerSecond": None,
             "device": ctx.describe(), "trainerVersion": __version__,
@@ -606,28 +647,76 @@ def _exclude_at_chance(infos: dict, chance: float | None) -> tuple[list[dict], d
     return excluded, removed
 
 
-def _interpolation(infos: dict, ordered: list[str], load_member, val_pooled, net: Network) -> dict | None:
-    found = [n for n in ordered if infos[n]["ref"].source == "foundation"]
-    aux = [n for n in ordered if infos[n]["ref"].source != "foundation"]
-    if not found or not aux:
+def _foundation_featurizer(desc: JobDescription, num_classes: int, storage,
+                           names: list[str]) -> dict[str, torch.Tensor] | None:
+    """The foundation's featurizer parameters (the reference of the relative L2 distances);
+    None, with a warning, when they cannot be loaded (the diagnostics then leave them out)."""
+    try:
+        fnet, _ = foundation_network(desc, num_classes, 0.0, storage)
+        state = fnet.state_dict()
+        return {k: state[k].detach().to("cpu").clone() for k in names}
+    except Exception as e:  # a diagnostic never fails the average
+        print(f"ratatouille-trainer: warning: foundation weights not loaded for the distance"
+              f" diagnostics: {e}", file=sys.stderr, flush=True)
         return None
-    a_name = found[0]  # the best-ranked foundation-initialised member
-    a = load_member(a_name)
-    names = _featurizer_param_names(net)
-    far_name, far_d, b = None, -1.0, None
-    for n in aux:
-        s = load_member(n)
-        d = _l2(a, s, names)
-        if d > far_d:
-            far_name, far_d, b = n, d, s
-        else:
-            del s
-    points = []
-    for alpha in (0.0, 0.25, 0.5, 0.75, 1.0):
-        st = interpolate(a, b, alpha, names=(a_name, far_name))
-        points.append({"alpha": alpha, "valAccuracy": val_pooled(st)})
-    return {"a": a_name, "b": far_name, "sourceA": "foundation", "sourceB": infos[far_name]["ref"].source,
-            "featurizerDistance": far_d, "points": points}
+
+
+def _source_distances(infos: dict, sources: dict[str, str], storage, found_feat, names: list[str]) -> dict:
+    """Relative L2 of each source's featurizer from the foundation's (0 for the foundation):
+    one read per auxiliary source, of the featurizer its members started from."""
+    out: dict[str, float | None] = {}
+    for src in sorted(set(sources.values())):
+        if found_feat is None:
+            out[src] = None
+            continue
+        if src == "foundation":
+            out[src] = 0.0
+            continue
+        uri = next((infos[n]["metrics"].get("init", {}).get("featurizer") for n in sorted(infos)
+                    if sources[n] == src and isinstance(infos[n]["metrics"].get("init"), dict)
+                    and infos[n]["metrics"]["init"].get("featurizer")), None)
+        out[src] = None
+        if uri:
+            try:
+                fstate, _ = load_weights(uri, storage)
+                if all(k in fstate and fstate[k].shape == found_feat[k].shape for k in names):
+                    out[src] = diagnostics.relative_l2(fstate, found_feat, names)
+                del fstate
+            except Exception as e:
+                print(f"ratatouille-trainer: warning: featurizer of source {src} not read for the"
+                      f" distance diagnostics: {e}", file=sys.stderr, flush=True)
+    return out
+
+
+def _interpolation(infos: dict, ordered: list[str], sources: dict[str, str], load_member, val_pooled,
+                   member_val: dict[str, float], names: list[str], ref_name: str | None,
+                   dist_to_ref: dict[str, float]) -> dict | None:
+    """The barrier along the line between twins (same hyperparameters, different sources), or
+    for a soup between the first member read and the member farthest from it (diagnostics.py).
+    The ends' accuracies are the members' own (alpha 0 and 1 are the members exactly): three
+    validation passes and two reads per pair."""
+    hps = {n: infos[n]["metrics"].get("hyperparameters") for n in infos}
+    pairs = diagnostics.twin_pairs(ordered, sources, hps)
+    kind = "twins"
+    if not pairs:
+        if ref_name is None or not dist_to_ref:
+            return None
+        far = max(sorted(dist_to_ref), key=lambda n: dist_to_ref[n])
+        pairs, kind = [(ref_name, far)], "farthest"
+    out = []
+    for a_name, b_name in pairs:
+        a, b = load_member(a_name), load_member(b_name)
+        points = [{"alpha": 0.0, "valAccuracy": member_val[a_name]}]
+        for alpha in diagnostics.ALPHAS[1:-1]:
+            points.append({"alpha": alpha, "valAccuracy": val_pooled(interpolate(a, b, alpha, names=(a_name, b_name)))})
+        points.append({"alpha": 1.0, "valAccuracy": member_val[b_name]})
+        out.append({"kind": kind, "a": a_name, "b": b_name, "sourceA": sources[a_name], "sourceB": sources[b_name],
+                    "hyperparameters": dict(hps[a_name]) if kind == "twins" else None,
+                    "featurizerDistance": diagnostics.l2_distance(a, b, names),
+                    "points": points, "barrier": diagnostics.barrier(points)})
+        del a, b
+    top = max(out, key=lambda p: p["barrier"])
+    return {**top, "pairs": out}
 
 
 def run_prepare(desc: JobDescription, ctx: DeviceContext | None = None, progress=None,

@@ -130,6 +130,40 @@ class Evaluator:
             total += t
         return ValScore(mean=sum(per.values()) / len(per), pooled=correct / total, per_domain=per)
 
+    @torch.no_grad()
+    def score_with_probs(self, net: Network) -> tuple[ValScore, torch.Tensor, torch.Tensor]:
+        """``score`` plus, from the same forward passes, the softmax probabilities [N, C] (CPU,
+        float32) and the argmax predictions [N] over the validation sets in order (the average
+        stage's ensemble and disagreement diagnostics)."""
+        was_training = net.training
+        net.eval()
+        per, correct, total, probs, preds = {}, 0, 0, [], []
+        try:
+            for name, x, y in self.sets:
+                c = 0
+                for i in range(0, int(y.shape[0]), EVAL_BATCH):
+                    xb = self.ctx.input(eval_transform(self.ctx.to_device(x[i:i + EVAL_BATCH])))
+                    yb = self.ctx.to_device(y[i:i + EVAL_BATCH])
+                    with self.ctx.autocast():
+                        logits = net(xb)
+                    logits = logits.float()
+                    pred = logits.argmax(1)
+                    c += int((pred == yb).sum().item())
+                    probs.append(logits.softmax(1).cpu())
+                    preds.append(pred.cpu())
+                t = int(y.shape[0])
+                per[name] = c / t
+                correct += c
+                total += t
+        finally:
+            net.train(was_training)
+        score = ValScore(mean=sum(per.values()) / len(per), pooled=correct / total, per_domain=per)
+        return score, torch.cat(probs), torch.cat(preds)
+
+    def labels(self) -> torch.Tensor:
+        """The validation labels in the order of ``score_with_probs`` (CPU)."""
+        return torch.cat([y.cpu() for _, _, y in self.sets])
+
 
 def test_accuracies(net: Network, domains, ctx: DeviceContext) -> dict[str, float]:
     """Accuracy on each whole test domain."""
