@@ -121,6 +121,61 @@ class Display:
                 f"  {p.get('stage')}/{p.get('member')} step {p.get('step')}/{p.get('steps')}{loss_s}")
 
 
+def _num(v, signed: bool = False) -> str:
+    """A diagnostic number (the status holds them as 4-decimal strings) for the table."""
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return "n/a"
+    return f"{x:+.4f}" if signed else f"{x:.4f}"
+
+
+def diagnostics_lines(diag: dict) -> list[str]:
+    """The averaging diagnostics under the results table (their meaning: README, "Averaging
+    diagnostics"); empty when the average wrote none."""
+    lines: list[str] = []
+    uni = diag.get("uniform") or {}
+    if uni:
+        lines.append("")
+        text = (f"uniform average val {uni.get('valAccuracy')} vs members mean {uni.get('membersMeanVal')}"
+                f" / best {uni.get('membersBestVal')}")
+        if "gain" in uni:
+            text += (f": gain {_num(uni.get('gain'), True)}, gap to best {_num(uni.get('gapToBest'), True)},"
+                     f" collapse {uni.get('collapseGrade')} (margin {_num(uni.get('collapseMargin'))}"
+                     f" on {uni.get('valImages')} images)")
+        lines.append(text)
+    ens = diag.get("ensemble") or {}
+    if ens:
+        lines.append(f"functional ensemble val {_num(ens.get('valAccuracy'))}, member prediction"
+                     f" disagreement {_num(ens.get('disagreement'))}")
+    conv = diag.get("convergence") or {}
+    if conv.get("members"):
+        lines.append(f"members best at their last evaluation: {conv.get('bestAtLast')} of {conv.get('members')}")
+    it = diag.get("interpolation") or {}
+    for p in it.get("pairs") or ([it] if it.get("barrier") is not None else []):
+        what = "same hyperparameters" if p.get("kind") == "twins" else "farthest pair"
+        lines.append(f"interpolation {p.get('a')} ({p.get('sourceA')}) -> {p.get('b')} ({p.get('sourceB')}),"
+                     f" {what}: barrier {_num(p.get('barrier'))}")
+    sources = diag.get("sources") or {}
+    if sources:
+        head = ["init source", "members", "mean val", "featurizer relL2", "members relL2",
+                "uniform without", "change"]
+        rows = [[str(name), str(r.get("members", "")), _num(r.get("meanVal")), _num(r.get("featurizerRelL2")),
+                 _num(r.get("membersRelL2")), _num(r.get("leaveOutVal")), _num(r.get("leaveOutGain"), True)]
+                for name, r in sorted(sources.items()) if isinstance(r, dict)]
+        widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+        fmt = "  ".join("{:<%d}" % w for w in widths)
+        lines += ["", fmt.format(*head)] + [fmt.format(*r) for r in rows]
+    warnings = [w for w in diag.get("warnings") or [] if isinstance(w, dict)]
+    if warnings:
+        lines.append("")
+        lines += [f"WARNING ({w.get('code')}): {w.get('message')}" for w in warnings]
+    elif uni.get("collapse") and "collapseGrade" not in uni:  # an average from an older trainer
+        lines.append("WARNING: the uniform average collapsed below its members: they are not linearly"
+                     " mode connected (lower the learning rates or use greedy selection)")
+    return lines
+
+
 def results_table(status: dict) -> str:
     result = status.get("result") or {}
     if not result:
@@ -137,14 +192,7 @@ def results_table(status: dict) -> str:
     fmt = "  ".join("{:<%d}" % w for w in widths)
     lines = [fmt.format(*header), fmt.format(*["-" * w for w in widths])]
     lines += [fmt.format(*r) for r in rows]
-    diag = (result.get("diagnostics") or {}).get("uniform") or {}
-    if diag:
-        lines.append("")
-        lines.append(f"uniform average val {diag.get('valAccuracy')} vs members mean {diag.get('membersMeanVal')}"
-                     f" / best {diag.get('membersBestVal')}")
-        if diag.get("collapse"):
-            lines.append("WARNING: the uniform average collapsed below its members: they are not linearly"
-                         " mode connected (lower the learning rates or use greedy selection)")
+    lines += diagnostics_lines(result.get("diagnostics") or {})
     lines.append("")
     lines.append(f"model: {result.get('model')}")
     return "\n".join(lines)

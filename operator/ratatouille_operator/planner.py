@@ -1017,11 +1017,30 @@ def _result(spec: RunSpec, run: RunRef, observed: Observed, succeeded: Sequence[
         if isinstance(best.get("testAccuracy"), Mapping):
             b["testAccuracy"] = {str(d): _fmt(a) for d, a in best["testAccuracy"].items()}
         result["bestSingle"] = b
-    diagnostics = {k: _fmt_tree(metrics[k]) for k in ("uniform", "interpolation", "excludedAtChance")
-                   if metrics.get(k)}
+    diagnostics = _diagnostics(metrics)
     if diagnostics:
         result["diagnostics"] = diagnostics
     return result
+
+
+# The average's diagnostics (trainer/ratatouille_trainer/diagnostics.py) copied to
+# status.result.diagnostics, floats as 4-decimal strings; lists that grow with the number of
+# members stay in metrics.json only, so the status stays small for 500 members.
+_DIAGNOSTIC_KEYS = ("uniform", "interpolation", "excludedAtChance", "sources", "ensemble", "convergence",
+                    "diagnosticWarnings")
+_DIAGNOSTIC_DROP = {"convergence": ("bestAtLastMembers",)}
+
+
+def _diagnostics(metrics: Mapping[str, Any]) -> dict:
+    out: dict[str, Any] = {}
+    for k in _DIAGNOSTIC_KEYS:
+        v = metrics.get(k)
+        if not v:
+            continue
+        if isinstance(v, Mapping) and k in _DIAGNOSTIC_DROP:
+            v = {kk: vv for kk, vv in v.items() if kk not in _DIAGNOSTIC_DROP[k]}
+        out["warnings" if k == "diagnosticWarnings" else k] = _fmt_tree(v)
+    return out
 
 
 def _status(run: RunRef, spec: RunSpec, observed: Observed, now: float, prev: Mapping, phase: str,

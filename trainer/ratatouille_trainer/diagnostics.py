@@ -322,7 +322,8 @@ def warnings(uniform: Mapping[str, Any], sources: Mapping[str, Mapping[str, Any]
         out.append({"code": "AveragingCollapsed" if grade == "collapsed" else "AveragingPartialCollapse",
                     "message": f"the uniform average scores {uniform['membersMeanVal'] - uniform['valAccuracy']:.4f}"
                                f" below the members' mean on validation (margin {uniform['collapseMargin']:.4f}"
-                               f" for {uniform['valImages']} images): {grade}"})
+                               f" for {uniform['valImages']} images): {grade}; the members are not"
+                               " linearly mode connected (lower the learning rates or use greedy selection)"})
     if sources and len(sources) > 1:
         src = breaking_source(sources, float(uniform.get("collapseMargin") or 0.0))
         if src is not None:
