@@ -148,6 +148,8 @@ def test_run_succeeds_with_results_table_and_lineage(world, tmp_path):
     proc = ratatouille("run", path, "--workdir", tmp_path / "work", check=True)
     assert "Succeeded" in proc.stdout
     assert "averaged (greedy)" in proc.stdout and "best single" in proc.stdout and "test:d2" in proc.stdout
+    # the averaging diagnostics under the table (gain, ensemble, per-source table)
+    assert "gain " in proc.stdout and "functional ensemble val" in proc.stdout and "init source" in proc.stdout
     status = run_status(store)["status"]
     assert status["phase"] == "Succeeded"
     result = status["result"]
@@ -155,6 +157,8 @@ def test_run_succeeds_with_results_table_and_lineage(world, tmp_path):
     prefix = model.parent.parent
     lineage = json.loads((model.parent / "lineage.json").read_text())
     assert (model.parent / "DONE").exists() and (model.parent / "model-card.md").exists()
+    assert "## Averaging diagnostics" in (model.parent / "model-card.md").read_text()
+    assert {"uniform", "sources", "ensemble", "convergence"} <= set(result["diagnostics"])
     # every target member is in the lineage with its source; the recycled featurizer was used
     sources = {m["member"]: m["source"] for m in lineage["members"]}
     assert len(sources) == 4 and "community" in set(sources.values()) and "foundation" in set(sources.values())
