@@ -117,13 +117,16 @@ def probe(**_: Any) -> bool:
 
 
 # -- indexes: the in-memory view of children, rebuilt by kopf from LIST+WATCH -------------------
+# The indexes are async: kopf runs a sync index function in the same thread pool as the
+# handlers, so index updates (and the Job events whose handlers read them) would queue behind
+# reconciles that take seconds (creating a stage's Jobs) while the pool is busy.
 @kopf.index("batch", "v1", "jobs", labels={planner.LABEL_RUN_UID: kopf.PRESENT})
-def run_jobs(namespace: str, labels: dict, body: kopf.Body, **_: Any):
+async def run_jobs(namespace: str, labels: dict, body: kopf.Body, **_: Any):
     return {(namespace, labels.get(planner.LABEL_RUN)): manifests.slim_job(body)}
 
 
 @kopf.index(*RUNS)
-def runs(namespace: str, name: str, body: kopf.Body, **_: Any):
+async def runs(namespace: str, name: str, body: kopf.Body, **_: Any):
     return {(namespace, name): dict(body)}
 
 
@@ -244,7 +247,11 @@ def resync_once(rec: Reconciler, namespaces: tuple[str, ...], metrics=None) -> i
             try:
                 # jobs=None: the reconciler LISTs the run's Jobs under the run's lock, so a
                 # reconcile running meanwhile (a Job event) cannot leave this one a stale view.
-                phase = rec.reconcile(body, None, handler="resync").phase
+                # Not behind a run another thread is reconciling now (a Job event's reconcile):
+                # that one reads its inputs itself; the next resync, 2 s on, looks again.
+                result = rec.reconcile(body, None, handler="resync", wait=False)
+                if result is not None:
+                    phase = result.phase
             except Exception as exc:  # noqa: BLE001
                 if metrics is not None:
                     metrics.reconcile_errors.labels(handler="resync").inc()

@@ -334,16 +334,25 @@ class Reconciler:
                 self._written.pop(key, None)
 
     # -- the reconcile ---------------------------------------------------------------------
-    def reconcile(self, body: Mapping, jobs: Iterable[Mapping] | None = None, *, handler: str = "reconcile") -> ReconcileResult:
+    def reconcile(self, body: Mapping, jobs: Iterable[Mapping] | None = None, *, handler: str = "reconcile",
+                  wait: bool = True) -> ReconcileResult | None:
+        """Plan the run and act. wait=False: return None at once when another thread is
+        reconciling this run (the periodic resync: it must not queue behind one run's slow
+        reconcile, creating a stage's Jobs, while every run after it in the list waits)."""
         meta = body.get("metadata") or {}
         namespace, name = meta.get("namespace") or "default", meta["name"]
-        with self._lock((namespace, name)):
+        lock = self._lock((namespace, name))
+        if not lock.acquire(blocking=wait):
+            return None
+        try:
             started = time.perf_counter()
             try:
                 return self._reconcile(body, jobs)
             finally:
                 if self.metrics is not None:
                     self.metrics.reconcile_duration.labels(handler=handler).observe(time.perf_counter() - started)
+        finally:
+            lock.release()
 
     def reconcile_coalesced(self, key: tuple[str, str],
                             read: Callable[[], tuple[Mapping | None, Iterable[Mapping] | None]], *,
@@ -917,7 +926,7 @@ def _failure(job: Mapping, pods: list[dict], job_reason: str | None) -> tuple[st
 
 
 #: Jobs per page of a LIST: one page of full Job bodies is in memory at a time.
-JOB_LIST_PAGE = 100
+JOB_LIST_PAGE = 50
 
 
 def list_slim_jobs(list_fn: Callable[..., Any], *args: Any, label_selector: str) -> list[dict]:

@@ -152,3 +152,30 @@ def test_metrics_that_could_not_be_read_are_looked_for_again_at_once(k8s, api):
     for n in (1, 2, 3):
         rec.reconcile(k8s.get(RUNS, "default", "r"))
         assert k8s.count("list", PODS) == n
+
+
+def test_the_resync_does_not_wait_behind_a_run_another_thread_is_reconciling(k8s, api):
+    # A Job event's reconcile that creates a stage's Jobs can take tens of seconds under load:
+    # the periodic resync must pass that run by (the busy reconcile reads its own inputs), not
+    # make every run after it in the list wait (the 64-148 s transitions bench_operator.py saw).
+    body = make_run(k8s, runs=1)
+    rec = Reconciler(api, Settings(default_image=IMAGE), storage_view=StorageView(None))
+    lock = rec._lock((k8s.ns("default"), "r"))
+    held, release = threading.Event(), threading.Event()
+
+    def busy():
+        with lock:
+            held.set()
+            release.wait(10)
+    t = threading.Thread(target=busy)
+    t.start()
+    try:
+        assert held.wait(10)
+        started = time.monotonic()
+        assert rec.reconcile(body, None, handler="resync", wait=False) is None
+        assert time.monotonic() - started < 1.0
+        assert k8s.list(JOBS, "default") == []  # it did nothing for the busy run
+    finally:
+        release.set()
+        t.join(10)
+    assert rec.reconcile(body, None, handler="resync", wait=False).created == ["r-lp-0-a1"]
