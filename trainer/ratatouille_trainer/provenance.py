@@ -226,7 +226,7 @@ def _diagnostics_section(lineage: Mapping[str, Any]) -> list[str]:
     L.append(f"- Uniform average {_pct(uni.get('valAccuracy'))}: gain over the members' mean "
              f"{_pts(uni.get('gain'))}, gap to the best member {_pts(uni.get('gapToBest'))}; "
              f"collapse: {_cell(uni.get('collapseGrade', 'yes' if uni.get('collapse') else 'no'))} "
-             f"(a drop below the members' mean counts beyond {_pts(uni.get('collapseMargin'))} on "
+             f"(a drop below the members' mean counts beyond {_pct(uni.get('collapseMargin'))} on "
              f"{_cell(uni.get('valImages'))} images).")
     ens = lineage.get("ensemble")
     if isinstance(ens, Mapping):
