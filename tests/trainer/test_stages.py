@@ -317,6 +317,30 @@ def test_average_diagnostics_of_identical_members(world, members, tmp_path):
     assert "train longer before averaging" in card and "disagreement 0.0000" in card
 
 
+def test_average_soup_interpolates_the_farthest_pair(world, members, tmp_path):
+    """A soup (one source, no twins): the interpolation pair is the first member read and the
+    member farthest from it; a copy of the first is at distance 0 and is not chosen."""
+    import shutil
+
+    by_name = {r["member"]: Path(r["uri"]) for r in members}
+    refs = []
+    for name, orig in (("s0", "0"), ("s1", "2"), ("s2", "0")):
+        shutil.copytree(by_name[orig], tmp_path / name)
+        refs.append({"member": name, "uri": str(tmp_path / name), "source": "foundation"})
+    d = util.job("average", tmp_path / "average", world["ds"], member="average", weights=str(world["fw"]),
+                 members=refs)
+    m = stages.run_stage(util.desc(d), progress=_quiet())
+    it = m["interpolation"]
+    assert (it["kind"], it["a"], it["b"]) == ("farthest", "s0", "s1") and len(it["pairs"]) == 1
+    a, b = (load_file(str(by_name[n] / "model.safetensors")) for n in ("0", "2"))
+    names = [k for k in a if k.startswith("featurizer.") and a[k].is_floating_point()
+             and not k.endswith(("running_mean", "running_var"))]
+    dist = sum(float(((a[k].double() - b[k].double()) ** 2).sum()) for k in names) ** 0.5
+    assert it["featurizerDistance"] == pytest.approx(dist, rel=1e-6)
+    assert m["sources"]["foundation"]["members"] == 3 and m["sources"]["foundation"]["leaveOutVal"] is None
+    assert "SourceBreaksAverage" not in [w["code"] for w in m["diagnosticWarnings"]]
+
+
 # ---------------------------------------------------------------------------------------- CLI
 
 def _cli(job: dict | None, stage=None, extra=(), env_extra=None):
