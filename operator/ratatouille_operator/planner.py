@@ -228,7 +228,8 @@ def _auxiliary(spec: RunSpec, aux: Auxiliary | str) -> Auxiliary:
 
 
 def aux_cache_key(spec: RunSpec, aux: Auxiliary | str, k: int) -> str:
-    """Identity of one auxiliary fine-tuning, shared by every run in the same storage."""
+    """Identity of one auxiliary fine-tuning, shared by every run in the same storage and
+    cache scope (the namespace, on a cluster)."""
     a = _auxiliary(spec, aux)
     material = {
         "foundation": {"model": spec.foundation.model, "weights": spec.foundation.weights,
@@ -242,6 +243,10 @@ def aux_cache_key(spec: RunSpec, aux: Auxiliary | str, k: int) -> str:
         "seed": spec.seed,
         "k": int(k),
     }
+    if spec.aux_cache_scope:
+        # Runs of another namespace neither read nor write this entry (a tenant cannot plant a
+        # fine-tuning another one then builds on), unless the operator shares the cache.
+        material["scope"] = spec.aux_cache_scope
     canonical = json.dumps(material, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 

@@ -68,6 +68,8 @@ class Settings:
     log_level: str = "INFO"
     #: What runs may ask for (images, tolerations, priority classes): policy.py.
     policy: Policy = Policy()
+    #: Auxiliary cache entries shared between namespaces (else each namespace has its own).
+    shared_aux_cache: bool = False
 
     @staticmethod
     def from_env(env: Mapping[str, str] | None = None) -> "Settings":
@@ -88,6 +90,7 @@ class Settings:
             job_service_account=opt("RATATOUILLE_JOB_SERVICE_ACCOUNT"),
             log_level=(e.get("RATATOUILLE_LOG_LEVEL") or "INFO").upper(),
             policy=Policy.from_env(e),
+            shared_aux_cache=(e.get("RATATOUILLE_SHARED_AUX_CACHE") or "").lower() in ("1", "true", "yes"),
         )
 
 
@@ -426,7 +429,7 @@ class Reconciler:
             # The spec was fixed: plan from scratch (the invalid verdict is not a run outcome).
             log.info("RatatouilleRun %s/%s: the spec is valid again", namespace, name)
             prev_status = {}
-        spec = validated.spec
+        spec = validated.spec if self.settings.shared_aux_cache else replace(validated.spec, aux_cache_scope=namespace)
         run = planner.RunRef(namespace=namespace, name=name, uid=uid, generation=generation,
                              creation_time=_ts(meta.get("creationTimestamp")))
         if jobs is None:

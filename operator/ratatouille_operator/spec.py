@@ -137,6 +137,10 @@ class RunSpec:
     active_deadline_seconds: int
     data_preparation: DataPreparation = DataPreparation()
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    #: Not from the manifest: who shares auxiliary cache entries. The operator sets the run's
+    #: namespace (unless its platform team shares the cache between namespaces); "" shares
+    #: them with every run of the same storage (embedded mode).
+    aux_cache_scope: str = ""
 
     @staticmethod
     def from_dict(spec: Mapping[str, Any]) -> "RunSpec":
