@@ -628,8 +628,9 @@ def markdown(cfg: dict, summary: dict, cells: list[dict]) -> str:
         lines.append(f"| {d['held']} | {d['seed']} | {d['group']} | {d['uniformVal']:.4f} | {d['membersMeanVal']:.4f} |"
                      f" {d['membersBestVal']:.4f} | {d['collapse']} | {d['greedySelected']} |"
                      f" {d['greedyValPooled'] >= d['membersBestValPooled']} |")
-    lines += ["", "Interpolation check (ratatouille group: best foundation-initialized member -> most distant"
-              " auxiliary-initialized member; pooled validation at alpha = 0, .25, .5, .75, 1):", ""]
+    lines += ["", "Interpolation check (ratatouille group: the pair of twins - same hyperparameters, different"
+              " initialization sources - with the largest barrier; pooled validation at alpha = 0, .25, .5,"
+              " .75, 1):", ""]
     for c in cells:
         it = c["rat"]["diagnostics"]["interpolation"]
         if it:
