@@ -1,7 +1,9 @@
 """The layers stay apart: a pure planner, an operator without torch, a trainer without kopf.
 
-Checked two ways: the imports written in each module (AST), and what importing a module really
-pulls into a fresh interpreter.
+The rules are ARCHITECTURE.md's "Layer rules". Checked two ways: the imports written in each
+module (AST, every module under the package, functions' imports included), and what importing a
+module really pulls into a fresh interpreter. The AST checker also runs on a planted tree, so a
+rule that no longer catches anything fails too.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -21,17 +24,65 @@ PURE = ["spec", "validation", "planner", "manifests"]
 PURE_TRAINER = ["jobdesc", "hparams"]
 ML = {"torch", "timm", "torchvision", "safetensors"}
 K8S = {"kopf", "kubernetes", "kmock"}
+CLOUD = {"boto3", "botocore"}
+STDLIB = set(sys.stdlib_module_names) | {"__future__"}
 
 
-def imported_roots(path: Path) -> set[str]:
+class Rule(NamedTuple):
+    """Modules ``modules`` (None: all) of package folder ``package`` may not import ``forbidden``
+    (top-level names); with ``stdlib_only`` they may import nothing but the standard library and
+    each other (relative imports of other modules of the same rule)."""
+    what: str
+    package: str                    # folder under the source root, e.g. "ratatouille_operator"
+    modules: tuple[str, ...] | None
+    forbidden: frozenset[str] = frozenset()
+    stdlib_only: bool = False
+
+
+RULES = [
+    Rule("pure operator modules: no Kubernetes client, no ML, no S3", "ratatouille_operator", tuple(PURE),
+         frozenset(ML | K8S | CLOUD)),
+    Rule("the operator never imports torch or timm", "ratatouille_operator", None, frozenset(ML)),
+    Rule("the trainer never imports Kubernetes nor the operator", "ratatouille_trainer", None,
+         frozenset(K8S | {"ratatouille_operator"})),
+    Rule("the trainer's contract modules are standard library only", "ratatouille_trainer",
+         tuple(PURE_TRAINER), stdlib_only=True),
+]
+SOURCE_ROOTS = {"ratatouille_operator": OPERATOR.parent, "ratatouille_trainer": TRAINER.parent}
+
+
+def imports(path: Path) -> tuple[set[str], set[str]]:
+    """(top-level names of absolute imports, first names of relative imports) written in a module."""
     tree = ast.parse(path.read_text(), filename=str(path))
-    roots = set()
+    absolute, relative = set(), set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            roots |= {a.name.split(".")[0] for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            roots.add(node.module.split(".")[0])
-    return roots
+            absolute |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level == 0 and node.module:
+                absolute.add(node.module.split(".")[0])
+            elif node.level > 0:
+                relative |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
+    return absolute, relative
+
+
+def violations(root: Path, rule: Rule) -> list[str]:
+    """Every ``module: imports X`` under ``root/rule.package`` that breaks ``rule``."""
+    package = root / rule.package
+    if rule.modules is None:
+        paths = sorted(package.rglob("*.py"))
+    else:
+        paths = [package / f"{m}.py" for m in rule.modules]
+    found = []
+    for path in paths:
+        absolute, relative = imports(path)
+        bad = absolute & rule.forbidden
+        if rule.stdlib_only:
+            bad |= absolute - STDLIB
+            bad |= {f".{r}" for r in relative - set(rule.modules or ())}
+        if bad:
+            found.append(f"{path.relative_to(root)}: imports {', '.join(sorted(bad))}")
+    return found
 
 
 def loaded_after_import(module: str) -> set[str]:
@@ -40,33 +91,62 @@ def loaded_after_import(module: str) -> set[str]:
     return set(json.loads(out))
 
 
-@pytest.mark.parametrize("name", PURE)
-def test_pure_modules_write_no_forbidden_imports(name):
-    roots = imported_roots(OPERATOR / f"{name}.py")
-    assert not roots & (ML | K8S | {"boto3", "botocore"}), roots & (ML | K8S | {"boto3"})
+@pytest.mark.parametrize("rule", RULES, ids=lambda r: r.what)
+def test_written_imports_follow_the_layer_rules(rule):
+    assert violations(SOURCE_ROOTS[rule.package], rule) == []
 
 
 @pytest.mark.parametrize("name", PURE)
 def test_pure_modules_load_nothing_heavy(name):
     loaded = loaded_after_import(f"ratatouille_operator.{name}")
-    assert not loaded & (ML | K8S | {"boto3", "botocore"})
+    assert not loaded & (ML | K8S | CLOUD)
 
 
 @pytest.mark.parametrize("name", PURE_TRAINER)
 def test_trainer_contract_modules_are_pure(name):
-    assert not loaded_after_import(f"ratatouille_trainer.{name}") & (ML | K8S | {"boto3"})
+    assert not loaded_after_import(f"ratatouille_trainer.{name}") & (ML | K8S | CLOUD)
 
 
-def test_operator_never_imports_torch_or_timm():
-    for path in OPERATOR.glob("*.py"):
-        assert not imported_roots(path) & ML, f"{path.name} imports {imported_roots(path) & ML}"
+def test_operator_process_loads_no_torch_or_timm():
     # the operator process itself: its main module and what the reconciler touches
     assert not loaded_after_import("ratatouille_operator.main") & ML
 
 
-def test_trainer_never_imports_kubernetes():
-    for path in TRAINER.glob("*.py"):
-        assert not imported_roots(path) & K8S, f"{path.name} imports {imported_roots(path) & K8S}"
+# A wrong-way arrow planted for each rule, as a developer might add it (inside a function, in a
+# subpackage, relative): the checker must report exactly the planted module.
+PLANTED = {
+    "pure operator modules: no Kubernetes client, no ML, no S3":
+        ("ratatouille_operator/planner.py", "def f():\n    import boto3.session\n"),
+    "the operator never imports torch or timm":
+        ("ratatouille_operator/sub/helper.py", "from timm.models import create_model\n"),
+    "the trainer never imports Kubernetes nor the operator":
+        ("ratatouille_trainer/stages.py", "from ratatouille_operator import planner\n"),
+    "the trainer's contract modules are standard library only":
+        ("ratatouille_trainer/jobdesc.py", "from . import storage\nimport numpy\n"),
+}
+
+
+def _clean_tree(root: Path) -> None:
+    for rule in RULES:
+        for module in rule.modules or ("__init__",):
+            path = root / rule.package / f"{module}.py"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("from __future__ import annotations\nimport json\n")
+
+
+def test_every_rule_has_a_planted_violation():
+    assert set(PLANTED) == {r.what for r in RULES}
+
+
+@pytest.mark.parametrize("rule", RULES, ids=lambda r: r.what)
+def test_checker_catches_a_planted_wrong_way_import(tmp_path, rule):
+    _clean_tree(tmp_path)
+    assert violations(tmp_path, rule) == []
+    relpath, source = PLANTED[rule.what]
+    (tmp_path / relpath).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / relpath).write_text(source)
+    found = violations(tmp_path, rule)
+    assert len(found) == 1 and found[0].startswith(relpath + ":"), found
 
 
 def test_no_package_named_operator_shadows_the_standard_library():
