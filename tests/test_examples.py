@@ -83,7 +83,7 @@ PAPER_DOMAINS = {"pacs": 4, "vlcs": 4, "officehome": 4, "terraincognita": 4, "do
 
 
 def test_paper_recipes_validate_and_plan_as_the_paper_runs_them():
-    """One RatatouilleRun per DomainBed dataset (PAPER.md): ResNet-50 at 224, the other four
+    """One RatatouilleRun per DomainBed dataset (docs/algorithm.md): ResNet-50 at 224, the other four
     datasets as auxiliaries, 20 target runs round-robin over 5 initializations, 5000 steps
     (15000 on DomainNet), prepared datasets; `ratatouille plan` shows the whole graph."""
     import yaml

@@ -20,7 +20,7 @@ CACHE_DIR = "/tmp/ratatouille-cache"
 ANNOTATION_MEMBER = "ratatouille.dev/member"
 #: On a child Job the run holds suspended (`spec.suspend`); only those are released on resume.
 ANNOTATION_HELD = "ratatouille.dev/held"
-#: The trainer's exit codes (ARCHITECTURE.md): 2 bad input, 3 diverged.
+#: The trainer's exit codes (docs/contract.md, "Trainer exit codes"): 2 bad input, 3 diverged.
 EXIT_BAD_INPUT, EXIT_DIVERGED = 2, 3
 
 

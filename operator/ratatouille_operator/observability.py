@@ -1,4 +1,4 @@
-"""Prometheus metrics of the operator (DESIGN.md section 8).
+"""Prometheus metrics of the operator (docs/contract.md, "Metrics").
 
 Every metric lives on a dedicated ``CollectorRegistry`` held by :class:`OperatorMetrics`, so tests
 can build as many independent instances as they like and nothing touches prometheus_client's

@@ -309,7 +309,7 @@ def member_output(spec: RunSpec, run: RunRef, stage: str, member: str) -> str:
     raise ValueError(f"unknown stage {stage!r}")
 
 
-# -- source assignment (PAPER.md stage 3) -----------------------------------------------------
+# -- source assignment (docs/algorithm.md, stage 3) ---------------------------------------------
 class Source(NamedTuple):
     name: str                      # "foundation" or the auxiliary's name
     auxiliary: Auxiliary | None    # None for the foundation
@@ -379,7 +379,7 @@ def _target_data(spec: RunSpec, run: RunRef) -> _jd.DataRef:
 
 def describe(spec: RunSpec, run: RunRef, stage: str, member: str,
              succeeded_targets: Sequence[int] = (), *, _sources: Sequence[Source] | None = None) -> _jd.JobDescription:
-    """The self-contained job description of one member (see ARCHITECTURE.md)."""
+    """The self-contained job description of one member (docs/contract.md, "Job description")."""
     if stage == STAGE_PREPARE:
         dataset = next(d for d, m in prepare_members(spec).items() if m == member)
         return _base(spec, run, stage, member, seed=spec.seed,
@@ -413,7 +413,7 @@ def describe(spec: RunSpec, run: RunRef, stage: str, member: str,
                                            weightDecay=hp.get("weightDecay", "0"),
                                            dropout=hp.get("dropout", "0"),
                                            # The head-only warm-up exists for auxiliary featurizers
-                                           # (PAPER.md stage 3); from the foundation the LP head
+                                           # (docs/algorithm.md, stage 3); from the foundation the LP head
                                            # already matches the featurizer.
                                            headWarmupSteps=0 if source == FOUNDATION else ft.head_warmup_steps,
                                            evalEvery=ft.eval_every,

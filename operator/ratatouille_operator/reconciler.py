@@ -258,7 +258,7 @@ def _transient(exc) -> bool:
     return status == 403 and "exceeded quota" in _api_error(exc)[1]
 
 
-#: Trainer exit codes (ARCHITECTURE.md) -> the reason a failed attempt shows.
+#: Trainer exit codes (docs/contract.md) -> the reason a failed attempt shows.
 _EXIT_REASONS = {manifests.EXIT_BAD_INPUT: "BadInput", manifests.EXIT_DIVERGED: "Diverged"}
 
 

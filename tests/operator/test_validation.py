@@ -44,7 +44,7 @@ SHORT = {
     },
 }
 
-# DESIGN.md section 3, verbatim except holdoutFraction, which is a string in this API.
+# The design's full example (every spec field; docs/contract.md, "The resource"), holdoutFraction a string.
 FULL = """
 apiVersion: ratatouille.dev/v1alpha1
 kind: RatatouilleRun

@@ -1,4 +1,4 @@
-"""Weight averaging of fine-tuned members (PAPER.md stage 4), streaming.
+"""Weight averaging of fine-tuned members (docs/algorithm.md, stage 4), streaming.
 
 Members are read one at a time: a member is a ``(name, load)`` pair where ``load()`` returns a
 state dict (``dict[str, torch.Tensor]``). Where the weights come from (a local file, a storage
@@ -400,7 +400,7 @@ def _unshared(state: StateDict) -> bool:
 
 def greedy_select(ranked: Sequence[tuple[str, Loader, float]],
                   evaluate: Callable[[StateDict], float]) -> GreedyResult:
-    """Greedy soup (PAPER.md stage 4).
+    """Greedy soup (docs/algorithm.md, stage 4).
 
     Members are sorted by their own validation accuracy, descending (stable; ties by name;
     missing/NaN accuracies last). The first is always kept; each next member is kept if the

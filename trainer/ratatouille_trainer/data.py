@@ -1,6 +1,6 @@
 """DomainBed-layout datasets: ``<domain>/<class>/<image>``, decoded once into memory.
 
-The protocol is DomainBed's as the Model Ratatouille reference runs it (PAPER.md):
+The protocol is DomainBed's as the Model Ratatouille reference runs it (docs/algorithm.md):
 - domains sorted by name, classes the sorted class folders (identical in every domain);
 - each domain split into an "out" (validation) part of ``int(len * holdoutFraction)`` images
   and an "in" (training) part, with ``numpy.random.RandomState(seed_hash(splitSeed, domain

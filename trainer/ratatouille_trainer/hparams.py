@@ -30,7 +30,7 @@ def draw_all(seed: int, run: int, table: Mapping[str, tuple[str, Sequence[str]]]
 
 
 DEFAULT_TABLE: dict[str, tuple[str, tuple[str, ...]]] = {
-    # PAPER.md: lr {1e-5, 3e-5, 5e-5}, weight decay {1e-4, 1e-6}, dropout {0, 0.1, 0.5}; defaults 5e-5, 0, 0.
+    # docs/algorithm.md: lr {1e-5, 3e-5, 5e-5}, weight decay {1e-4, 1e-6}, dropout {0, 0.1, 0.5}; defaults 5e-5, 0, 0.
     "lr": ("5e-5", ("1e-5", "3e-5", "5e-5")),
     "weightDecay": ("0", ("1e-4", "1e-6")),
     "dropout": ("0", ("0", "0.1", "0.5")),

@@ -1,7 +1,7 @@
 """The job description: the self-contained JSON that tells one child Job what to do.
 
 It is the whole contract between the planner (which writes it) and the trainer (which reads it);
-see ARCHITECTURE.md. Pure standard library, so the planner can build descriptions with it.
+see docs/contract.md. Pure standard library, so the planner can build descriptions with it.
 """
 from __future__ import annotations
 

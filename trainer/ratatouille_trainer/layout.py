@@ -1,4 +1,4 @@
-"""The keys a trainer writes inside one member's prefix (ARCHITECTURE.md, "Storage keys").
+"""The keys a trainer writes inside one member's prefix (docs/contract.md, "Storage layout").
 
     <member prefix>/
       LEASE                          the writer's exclusive lease (lease.py); gone once it is done

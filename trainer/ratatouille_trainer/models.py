@@ -1,5 +1,5 @@
 """The network: a timm featurizer (classifier removed), dropout on pooled features, one linear
-head. BatchNorm is frozen in eval mode for the whole run (PAPER.md), so every member shares the
+head. BatchNorm is frozen in eval mode for the whole run (docs/algorithm.md), so every member shares the
 foundation's BN statistics and members average cleanly.
 
 State dict keys: ``featurizer.*`` (the timm model with ``num_classes=0``) and ``head.*``.
@@ -164,7 +164,7 @@ def load_foundation(net: Network, uri: str, storage=None) -> str:
 def copy_featurizer_parameters(net: Network, source_state: Mapping[str, torch.Tensor],
                                what: str = "source featurizer") -> int:
     """Copy only the featurizer *parameters* from ``source_state`` (keys ``featurizer.*`` or
-    bare); buffers (BN running statistics) stay as they are (the foundation's). PAPER.md."""
+    bare); buffers (BN running statistics) stay as they are (the foundation's). docs/algorithm.md."""
     feat = _featurizer_view(source_state)
     n = 0
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""The four stages a child Job runs (PAPER.md), each driven by a :class:`JobDescription`.
+"""The four stages a child Job runs (docs/algorithm.md), each driven by a :class:`JobDescription`.
 
 Every stage writes its results under ``desc.output`` through the storage, ``DONE`` last:
 - ``aux``: linear-probe a head on the auxiliary dataset (all domains), then fine-tune

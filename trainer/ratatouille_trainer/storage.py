@@ -1,7 +1,7 @@
 """One storage interface over a local filesystem and S3-compatible object stores.
 
 Every stage, the averaging and the local executor read and write results through this module, so
-the same key layout (ARCHITECTURE.md, "Storage keys") works on `file://` and on `s3://`. Methods
+the same key layout (docs/contract.md, "Storage layout") works on `file://` and on `s3://`. Methods
 take full URIs rather than keys relative to a root, so a weights URI in another bucket (or on the
 local disk) can be read with the same object.
 
