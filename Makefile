@@ -37,8 +37,10 @@ demo: venv
 test: venv system-deps k8s
 	$(VENV)/bin/pytest -q -ra
 
+# Without the end-to-end runs and the performance checks (timing bounds flake on a loaded machine);
+# `make test` (CI) runs those too.
 test-fast: venv k8s
-	$(VENV)/bin/pytest -q -m "not slow"
+	$(VENV)/bin/pytest -q -m "not slow and not perf"
 
 # The control plane, node agent, S3 and Prometheus on loopback with the chart installed; prints
 # the exports for kubectl; Ctrl-C stops it. Uploads the demo data when `make demo` made it.

@@ -29,7 +29,7 @@ RUN_PY = REPO / "benchmarks" / "domainbed_mini" / "run.py"
 BIN = Path(sys.executable).parent
 AUXILIARIES = ("glyphs", "rot4", "shapes")
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.perf]
 
 
 @pytest.fixture(scope="module")
