@@ -1,20 +1,12 @@
-"""Shared test fixtures: an S3 endpoint (moto_server on loopback) and storage roots for both
-backends, so storage-using suites run once against `file://` and once against `s3://`."""
+"""Shared test fixtures: the one S3 endpoint (moto's server on loopback, started by
+tests/cluster/s3.py) and storage roots for both backends, so storage-using suites run once against
+`file://` and once against `s3://`; the control plane and the images for the slow suites."""
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 import uuid
-from pathlib import Path
 
 import pytest
-
-from ratatouille_operator.executor import stop_process
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -26,29 +18,6 @@ _S3_ENV = {
 }
 _S3_ENV_CLEARED = ("AWS_PROFILE", "AWS_ENDPOINT_URL", "RATATOUILLE_S3_ENDPOINT",
                    "RATATOUILLE_CREDENTIALS_DIR", "AWS_SHARED_CREDENTIALS_FILE")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _moto_binary() -> str:
-    candidate = Path(sys.executable).parent / "moto_server"
-    if not candidate.exists():
-        pytest.fail(f"{candidate} not found: install the test extras (moto[s3,server])")
-    return str(candidate)
-
-
-def _die_with_parent() -> None:
-    """Linux: have the server killed if pytest itself is killed (no orphaned servers)."""
-    try:
-        import ctypes
-        import signal
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
 
 
 #: Performance checks in files another change is editing now (issue 15), marked here by node id
@@ -65,51 +34,41 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def moto_server(tmp_path_factory):
-    """A moto S3 server on a free loopback port, with dummy AWS credentials in the environment;
-    yields its endpoint URL."""
+def moto(tmp_path_factory):
+    """The session's moto S3 server (tests/cluster/s3.py, the one the cluster harness starts
+    too), with dummy AWS credentials in the environment and no buckets."""
+    from tests.cluster.s3 import MotoS3
+
     mp = pytest.MonkeyPatch()
     for name, value in _S3_ENV.items():
         mp.setenv(name, value)
     for name in _S3_ENV_CLEARED:
         mp.delenv(name, raising=False)
-    port = _free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    log = open(tmp_path_factory.mktemp("moto") / "moto_server.log", "wb")
-    proc = subprocess.Popen([_moto_binary(), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT,
-                            preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+    server = MotoS3((), log_path=tmp_path_factory.mktemp("moto") / "moto_server.log",
+                    access_key=_S3_ENV["AWS_ACCESS_KEY_ID"], secret_key=_S3_ENV["AWS_SECRET_ACCESS_KEY"],
+                    die_with_parent=True)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"moto_server exited with {proc.returncode}; see {log.name}")
-            try:
-                urllib.request.urlopen(endpoint + "/", timeout=2).close()
-                break
-            except urllib.error.HTTPError:
-                break  # it answered, just not with 200
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"moto_server did not answer on {endpoint} within 60 s")
-                time.sleep(0.1)
-        yield endpoint
+        try:
+            server.__enter__()
+        except RuntimeError as err:
+            pytest.fail(f"{err} (install the test extras, moto[s3,server])")
+        yield server
     finally:
-        stop_process(proc, 10)
-        log.close()
+        server.__exit__()
         mp.undo()
 
 
-@pytest.fixture
-def s3_bucket(moto_server):
-    """A fresh, uniquely named bucket on the moto server; yields `s3://<bucket>`."""
-    import boto3
-    from botocore.config import Config
+@pytest.fixture(scope="session")
+def moto_server(moto):
+    """The moto S3 server's endpoint URL."""
+    return moto.endpoint
 
+
+@pytest.fixture
+def s3_bucket(moto):
+    """A fresh, uniquely named bucket on the moto server; yields `s3://<bucket>`."""
     name = f"rt-{uuid.uuid4().hex[:16]}"
-    client = boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1",
-                          config=Config(s3={"addressing_style": "path"}))
-    client.create_bucket(Bucket=name)
+    moto.client().create_bucket(Bucket=name)
     yield f"s3://{name}"
 
 

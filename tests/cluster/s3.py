@@ -19,30 +19,51 @@ CREDENTIALS_SECRET = "s3-credentials"
 DEMO_PREFIX = "s3://ratatouille"
 
 
+def _die_with_parent() -> None:
+    """Linux: have the server killed when the process that started it dies (no orphans after a
+    killed pytest)."""
+    try:
+        import ctypes
+        import signal
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
 class MotoS3:
-    """`moto_server` (moto[s3,server], beside this interpreter) on a loopback port, with buckets."""
+    """`moto_server` (moto[s3,server], beside this interpreter) on a loopback port, with buckets.
+    The one S3 server of the tests: the `moto_server` fixture (tests/conftest.py), the operator's
+    cluster harness and `make dev-cluster` all start it through this class."""
 
     def __init__(self, buckets: Iterable[str] = ("ratatouille",), *, port: int = 0,
                  log_path: str | os.PathLike | None = None,
-                 access_key: str = "dev-access-key", secret_key: str = "dev-secret-key"):
+                 access_key: str = "dev-access-key", secret_key: str = "dev-secret-key",
+                 die_with_parent: bool = False):
         self.buckets = list(buckets)
         self.port = port or free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self.access_key, self.secret_key = access_key, secret_key
         self.proc: subprocess.Popen | None = None
+        self._log = None
+        # preexec_fn is not safe once the starting process has threads: only where asked for
+        self.die_with_parent = die_with_parent and sys.platform == "linux"
 
     def __enter__(self) -> "MotoS3":
         binary = Path(sys.executable).with_name("moto_server")
         if not binary.exists():
             raise RuntimeError(f"{binary} not found: install moto[s3,server]")
-        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        self._log = open(self.log_path, "ab") if self.log_path else None
         self.proc = subprocess.Popen([str(binary), "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                                     stdout=self._log or subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                                     start_new_session=True,
+                                     preexec_fn=_die_with_parent if self.die_with_parent else None)
         deadline = time.monotonic() + 60
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"moto_server exited with {self.proc.returncode}")
+                code = self.proc.returncode
+                self.__exit__()
+                raise RuntimeError(f"moto_server exited with {code}" + (f"; see {self.log_path}" if self.log_path else ""))
             try:
                 urllib.request.urlopen(self.endpoint + "/", timeout=2).close()
                 break
@@ -70,6 +91,9 @@ class MotoS3:
         if self.proc is not None:
             stop_process(self.proc, 10)
         self.proc = None
+        if self._log is not None:
+            self._log.close()
+        self._log = None
 
 
 def upload_demo_assets(client, data_dir: str | os.PathLike,
