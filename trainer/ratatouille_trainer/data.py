@@ -7,7 +7,8 @@ The protocol is DomainBed's as the Model Ratatouille reference runs it (docs/alg
   index)).shuffle`` exactly as DomainBed's ``misc.split_dataset``;
 - every training step draws ``batchSize`` images *with replacement* from the in-split of every
   training domain (DomainBed's InfiniteDataLoader) and concatenates them;
-- training augmentation RandomResizedCrop(scale 0.7-1), horizontal flip, ColorJitter(0.3 x4),
+- training augmentation RandomResizedCrop(scale 0.7-1), horizontal flip (``spec.augmentation.
+  horizontalFlip``, on by default; DomainBed does not flip digits), ColorJitter(0.3 x4),
   RandomGrayscale(p=0.1); evaluation is resize only; ImageNet normalization.
 
 Images are decoded once (any PIL-readable format and mode, converted to RGB and resized to
@@ -608,13 +609,16 @@ def _blend_ops_(xs: torch.Tensor, op: torch.Tensor, factors: torch.Tensor) -> No
     xs.mul_(f).add_((1.0 - f) * base).clamp_(0.0, 1.0)
 
 
-def augment_batch(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def augment_batch(x: torch.Tensor, g: torch.Generator, *, horizontal_flip: bool = True) -> torch.Tensor:
     """DomainBed's training augmentation on a uint8 batch [B, 3, S, S] -> float [0, 1].
 
     Per image: RandomResizedCrop(S, scale=(0.7, 1)), RandomHorizontalFlip(0.5),
     ColorJitter(0.3, 0.3, 0.3, 0.3) (brightness, contrast, saturation, hue in a random order per
     image), RandomGrayscale(0.1). Random parameters come from ``g`` (a CPU generator), drawn in
     the order crop boxes, flips, jitter factors, jitter orders, grayscale.
+
+    ``horizontal_flip=False`` flips no image but still draws the flips (:func:`_flips`), so the
+    crops and jitter of every batch are those of the same seed with flips on.
 
     Bit-identical to :func:`augment_batch_reference` (the straightforward form; the tests
     compare them), with fewer and cheaper ops: the images are cropped in the order of the
@@ -628,13 +632,13 @@ def augment_batch(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     of the arithmetic replacements hold for the CPU's kernels (CUDA divides by a scalar through
     its reciprocal), and there the augmentation is not what limits a step."""
     if x.device.type != "cpu":
-        return augment_batch_reference(x, g)
+        return augment_batch_reference(x, g, horizontal_flip=horizontal_flip)
     from torchvision.ops import roi_align
 
     b, _, s, _ = x.shape
     dev = x.device
     boxes = _rrc_boxes(b, s, g)
-    flip = torch.rand(b, generator=g) < 0.5
+    flip = _flips(b, g, horizontal_flip)
     u = torch.rand(b, 4, generator=g)
     order = torch.argsort(torch.rand(b, 4, generator=g), dim=1)  # order[i, pos] = op
     gray = torch.rand(b, generator=g) < 0.1
@@ -670,7 +674,15 @@ def augment_batch(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return xf.index_select(0, torch.argsort(perm).to(dev))
 
 
-def augment_batch_reference(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def _flips(b: int, g: torch.Generator, enabled: bool) -> torch.Tensor:
+    """Which images RandomHorizontalFlip(0.5) flips; drawn even when disabled (then none), so
+    that the switch never shifts the random parameters drawn after it."""
+    flip = torch.rand(b, generator=g) < 0.5
+    return flip if enabled else torch.zeros_like(flip)
+
+
+def augment_batch_reference(x: torch.Tensor, g: torch.Generator, *,
+                            horizontal_flip: bool = True) -> torch.Tensor:
     """The straightforward form of :func:`augment_batch` (the same numbers, more ops): kept as
     its specification and for the tests."""
     from torchvision.ops import roi_align
@@ -681,7 +693,7 @@ def augment_batch_reference(x: torch.Tensor, g: torch.Generator) -> torch.Tensor
     boxes = _rrc_boxes(b, s, g)
     rois = torch.cat([torch.arange(b, dtype=torch.float64).unsqueeze(1), boxes], 1).to(dev, torch.float32)
     xf = roi_align(xf, rois, output_size=(s, s), spatial_scale=1.0, sampling_ratio=2, aligned=True)
-    flip = (torch.rand(b, generator=g) < 0.5).to(dev)
+    flip = _flips(b, g, horizontal_flip).to(dev)
     xf = torch.where(flip.view(b, 1, 1, 1), xf.flip(3), xf)
     u = torch.rand(b, 4, generator=g)
     bright = (0.7 + 0.6 * u[:, 0]).to(dev).view(b, 1, 1, 1)
@@ -735,5 +747,5 @@ def eval_transform(x: torch.Tensor) -> torch.Tensor:
     return _normalize_(x.float().div_(255.0))
 
 
-def train_transform(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    return _normalize_(augment_batch(x, g))
+def train_transform(x: torch.Tensor, g: torch.Generator, *, horizontal_flip: bool = True) -> torch.Tensor:
+    return _normalize_(augment_batch(x, g, horizontal_flip=horizontal_flip))

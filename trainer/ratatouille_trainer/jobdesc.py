@@ -59,6 +59,22 @@ class Training:
 
 
 @dataclass(frozen=True)
+class Augmentation:
+    """``spec.augmentation``: the training augmentation's switches. A description without the
+    field (written before it existed) gets these defaults, which are what training did then."""
+    horizontalFlip: bool = True
+
+    @staticmethod
+    def from_dict(d: Mapping[str, Any]) -> "Augmentation":
+        if not isinstance(d, Mapping):
+            raise JobDescriptionError(f"augmentation must be an object, got {d!r}")
+        flip = d.get("horizontalFlip", True)
+        if not isinstance(flip, bool):
+            raise JobDescriptionError(f"augmentation.horizontalFlip must be a boolean, got {flip!r}")
+        return Augmentation(horizontalFlip=flip)
+
+
+@dataclass(frozen=True)
 class Init:
     source: str                 # "foundation" or the auxiliary member name it starts from
     featurizer: str | None      # URI of the source's model.safetensors (None = foundation)
@@ -95,6 +111,7 @@ class JobDescription:
     hyperparameters: Mapping[str, str] = field(default_factory=dict)
     members: tuple[MemberRef, ...] = ()
     selection: str = "uniform"
+    augmentation: Augmentation = Augmentation()
     version: int = VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -116,6 +133,10 @@ class JobDescription:
             d["init"] = asdict(self.init)
         if self.hyperparameters:
             d["hyperparameters"] = dict(self.hyperparameters)
+        if self.augmentation != Augmentation():
+            # Written only when it differs from the defaults, so the descriptions (and the
+            # checkpoint fingerprints) of runs that do not use it stay what they were.
+            d["augmentation"] = asdict(self.augmentation)
         if self.stage == "average":
             members = [asdict(m) for m in self.members]
             # The members' outputs share the run's prefix: it is written once (membersBase) and
@@ -168,6 +189,7 @@ class JobDescription:
                 members=tuple(MemberRef(**{**m, "uri": str(d.get("membersBase") or "") + str(m["uri"])})
                               for m in d.get("members") or ()),
                 selection=str(d.get("selection", "uniform")),
+                augmentation=Augmentation.from_dict(d.get("augmentation") or {}),
             )
         except JobDescriptionError:
             raise

@@ -178,7 +178,8 @@ class _Job:
             return train(net, self.stream(), self.evaluator(), steps=steps,
                          eval_every=int(self.training.evalEvery), phases=phases, ctx=self.ctx,
                          keep=keep, checkpointer=ck, progress=self.make_progress(steps),
-                         seed=seed_hash(self.desc.seed, self.desc.stage, self.desc.member, "torch"))
+                         seed=seed_hash(self.desc.seed, self.desc.stage, self.desc.member, "torch"),
+                         horizontal_flip=self.desc.augmentation.horizontalFlip)
         finally:
             ck.close()
             self._checkpointer = None
@@ -565,7 +566,9 @@ def run_average(desc: JobDescription, ctx: DeviceContext | None = None, progress
             "foundation": {"model": desc.foundation.model, "weights": desc.foundation.weights,
                            "inputSize": desc.foundation.inputSize},
             "data": {"dataset": desc.data.dataset, "testDomains": list(desc.data.testDomains),
-                     "prepared": dataset.prepared},
+                     "prepared": dataset.prepared,
+                     # how every member was trained (the planner gives them all the run's)
+                     "augmentation": {"horizontalFlip": desc.augmentation.horizontalFlip}},
             "uniform": uniform_diag, "interpolation": interpolation, "greedyTrace": trace,
             "sources": source_tab, "ensemble": ensemble, "convergence": convergence,
             "diagnosticWarnings": diag_warnings,

@@ -428,9 +428,11 @@ class BatchSource:
     batch the loop will take, which is what a checkpoint records to resume exactly.
     """
 
-    def __init__(self, stream: TrainStream, ctx: DeviceContext, remaining: int):
+    def __init__(self, stream: TrainStream, ctx: DeviceContext, remaining: int, *,
+                 horizontal_flip: bool = True):
         self.stream = stream
         self.ctx = ctx
+        self.horizontal_flip = bool(horizontal_flip)
         self.remaining = int(remaining)
         self.wait_seconds = 0.0
         self._pool = None
@@ -450,7 +452,8 @@ class BatchSource:
         state = self.stream.get_state() if with_state else None
         with self.ctx.data_scope():
             xb, yb = self.stream.next_raw()
-            x = self.ctx.input(train_transform(self.ctx.to_device(xb), self.stream.aug_gen))
+            x = self.ctx.input(train_transform(self.ctx.to_device(xb), self.stream.aug_gen,
+                                               horizontal_flip=self.horizontal_flip))
             y = self.ctx.to_device(yb)
         return state, x, y
 
@@ -524,8 +527,11 @@ def _abort_at() -> int | None:
 def train(net: Network, stream: TrainStream, evaluator: Evaluator, *, steps: int, eval_every: int,
           phases: Sequence[Phase], ctx: DeviceContext, keep: str = "best",
           checkpointer: Checkpointer | None = None, progress=None, seed: int = 0,
-          on_eval: Callable[[int, ValScore], None] | None = None) -> TrainResult:
+          on_eval: Callable[[int, ValScore], None] | None = None,
+          horizontal_flip: bool = True) -> TrainResult:
     """Run steps 0..steps-1 (or continue from a checkpoint) and return the kept model.
+
+    ``horizontal_flip``: the job description's ``augmentation.horizontalFlip``.
 
     ``keep="best"``: the checkpoint with the best ``ValScore.mean`` (strict ``>``, so ties keep
     the earlier step); ``keep="last"``: the last step's model.
@@ -578,7 +584,7 @@ def train(net: Network, stream: TrainStream, evaluator: Evaluator, *, steps: int
     net.train()
     loss_sum, loss_n = 0.0, 0
     last_score: ValScore | None = None
-    batches = BatchSource(stream, ctx, steps - start)
+    batches = BatchSource(stream, ctx, steps - start, horizontal_flip=horizontal_flip)
     try:
         for step in range(start, steps):
             # phase switch: a fresh Adam over the new phase's parameters (reference: head warm-up)
