@@ -12,14 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 from ratatouille_trainer import hparams as _hparams
 from ratatouille_trainer import jobdesc as _jd
 
-from .spec import Auxiliary, RunSpec
+from .spec import Augmentation, Auxiliary, RunSpec
 
 # -- vocabulary ----------------------------------------------------------------------------
 STAGE_PREPARE = "prepare"
@@ -229,20 +229,29 @@ def _auxiliary(spec: RunSpec, aux: Auxiliary | str) -> Auxiliary:
 
 def aux_cache_key(spec: RunSpec, aux: Auxiliary | str, k: int) -> str:
     """Identity of one auxiliary fine-tuning, shared by every run in the same storage and
-    cache scope (the namespace, on a cluster)."""
+    cache scope (the namespace, on a cluster).
+
+    The material is what determines the fine-tuning: the foundation, the dataset, its split,
+    the budgets, the hyperparameters fine-tuning k drew (`aux_hyperparameters`), the pool's
+    seed `auxiliaryFinetune.seed` and k. Not the run's `spec.seed` nor the target, so the pool
+    is trained once and reused by runs with other seeds and targets. The augmentation is in it
+    only when it differs from the default, and the drawn table is only `lr` unless the spec
+    names more, so entries trained before either existed keep their keys."""
     a = _auxiliary(spec, aux)
-    material = {
+    af = spec.auxiliary_finetune
+    material: dict[str, Any] = {
         "foundation": {"model": spec.foundation.model, "weights": spec.foundation.weights,
                        "inputSize": spec.foundation.input_size},
         "dataset": a.dataset,
         "holdoutFraction": AUX_HOLDOUT_FRACTION,
-        "auxiliaryFinetune": {"steps": spec.auxiliary_finetune.steps,
-                              "batchSize": spec.auxiliary_finetune.batch_size,
-                              "lr": spec.auxiliary_finetune.lr},
+        "auxiliaryFinetune": {"steps": af.steps, "batchSize": af.batch_size,
+                              **aux_hyperparameters(spec, a, k)},
         "linearProbe": {"steps": spec.linear_probe.steps, "lr": spec.linear_probe.lr},
-        "seed": spec.seed,
+        "seed": af.seed,
         "k": int(k),
     }
+    if spec.augmentation != Augmentation():
+        material["augmentation"] = asdict(_augmentation(spec))
     if spec.aux_cache_scope:
         # Runs of another namespace neither read nor write this entry (a tenant cannot plant a
         # fine-tuning another one then builds on), unless the operator shares the cache.
@@ -355,6 +364,21 @@ def target_hyperparameters(spec: RunSpec, i: int) -> dict[str, str]:
     return _hparams.draw_all(spec.seed, i, _hparam_table(spec))
 
 
+def aux_hyperparameters(spec: RunSpec, aux: Auxiliary | str, k: int) -> dict[str, str]:
+    """The hyperparameters of fine-tuning k of an auxiliary: `lr` (default `auxiliaryFinetune.lr`)
+    and every name of `auxiliaryFinetune.hyperparameters`, drawn from (auxiliaryFinetune.seed,
+    the auxiliary's dataset, k) only, so every run sharing the pool draws the same."""
+    a = _auxiliary(spec, aux)
+    af = spec.auxiliary_finetune
+    table = {"lr": (af.lr, ())}
+    table.update((name, (hp.default, tuple(hp.choices))) for name, hp in af.hyperparameters.items())
+    return _hparams.draw_all(af.seed, k, table, _hparams.aux_stream(str(a.dataset)))
+
+
+def _augmentation(spec: RunSpec) -> _jd.Augmentation:
+    return _jd.Augmentation(horizontalFlip=spec.augmentation.horizontal_flip)
+
+
 def _base(spec: RunSpec, run: RunRef, stage: str, member: str, seed: int, data: _jd.DataRef,
           **kw: Any) -> _jd.JobDescription:
     return _jd.JobDescription(
@@ -367,6 +391,7 @@ def _base(spec: RunSpec, run: RunRef, stage: str, member: str, seed: int, data: 
                                      inputSize=spec.foundation.input_size),
         data=data,
         storage_endpoint=spec.storage.endpoint,
+        augmentation=_augmentation(spec) if stage != STAGE_PREPARE else _jd.Augmentation(),
         **kw,
     )
 
@@ -389,13 +414,18 @@ def describe(spec: RunSpec, run: RunRef, stage: str, member: str,
         name, k = _split_aux_member(member)
         aux = _auxiliary(spec, name)
         af, lp = spec.auxiliary_finetune, spec.linear_probe
-        return _base(spec, run, stage, member, seed=spec.seed * _SEED_STRIDE + k,
+        hp = aux_hyperparameters(spec, aux, k)
+        # The pool's seed, not the run's: the fine-tuning is what its cache key says.
+        return _base(spec, run, stage, member, seed=af.seed * _SEED_STRIDE + k,
                      data=_jd.DataRef(dataset=str(aux.dataset), testDomains=(),
-                                      holdoutFraction=AUX_HOLDOUT_FRACTION, splitSeed=spec.seed,
+                                      holdoutFraction=AUX_HOLDOUT_FRACTION, splitSeed=af.seed,
                                       **_prepared(spec, run, str(aux.dataset))),
-                     training=_jd.Training(steps=af.steps, batchSize=af.batch_size, lr=af.lr,
+                     training=_jd.Training(steps=af.steps, batchSize=af.batch_size, lr=hp["lr"],
+                                           weightDecay=hp.get("weightDecay", "0"),
+                                           dropout=hp.get("dropout", "0"),
                                            evalEvery=spec.finetune.eval_every,
-                                           lpSteps=lp.steps, lpLr=lp.lr))
+                                           lpSteps=lp.steps, lpLr=lp.lr),
+                     hyperparameters=hp)
     if stage == STAGE_LP:
         lp = spec.linear_probe
         return _base(spec, run, stage, member, seed=spec.seed, data=_target_data(spec, run),
@@ -453,8 +483,11 @@ def job_graph(spec: RunSpec, run: RunRef) -> list[dict[str, Any]]:
         for k in range(aux.runs):
             m = aux_member(aux.name, k)
             key = aux_cache_key(spec, aux, k)
+            hp = aux_hyperparameters(spec, aux, k)
             nodes.append({"stage": STAGE_AUX, "member": m, "needs": prep_needs(aux.dataset), "cacheKey": key,
-                          "note": f"cache {key}", "output": aux_cache_uri(spec, key)})
+                          "hyperparameters": hp,
+                          "note": f"cache {key}; " + " ".join(f"{n}={v}" for n, v in hp.items()),
+                          "output": aux_cache_uri(spec, key)})
     sources = initialization_sources(spec)
     for i in range(spec.finetune.runs):
         source, _f, key = _target_source(spec, sources, i)

@@ -64,6 +64,18 @@ class StageBudget:
 
 
 @dataclass(frozen=True)
+class AuxiliaryFinetune(StageBudget):
+    """``spec.auxiliaryFinetune``. Fine-tuning k of an auxiliary draws its hyperparameters from
+    ``hyperparameters`` (names given there; ``lr`` always, its default ``lr`` above unless
+    ``hyperparameters.lr.default`` is given) like the target runs do: k = 0 takes the defaults,
+    the others sample the choices (no choices: the default). The draws and the training depend
+    on the auxiliary, k and ``seed`` only (not ``spec.seed``, not the target), so runs with
+    other seeds or targets share the auxiliary pool."""
+    hyperparameters: Mapping[str, Hyperparameter] = field(default_factory=dict)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class Finetune:
     runs: int
     steps: int
@@ -71,6 +83,19 @@ class Finetune:
     head_warmup_steps: int
     eval_every: int
     hyperparameters: Mapping[str, Hyperparameter]
+
+
+def head_warmup_default(steps: int) -> int:
+    """``finetune.headWarmupSteps`` when the manifest does not set it: 4% of the steps (the
+    paper's 200 of 5,000) to the nearest integer (20 steps -> 1, 10 -> 0, 38 -> 2; 4% of a whole
+    number is never exactly half), in integers; always below ``steps``."""
+    return (4 * int(steps) + 50) // 100
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """``spec.augmentation``: switches of the training augmentation (every training stage)."""
+    horizontal_flip: bool = True
 
 
 @dataclass(frozen=True)
@@ -124,7 +149,7 @@ class RunSpec:
     auxiliaries: tuple[Auxiliary, ...]
     include_foundation: bool
     linear_probe: StageBudget
-    auxiliary_finetune: StageBudget
+    auxiliary_finetune: AuxiliaryFinetune
     finetune: Finetune
     selection: str
     seed: int
@@ -136,6 +161,7 @@ class RunSpec:
     queue_name: str
     active_deadline_seconds: int
     data_preparation: DataPreparation = DataPreparation()
+    augmentation: Augmentation = Augmentation()
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
     #: Not from the manifest: who shares auxiliary cache entries. The operator sets the run's
     #: namespace (unless its platform team shares the cache between namespaces); "" shares
@@ -161,6 +187,23 @@ def _int(value: Any, path: str, minimum: int | None = None) -> int:
     if minimum is not None and value < minimum:
         raise SpecError(path, f"must be >= {minimum}, got {value}")
     return value
+
+
+def _bool(value: Any, path: str) -> bool:
+    if not isinstance(value, bool):
+        raise SpecError(path, f"must be a boolean (true or false), got {value!r}")
+    return value
+
+
+def _hp_table(raw: Any, path: str, defaults: Mapping[str, str]) -> dict[str, Hyperparameter]:
+    """A ``hyperparameters`` table; a name without ``default`` takes ``defaults[name]``."""
+    table = {}
+    for name, hp in (raw or {}).items():
+        p = f"{path}.{name}"
+        default = _float_str(_get(hp, "default", p, defaults.get(name, ...)), f"{p}.default")
+        choices = tuple(_float_str(c, f"{p}.choices[{j}]") for j, c in enumerate(hp.get("choices") or []))
+        table[name] = Hyperparameter(default=default, choices=choices or (default,))
+    return table
 
 
 def _float_str(value: Any, path: str) -> str:
@@ -210,20 +253,26 @@ def _parse(spec: Mapping[str, Any]) -> RunSpec:
             lr=_float_str(b.get("lr", lr), f"{p}.lr"),
         )
 
+    aux_budget = budget("auxiliaryFinetune", 5000, "5e-5")
+    af = spec.get("auxiliaryFinetune") or {}
+    auxiliary_finetune = AuxiliaryFinetune(
+        steps=aux_budget.steps, batch_size=aux_budget.batch_size, lr=aux_budget.lr,
+        hyperparameters=_hp_table(af.get("hyperparameters"), "spec.auxiliaryFinetune.hyperparameters",
+                                  {"lr": aux_budget.lr, "weightDecay": "0", "dropout": "0"}),
+        seed=_int(af.get("seed", 0), "spec.auxiliaryFinetune.seed", 0),
+    )
     ft = spec.get("finetune") or {}
-    hps = {}
-    for name, hp in (ft.get("hyperparameters") or {}).items():
-        p = f"spec.finetune.hyperparameters.{name}"
-        default = _float_str(_get(hp, "default", p), f"{p}.default")
-        choices = tuple(_float_str(c, f"{p}.choices[{j}]") for j, c in enumerate(hp.get("choices") or []))
-        hps[name] = Hyperparameter(default=default, choices=choices or (default,))
+    steps = _int(ft.get("steps", 5000), "spec.finetune.steps", 1)
+    warmup = ft.get("headWarmupSteps")
     finetune = Finetune(
         runs=_int(ft.get("runs", 20), "spec.finetune.runs", 1),
-        steps=_int(ft.get("steps", 5000), "spec.finetune.steps", 1),
+        steps=steps,
         batch_size=_int(ft.get("batchSize", 32), "spec.finetune.batchSize", 1),
-        head_warmup_steps=_int(ft.get("headWarmupSteps", 200), "spec.finetune.headWarmupSteps", 0),
+        # not defaulted by the CRD: it follows the steps unless it is set
+        head_warmup_steps=(head_warmup_default(steps) if warmup is None
+                           else _int(warmup, "spec.finetune.headWarmupSteps", 0)),
         eval_every=_int(ft.get("evalEvery", 100), "spec.finetune.evalEvery", 1),
-        hyperparameters=hps,
+        hyperparameters=_hp_table(ft.get("hyperparameters"), "spec.finetune.hyperparameters", {}),
     )
     s = _get(spec, "storage", "spec")
     storage = Storage(
@@ -263,7 +312,7 @@ def _parse(spec: Mapping[str, Any]) -> RunSpec:
         auxiliaries=tuple(auxiliaries),
         include_foundation=bool(spec.get("includeFoundation", True)),
         linear_probe=budget("linearProbe", 5000, "1e-3"),
-        auxiliary_finetune=budget("auxiliaryFinetune", 5000, "5e-5"),
+        auxiliary_finetune=auxiliary_finetune,
         finetune=finetune,
         selection=selection,
         seed=_int(spec.get("seed", 0), "spec.seed", 0),
@@ -277,5 +326,7 @@ def _parse(spec: Mapping[str, Any]) -> RunSpec:
         data_preparation=DataPreparation(
             enabled=bool((spec.get("dataPreparation") or {}).get("enabled", False)),
             memory_budget=str((spec.get("dataPreparation") or {}).get("memoryBudget") or "") or None),
+        augmentation=Augmentation(horizontal_flip=_bool(
+            (spec.get("augmentation") or {}).get("horizontalFlip", True), "spec.augmentation.horizontalFlip")),
         raw=dict(spec),
     )

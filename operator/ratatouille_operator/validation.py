@@ -342,6 +342,18 @@ _HP_RANGES = {
 }
 
 
+def _check_hyperparameters(table: Mapping[str, Any], path: str) -> None:
+    """Every default and choice of a hyperparameter table within its name's range."""
+    for name, hp in table.items():
+        p = f"{path}.{name}"
+        check, what = _HP_RANGES.get(name, (lambda x: True, ""))
+        values = ([("default", hp["default"])] if "default" in hp else []) + \
+            [(f"choices[{j}]", c) for j, c in enumerate(hp.get("choices") or [])]
+        for sub, value in values:
+            if not check(_number(value, f"{p}.{sub}")):
+                raise SpecError(f"{p}.{sub}", f"{what}, got {value!r}")
+
+
 def _semantic_checks(spec: Mapping[str, Any]) -> None:
     """Rules the schema cannot express. Raises the first violation, in spec field order."""
     f = spec["foundation"]
@@ -387,20 +399,17 @@ def _semantic_checks(spec: Mapping[str, Any]) -> None:
         if _number(spec[key]["lr"], f"spec.{key}.lr") <= 0:
             raise SpecError(f"spec.{key}.lr", f"must be > 0, got {spec[key]['lr']!r}")
 
+    _check_hyperparameters(spec["auxiliaryFinetune"].get("hyperparameters") or {},
+                           "spec.auxiliaryFinetune.hyperparameters")
     ft = spec["finetune"]
-    if ft["headWarmupSteps"] >= ft["steps"]:
+    # headWarmupSteps has no CRD default: unset, the parser derives it below the steps.
+    if ft.get("headWarmupSteps") is not None and ft["headWarmupSteps"] >= ft["steps"]:
         raise SpecError("spec.finetune.headWarmupSteps",
                         f"must be less than finetune.steps ({ft['steps']}), got {ft['headWarmupSteps']}")
     if ft["evalEvery"] > ft["steps"]:
         raise SpecError("spec.finetune.evalEvery",
                         f"must be at most finetune.steps ({ft['steps']}), got {ft['evalEvery']}")
-    for name, hp in ft["hyperparameters"].items():
-        p = f"spec.finetune.hyperparameters.{name}"
-        check, what = _HP_RANGES.get(name, (lambda x: True, ""))
-        values = [("default", hp["default"])] + [(f"choices[{j}]", c) for j, c in enumerate(hp["choices"])]
-        for sub, value in values:
-            if not check(_number(value, f"{p}.{sub}")):
-                raise SpecError(f"{p}.{sub}", f"{what}, got {value!r}")
+    _check_hyperparameters(ft["hyperparameters"], "spec.finetune.hyperparameters")
 
     fp = spec["failurePolicy"]
     if fp["minSucceeded"] > ft["runs"]:

@@ -270,7 +270,8 @@ def test_short_form_gets_every_default():
     body = run.body["spec"]
     assert run.body["metadata"]["namespace"] == "default"
     assert body["finetune"] == {
-        "runs": 20, "steps": 5000, "batchSize": 32, "headWarmupSteps": 200, "evalEvery": 100,
+        # no headWarmupSteps: it follows the steps (the parser's 4%, below)
+        "runs": 20, "steps": 5000, "batchSize": 32, "evalEvery": 100,
         "hyperparameters": {
             "lr": {"default": "5e-5", "choices": ["1e-5", "3e-5", "5e-5"]},
             "weightDecay": {"default": "0", "choices": ["1e-4", "1e-6"]},
@@ -278,7 +279,8 @@ def test_short_form_gets_every_default():
         },
     }
     assert body["linearProbe"] == {"steps": 5000, "batchSize": 32, "lr": "1e-3"}
-    assert body["auxiliaryFinetune"] == {"steps": 5000, "batchSize": 32, "lr": "5e-5"}
+    assert body["auxiliaryFinetune"] == {"steps": 5000, "batchSize": 32, "lr": "5e-5", "seed": 0}
+    assert body["augmentation"] == {"horizontalFlip": True}
     assert body["failurePolicy"] == {"backoffLimit": 1, "maxAttempts": 2, "minSucceeded": 1,
                                      "retryBackoffSeconds": 10, "podStartTimeoutSeconds": 300}
     assert body["auxiliaries"] == [{"name": "pacs", "dataset": "s3://datasets/PACS", "runs": 1}]
