@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -172,20 +173,28 @@ def test_run_succeeds_with_results_table_and_lineage(world, tmp_path):
 
 
 @pytest.mark.slow
-def test_second_run_reuses_the_auxiliary_cache(world, tmp_path):
+def test_second_run_reuses_the_auxiliary_cache_until_its_data_changes(world, tmp_path):
     store = tmp_path / "store"
-    first = write_manifest(tmp_path / "a.yaml", manifest(world, store, name="first",
-                                                         finetune={"runs": 2, "steps": 4, "batchSize": 4,
-                                                                   "headWarmupSteps": 1, "evalEvery": 2},
+    aux = tmp_path / "aux"
+    shutil.copytree(world / "aux", aux)
+    auxiliaries = [{"name": "shapes", "dataset": str(aux)}]
+    finetune = {"steps": 4, "batchSize": 4, "headWarmupSteps": 1, "evalEvery": 2}
+    first = write_manifest(tmp_path / "a.yaml", manifest(world, store, name="first", auxiliaries=auxiliaries,
+                                                         finetune={"runs": 2, **finetune},
                                                          failurePolicy={"minSucceeded": 1}))
     out = ratatouille("run", first, "--workdir", tmp_path / "w1", check=True).stdout
     assert "started  aux/shapes-0" in out
-    second = manifest(world, store, name="second", seed=0,
-                      finetune={"runs": 3, "steps": 4, "batchSize": 4, "headWarmupSteps": 1, "evalEvery": 2},
-                      failurePolicy={"minSucceeded": 1})
+    second = manifest(world, store, name="second", seed=0, auxiliaries=auxiliaries,
+                      finetune={"runs": 3, **finetune}, failurePolicy={"minSucceeded": 1})
     out = ratatouille("run", write_manifest(tmp_path / "b.yaml", second), "--workdir", tmp_path / "w2", check=True).stdout
     assert "aux/shapes-0" not in out, "the auxiliary fine-tuning must come from the cache"
     assert "Succeeded" in out
+    # The same URI with other content: the cached fine-tuning is not reused (issue 12).
+    one = next(iter(sorted(aux.glob("a0/p/*"))))
+    shutil.copy(one, one.with_name("added" + one.suffix))
+    second["metadata"]["name"] = "third"
+    out = ratatouille("run", write_manifest(tmp_path / "c.yaml", second), "--workdir", tmp_path / "w3", check=True).stdout
+    assert "started  aux/shapes-0" in out and "Succeeded" in out
 
 
 @pytest.mark.slow

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 from ratatouille_trainer.cli import EXIT_DIVERGED
+from ratatouille_trainer import inputs
 from ratatouille_trainer.integrity import Verifier
 
 from . import manifests, planner
@@ -214,6 +215,8 @@ class LocalExecutor:
         self.status: dict = {}
         self._lock = threading.Lock()
         self.verifier = Verifier(storage, what="finished member")
+        self._inputs: dict[str, dict] = {}
+        self._current_entries: set[str] = set()
         self._load_previous()
 
     # -- state kept in storage so that a re-run resumes ------------------------------------
@@ -262,6 +265,23 @@ class LocalExecutor:
         self.storage.write_json(self.status_uri, record)
 
     # -- observation -----------------------------------------------------------------------
+    def _current(self, aux, uri: str) -> bool:
+        """Was the entry at ``uri`` trained on ``aux``'s inputs as they are now (inputs.py)? The
+        inputs are read once per executor, and an entry found current stays so; inputs that
+        cannot be read make it a miss (its Job then says what is wrong)."""
+        if uri in self._current_entries:
+            return True
+        try:
+            if aux.name not in self._inputs:
+                self._inputs[aux.name] = inputs.identity(self.storage, str(aux.dataset),
+                                                         self.spec.foundation.weights)
+            current = inputs.changed(self.storage, uri, self._inputs[aux.name]) is None
+        except Exception:  # noqa: BLE001 - DataError / NotFound / StorageError: not a hit
+            return False
+        if current:
+            self._current_entries.add(uri)
+        return current
+
     def _cache_hits(self) -> frozenset[str]:
         hits = set()
         for aux in self.spec.auxiliaries:
@@ -269,9 +289,12 @@ class LocalExecutor:
                 continue
             for k in range(aux.runs):
                 key = planner.aux_cache_key(self.spec, aux, k)
-                # a cached entry is used only if its model is the one DONE vouches for: a
-                # corrupted or incomplete entry is a miss, retrained (with a warning)
-                if self.verifier.check(planner.aux_cache_uri(self.spec, key)):
+                uri = planner.aux_cache_uri(self.spec, key)
+                # a cached entry is used only if its model is the one DONE vouches for (a
+                # corrupted or incomplete entry is a miss, retrained with a warning) and it was
+                # trained on the inputs' current content (otherwise its Job retrains it, saying
+                # what changed)
+                if self.verifier.check(uri) and self._current(aux, uri):
                     hits.add(key)
         return frozenset(hits)
 

@@ -112,7 +112,7 @@ class ObservedJob:
 @dataclass(frozen=True)
 class Observed:
     jobs: tuple[ObservedJob, ...] = ()
-    cache_hits: frozenset[str] = frozenset()  # aux cache keys whose DONE exists in storage
+    cache_hits: frozenset[str] = frozenset()  # aux cache keys known complete and current (local executor)
     member_metrics: Mapping[str, Mapping] = field(default_factory=dict)  # "<stage>/<member>" -> metrics.json
 
 

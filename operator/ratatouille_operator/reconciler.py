@@ -119,27 +119,28 @@ def _fill_defaults(body: Mapping, settings: Settings) -> dict:
 
 
 class StorageView:
-    """Facts the planner needs from storage: aux cache entries present and member metrics.
+    """The one fact the planner may take from storage: a finished member's metrics.json, when
+    its pod's termination message did not carry them. Auxiliary cache hits are never read here
+    (their trainers find them, ratatouille_trainer.inputs).
 
     Uses the operator's own credentials (environment), and so only with the endpoints the
     operator is configured with (`trusted_endpoints`: the chart's storage.endpoint and
     RATATOUILLE_TRUSTED_STORAGE_ENDPOINTS): a run's spec.storage.endpoint is the tenant's choice,
     and presenting the operator's keys there, or believing what it answers, would make the
-    operator a confused deputy. For any other endpoint nothing is read: aux Jobs run (and return
-    at once when their output exists) and metrics come from the pods' termination messages, as
-    when storage is unreachable. One client per endpoint and scheme, at most MAX_CLIENTS kept.
+    operator a confused deputy. For any other endpoint nothing is read: metrics come from the
+    pods' termination messages, as when storage is unreachable. One client per endpoint and
+    scheme, at most MAX_CLIENTS kept.
     """
 
     MAX_CLIENTS = 8
-    #: Member prefixes remembered as done / with their metrics, most recently used kept: a
-    #: bounded memory whatever the number of runs and members (a forgotten one is read again).
+    #: Member prefixes remembered with their metrics, most recently used kept: a bounded
+    #: memory whatever the number of runs and members (a forgotten one is read again).
     MAX_PREFIXES = 4096
 
     def __init__(self, open_storage: Callable[[str, str | None], Any] | None, metrics=None,
                  trusted_endpoints: Iterable[str | None] | None = None):
         self._open = open_storage
         self._clients: "collections.OrderedDict[tuple[str, str | None], Any]" = collections.OrderedDict()
-        self._done: "collections.OrderedDict[str, None]" = collections.OrderedDict()
         self._metrics: "collections.OrderedDict[str, dict]" = collections.OrderedDict()
         self._missing: "collections.OrderedDict[str, None]" = collections.OrderedDict()
         self._m = metrics
@@ -171,19 +172,6 @@ class StorageView:
         table.move_to_end(key)
         while len(table) > self.MAX_PREFIXES:
             table.popitem(last=False)
-
-    def is_done(self, prefix: str, endpoint: str | None) -> bool:
-        if prefix in self._done:
-            self._done.move_to_end(prefix)
-            return True
-        try:
-            client = self._client(prefix, endpoint)
-            if client is not None and client.is_done(prefix):
-                self._remember(self._done, prefix)
-                return True
-        except Exception as exc:  # noqa: BLE001 - storage is best effort here
-            self._error("head", prefix, exc)
-        return False
 
     def metrics(self, prefix: str, endpoint: str | None) -> dict | None:
         if prefix in self._metrics:
@@ -461,8 +449,10 @@ class Reconciler:
         # A finished run's status is final (the planner keeps it as it is): no storage reads and
         # no pod LISTs for it, so an operator restart costs nothing per finished run.
         finished = prev_status.get("phase") in planner.TERMINAL_PHASES
+        # Auxiliary cache hits are not read from storage here: every auxiliary Job is created,
+        # and its trainer returns at once when the entry is complete, verifies, and was trained
+        # on the inputs' current content (ratatouille_trainer.inputs).
         observed = planner.Observed(jobs=tuple(observed_jobs.values()),
-                                    cache_hits=frozenset() if finished else self._cache_hits(spec),
                                     member_metrics={} if finished else self._member_metrics(spec, run, known, pods))
         result = planner.plan(run, spec, observed, now, previous_status=prev_status or None)
         created = []
@@ -625,17 +615,6 @@ class Reconciler:
         last = max(items, key=lambda e: manifests.parse_time(e.get("lastTimestamp") or e.get("eventTime")
                                                               or (e.get("metadata") or {}).get("creationTimestamp")) or 0)
         return "FailedCreate", str(last.get("message") or "")
-
-    def _cache_hits(self, spec) -> frozenset[str]:
-        hits = set()
-        for aux in spec.auxiliaries:
-            if aux.recycled:
-                continue
-            for k in range(aux.runs):
-                key = planner.aux_cache_key(spec, aux, k)
-                if self.storage.is_done(planner.aux_cache_uri(spec, key), spec.storage.endpoint):
-                    hits.add(key)
-        return frozenset(hits)
 
     def _member_metrics(self, spec, run, jobs: Iterable[planner.ObservedJob], run_pods: "_Once") -> dict[str, dict]:
         out = {}

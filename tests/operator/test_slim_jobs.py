@@ -60,21 +60,17 @@ def test_what_the_operator_remembers_of_storage_is_bounded():
     reads = []
 
     class Store:
-        def is_done(self, prefix):
-            reads.append(("done", prefix))
-            return True
-
         def read_json(self, key):
-            reads.append(("metrics", key))
+            reads.append(key)
             return {"valAccuracy": 0.5}
 
     view = StorageView(lambda uri, endpoint: Store())
     n = StorageView.MAX_PREFIXES + 50
     for i in range(n):
-        assert view.is_done(f"s3://b/runs/m{i}", None) and view.metrics(f"s3://b/runs/m{i}", None)
-    assert len(view._done) == len(view._metrics) == StorageView.MAX_PREFIXES
+        assert view.metrics(f"s3://b/runs/m{i}", None) == {"valAccuracy": 0.5}
+    assert len(view._metrics) == StorageView.MAX_PREFIXES
     reads.clear()
-    view.is_done(f"s3://b/runs/m{n - 1}", None), view.metrics(f"s3://b/runs/m{n - 1}", None)
+    view.metrics(f"s3://b/runs/m{n - 1}", None)
     assert reads == []  # the most recent are still remembered
-    view.is_done("s3://b/runs/m0", None)
-    assert reads == [("done", "s3://b/runs/m0")]  # the oldest was forgotten, and is read again
+    view.metrics("s3://b/runs/m0", None)
+    assert reads == ["s3://b/runs/m0/metrics.json"]  # the oldest was forgotten, and is read again

@@ -107,10 +107,15 @@ def _executor(tmp_path, **spec):
 def test_a_corrupted_cached_auxiliary_is_a_miss_with_a_warning(tmp_path, capsys):
     from ratatouille_operator import planner
 
+    from ratatouille_trainer import inputs
+
+    util.write_dataset(tmp_path / "aux", per_class=2)
     ex = _executor(tmp_path)
     key = planner.aux_cache_key(ex.spec, ex.spec.auxiliaries[0], 0)
     entry = Path(planner.aux_cache_uri(ex.spec, key).removeprefix("file://"))
     _fake_result(entry)
+    storage = open_storage(str(tmp_path))
+    inputs.record(storage, str(entry), inputs.identity(storage, str(tmp_path / "aux"), None))
     assert ex._cache_hits() == {key}
     _flip_a_bit(entry / "model.safetensors")
     assert ex._cache_hits() == frozenset()

@@ -127,22 +127,34 @@ def main(argv: list[str] | None = None) -> int:
         from .device import DeviceError
         from .models import ModelError
         from .training import Diverged
-        from . import integrity, stages
+        from . import inputs, integrity, stages
         from .storage import open_storage
 
         storage = open_storage(desc.output, desc.storage_endpoint)
-        if storage.is_done(desc.output) and integrity.problem(storage, desc.output) is None:
+        # An auxiliary cache entry is reused only if it was computed from the same content as
+        # the inputs have now (inputs.py), not just from the same URIs.
+        ident = inputs.of_description(storage, desc)
+
+        def problem() -> str | None:
+            why = integrity.problem(storage, desc.output)
+            if why is None and ident is not None and storage.is_done(desc.output):
+                why = inputs.changed(storage, desc.output, ident)
+            return why
+
+        if storage.is_done(desc.output) and problem() is None:
             return _complete(desc)  # a cache hit needs no lease: nothing is written
         try:
             lease = Lease(storage, desc.output, stage=desc.stage, member=desc.member)
         except ValueError as e:  # RATATOUILLE_LEASE_TTL / _WAIT
             return _error(str(e), 2)
         with lease:
-            why = integrity.problem(storage, desc.output)
+            why = problem()
             if why is not None:
                 integrity.discard(storage, desc.output, why, what=f"{desc.stage} {desc.member}")
             elif storage.is_done(desc.output):  # finished by the writer we waited for
                 return _complete(desc, ", written by another trainer meanwhile")
+            if ident is not None:
+                inputs.record(storage, desc.output, ident)
             metrics = stages.run_stage(desc, lease=lease)
         summary = stages.summary(metrics)
         print(json.dumps({"event": "result", **summary}, default=str), flush=True)

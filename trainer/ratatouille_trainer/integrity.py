@@ -21,7 +21,7 @@ from typing import Any
 from .layout import METRICS, MODEL
 from .storage import DONE, NotFound, StorageError, join
 
-__all__ = ["MODEL", "METRICS", "strict_json", "loads_strict", "problem", "Verifier", "discard"]
+__all__ = ["MODEL", "METRICS", "strict_json", "loads_strict", "read_object", "problem", "Verifier", "discard"]
 
 
 def _refuse_constant(name: str) -> Any:
@@ -44,6 +44,19 @@ def strict_json(obj: Any) -> Any:
     return obj
 
 
+def read_object(storage, uri: str) -> tuple[dict | None, str | None]:
+    """(the strict-JSON object stored at ``uri``, None), or (None, why it is not one)."""
+    try:
+        obj = loads_strict(storage.read_bytes(uri))
+    except NotFound:
+        return None, f"{uri} is missing"
+    except ValueError:
+        return None, f"{uri} is not strict JSON"
+    if not isinstance(obj, dict):
+        return None, f"{uri} is not a JSON object"
+    return obj, None
+
+
 def problem(storage, prefix: str, model: str = MODEL, *, sha256=None) -> str | None:
     """Why the result under ``prefix`` does not verify, or None when it does (or has no DONE:
     an unfinished prefix is not a result, nothing to verify). ``sha256(uri)`` computes a digest
@@ -61,14 +74,9 @@ def problem(storage, prefix: str, model: str = MODEL, *, sha256=None) -> str | N
         return f"{done_uri} is not a JSON object"
     want = done.get("sha256")
     metrics_uri = join(prefix, METRICS)
-    try:
-        metrics = loads_strict(storage.read_bytes(metrics_uri))
-    except NotFound:
-        return f"{metrics_uri} is missing"
-    except ValueError:
-        return f"{metrics_uri} is not strict JSON"
-    if not isinstance(metrics, dict):
-        return f"{metrics_uri} is not a JSON object"
+    metrics, why = read_object(storage, metrics_uri)
+    if why is not None:
+        return why
     if want is None:
         return None if metrics.get("sha256") is None else f"{done_uri} records no sha256"
     if metrics.get("sha256") not in (None, want):

@@ -3,6 +3,7 @@
     <member prefix>/
       LEASE                          the writer's exclusive lease (lease.py); gone once it is done
       model.safetensors  metrics.json  DONE  (and the average's lineage, card, timm/)
+      inputs.json                    an auxiliary cache entry's inputs, by content (inputs.py)
       checkpoint/<attempt>/          one writer's checkpoints: state.json, step-XXXXXXXX/
                                      {model,optimizer}.safetensors
 
@@ -21,6 +22,7 @@ from .storage import join
 MODEL = "model.safetensors"
 METRICS = "metrics.json"
 LEASE = "LEASE"
+INPUTS = "inputs.json"
 CHECKPOINTS = "checkpoint"
 ATTEMPT_PREFIX = "attempt-"
 
