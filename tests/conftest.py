@@ -20,19 +20,6 @@ _S3_ENV_CLEARED = ("AWS_PROFILE", "AWS_ENDPOINT_URL", "RATATOUILLE_S3_ENDPOINT",
                    "RATATOUILLE_CREDENTIALS_DIR", "AWS_SHARED_CREDENTIALS_FILE")
 
 
-#: Performance checks in files another change is editing now (issue 15), marked here by node id
-#: until their own module can say `@pytest.mark.perf`.
-PERF_TESTS = {
-    "tests/operator/test_planner.py::test_plan_is_fast_for_a_thousand_members",
-}
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if item.nodeid.split("[")[0] in PERF_TESTS:
-            item.add_marker(pytest.mark.perf)
-
-
 @pytest.fixture(scope="session")
 def moto(tmp_path_factory):
     """The session's moto S3 server (tests/cluster/s3.py, the one the cluster harness starts

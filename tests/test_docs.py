@@ -19,8 +19,6 @@ TEXT_SUFFIXES = {".py", ".md", ".yaml", ".yml", ".toml", ".sh", ".txt", ".tpl", 
 TEXT_NAMES = {"Makefile", "Dockerfile"}
 #: ``.md`` names the product writes into storage; they are outputs, not documents.
 ARTIFACTS = {"model-card.md"}
-#: Files another change is editing now, with the citation it still has to repoint (issue 15).
-PENDING = {("tests/operator/test_planner.py", "PAPER.md")}
 
 SELF = "tests/test_docs.py"  # it writes example citations on purpose
 CITATION = re.compile(r"(?<![\w/.~$<>*{}-])((?:\.\.?/)*(?:[\w.-]+/)*[\w.-]+\.md)\b")
@@ -52,7 +50,7 @@ def dead_citations(files: list[Path], root: Path = ROOT) -> list[str]:
         if rel == SELF:
             continue
         for number, citation in cited_documents(path):
-            if citation in ARTIFACTS or (rel, citation) in PENDING:
+            if citation in ARTIFACTS:
                 continue
             if (root / citation).exists() or (path.parent / citation).exists():
                 continue
@@ -74,12 +72,6 @@ def test_the_check_catches_a_document_kept_outside(tmp_path):
                       '../ARCHITECTURE.md and the model-card.md it writes."""\n')
     files = [citing, tmp_path / "ARCHITECTURE.md"]
     assert dead_citations(files, tmp_path) == ["pkg/planner.py:1: ../shared/PAPER.md", "pkg/planner.py:1: PAPER.md"]
-
-
-def test_pending_citations_are_still_pending():
-    """Once the file is repointed, its PENDING entry must go."""
-    for rel, citation in PENDING:
-        assert citation in {c for _, c in cited_documents(ROOT / rel)}, f"remove {(rel, citation)} from PENDING"
 
 
 TOP_LEVEL = {p.name for p in ROOT.iterdir() if p.is_dir() and not p.name.startswith(".")}

@@ -22,7 +22,7 @@ DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 BASE = {
     "foundation": {"model": "resnet18", "weights": "s3://models/r18.safetensors", "inputSize": 32},
     "target": {"dataset": "s3://data/office", "testDomains": ["art"], "holdoutFraction": "0.25"},
-    # Deliberately not sorted by name: sources are sorted (PAPER.md stage 3).
+    # Deliberately not sorted by name: sources are sorted (docs/algorithm.md, stage 3).
     "auxiliaries": [
         {"name": "vlcs", "weights": "s3://community/vlcs.safetensors"},
         {"name": "pacs", "dataset": "s3://data/pacs", "runs": 2},
@@ -110,10 +110,13 @@ def test_fresh_run_creates_linear_probe_and_trained_auxiliaries_only():
     d = a.description
     key = P.aux_cache_key(SPEC, "pacs", 1)
     assert d.output == f"s3://bucket/runs/cache/aux/{key}"
-    assert d.data.dataset == "s3://data/pacs" and d.data.testDomains == () and d.data.splitSeed == 3
+    # The auxiliary pool is seeded by auxiliaryFinetune.seed (0), not the run's seed (3): it is
+    # shared by runs of every seed.
+    assert d.data.dataset == "s3://data/pacs" and d.data.testDomains == () and d.data.splitSeed == 0
     assert (d.training.steps, d.training.batchSize, d.training.lr) == (60, 8, "5e-5")
+    assert d.hyperparameters == {"lr": "5e-5"}
     assert (d.training.lpSteps, d.training.lpLr) == (50, "1e-3")
-    assert d.seed == 3 * 1000 + 1 and d.storage_endpoint == "http://minio:9000"
+    assert d.seed == 1 and d.storage_endpoint == "http://minio:9000"
     assert d.run.uid == "uid-123" and d.foundation.weights == "s3://models/r18.safetensors"
     l = created(p, "linear-probe", "0").description
     assert l.output == f"{PREFIX}/linear-probe"
@@ -234,7 +237,8 @@ def test_aux_cache_key_depends_on_what_the_auxiliary_computes_only():
     other_target = make_spec(target={"dataset": "s3://data/other", "testDomains": ["x"]},
                              finetune={"runs": 2}, storage={"uri": "s3://bucket/runs"})
     assert P.aux_cache_key(other_target, "pacs", 0) == k
-    for changed in (make_spec(seed=4), make_spec(auxiliaryFinetune__steps=61), make_spec(linearProbe__lr="1e-2"),
+    assert P.aux_cache_key(make_spec(seed=4), "pacs", 0) == k  # the pool is shared across run seeds
+    for changed in (make_spec(auxiliaryFinetune__seed=1), make_spec(auxiliaryFinetune__steps=61), make_spec(linearProbe__lr="1e-2"),
                     make_spec(foundation__weights="s3://models/other.safetensors"), make_spec(foundation__inputSize=64)):
         assert P.aux_cache_key(changed, "pacs", 0) != k
 
@@ -638,6 +642,7 @@ def test_job_graph_lists_every_member():
 
 
 # -- performance -------------------------------------------------------------------------------------
+@pytest.mark.perf
 def test_plan_is_fast_for_a_thousand_members():
     spec = make_spec(finetune={"runs": 1000}, parallelism=64)
     jobs = ready_for_targets() + [tgt(i, "Succeeded" if i < 900 else "Active" if i < 960 else "Failed",
