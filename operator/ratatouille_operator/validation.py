@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -47,6 +48,9 @@ CRD_FILE = Path(__file__).with_name("crd.yaml")
 API = f"{API_GROUP}/{API_VERSION}"
 MAX_RUN_NAME = 40
 MAX_MANIFEST_BYTES = 3 << 20
+#: template.affinity and template.tolerations are free-form in the CRD (the Kubernetes types, not
+#: restated); each is copied into every child Job, so its size is bounded here.
+MAX_SCHEDULING_BYTES = 32 << 10
 # Every regex here is applied with fullmatch: `$` would also match before a final newline, so
 # "rt\n" would pass for "rt".
 DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
@@ -420,6 +424,13 @@ def _semantic_checks(spec: Mapping[str, Any]) -> None:
     endpoint = spec["storage"].get("endpoint")
     if endpoint is not None and not HTTP_URL.fullmatch(endpoint):
         raise SpecError("spec.storage.endpoint", f"must be an http:// or https:// URL, got {_short(endpoint)}")
+
+    template = spec.get("template") or {}
+    for key in ("affinity", "tolerations"):
+        size = len(json.dumps(template.get(key) or {}, separators=(",", ":")))
+        if size > MAX_SCHEDULING_BYTES:
+            raise SpecError(f"spec.template.{key}", f"must be at most {MAX_SCHEDULING_BYTES} bytes as JSON "
+                                                    f"(it is copied into every child Job), got {size}")
 
 
 # --------------------------------------------------------------------------- entry points

@@ -89,6 +89,25 @@ def test_list_maxima_are_in_the_crd_and_refused_one_above():
     assert refused(with_set(f"spec.target.testDomains={domains!r}")).field == "spec.target.testDomains"
 
 
+def test_free_form_scheduling_fields_are_bounded_in_size():
+    """affinity and tolerations are copied into every child Job; the schema leaves them free-form."""
+    from ratatouille_operator.validation import MAX_SCHEDULING_BYTES
+
+    term = {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["z" * 60] * 60}]}
+    small = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [term]}}}
+    doc = copy.deepcopy(SHORT)
+    doc["spec"]["template"] = {"affinity": small}
+    assert validate_manifest(doc).spec.template.affinity == small
+    big = copy.deepcopy(small)
+    big["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"] = [term] * 10
+    doc["spec"]["template"] = {"affinity": big}
+    err = refused(doc)
+    assert err.field == "spec.template.affinity" and str(MAX_SCHEDULING_BYTES) in err.message
+    doc["spec"]["template"] = {"tolerations": [{"key": "k" * 63, "operator": "Exists", "effect": "NoSchedule",
+                                                "value": "v" * 600}] * 64}
+    assert refused(doc).field == "spec.template.tolerations"
+
+
 @pytest.mark.parametrize("set_path", ["spec.foundation.model", "spec.target.dataset",
                                       "spec.storage.uri", "spec.queueName",
                                       "spec.storage.credentialsSecret"])
