@@ -1,18 +1,15 @@
 """Typed, frozen view of a RatatouilleRun spec: validated once at the boundary, no dict digging after.
 
-`RunSpec.from_dict` expects a spec that already passed the CRD schema with its defaults applied
-(see `validation.load_run`); it still raises `SpecError` naming the field for anything it cannot
-turn into the typed form. Pure: no kopf, kubernetes, boto3 or torch here.
+`RunSpec.from_dict` applies the CRD's defaults (`schema.py`: the CRD is their one source, nothing
+here restates them) and expects a spec that passed the CRD schema (see `validation.load_run`); it
+still raises `SpecError` naming the field for anything it cannot turn into the typed form. Pure: no kopf, kubernetes, boto3 or torch here.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-API_GROUP = "ratatouille.dev"
-API_VERSION = "v1alpha1"
-KIND = "RatatouilleRun"
-PLURAL = "ratatouilleruns"
+from .schema import API_GROUP, API_VERSION, KIND, PLURAL, defaulted_spec  # noqa: F401  (re-exported)
 
 
 class SpecError(ValueError):
@@ -170,7 +167,11 @@ class RunSpec:
 
     @staticmethod
     def from_dict(spec: Mapping[str, Any]) -> "RunSpec":
-        return _parse(spec)
+        """Parse ``spec``, applying the CRD's defaults first (the one source of them; a body the
+        API server or `validation` defaulted is unchanged by that)."""
+        if not isinstance(spec, Mapping):
+            raise SpecError("spec", "must be an object")
+        return _parse(defaulted_spec(spec), raw=spec)
 
 
 def _get(d: Mapping[str, Any], key: str, path: str, default: Any = ...):
@@ -216,17 +217,16 @@ def _float_str(value: Any, path: str) -> str:
     return text
 
 
-def _parse(spec: Mapping[str, Any]) -> RunSpec:
-    if not isinstance(spec, Mapping):
-        raise SpecError("spec", "must be an object")
+def _parse(spec: Mapping[str, Any], raw: Mapping[str, Any]) -> RunSpec:
+    """The typed form of a defaulted ``spec``: every default it reads comes from the CRD."""
     f = _get(spec, "foundation", "spec")
     foundation = Foundation(
         model=str(_get(f, "model", "spec.foundation")),
         weights=f.get("weights") or None,
-        input_size=_int(_get(f, "inputSize", "spec.foundation", 224), "spec.foundation.inputSize", 8),
+        input_size=_int(_get(f, "inputSize", "spec.foundation"), "spec.foundation.inputSize", 8),
     )
     t = _get(spec, "target", "spec")
-    frac = float(_float_str(_get(t, "holdoutFraction", "spec.target", "0.2"), "spec.target.holdoutFraction"))
+    frac = float(_float_str(_get(t, "holdoutFraction", "spec.target"), "spec.target.holdoutFraction"))
     if not 0.0 < frac < 1.0:
         raise SpecError("spec.target.holdoutFraction", f"must be between 0 and 1 exclusive, got {frac}")
     target = Target(
@@ -241,37 +241,37 @@ def _parse(spec: Mapping[str, Any]) -> RunSpec:
             name=str(_get(a, "name", p)),
             dataset=a.get("dataset") or None,
             weights=a.get("weights") or None,
-            runs=_int(a.get("runs", 1), f"{p}.runs", 1),
+            runs=_int(_get(a, "runs", p), f"{p}.runs", 1),
         ))
 
-    def budget(key: str, steps: int, lr: str) -> StageBudget:
-        b = spec.get(key) or {}
+    def budget(key: str) -> StageBudget:
+        b = _get(spec, key, "spec")
         p = f"spec.{key}"
         return StageBudget(
-            steps=_int(b.get("steps", steps), f"{p}.steps", 1),
-            batch_size=_int(b.get("batchSize", 32), f"{p}.batchSize", 1),
-            lr=_float_str(b.get("lr", lr), f"{p}.lr"),
+            steps=_int(_get(b, "steps", p), f"{p}.steps", 1),
+            batch_size=_int(_get(b, "batchSize", p), f"{p}.batchSize", 1),
+            lr=_float_str(_get(b, "lr", p), f"{p}.lr"),
         )
 
-    aux_budget = budget("auxiliaryFinetune", 5000, "5e-5")
-    af = spec.get("auxiliaryFinetune") or {}
+    aux_budget = budget("auxiliaryFinetune")
+    af = spec["auxiliaryFinetune"]
     auxiliary_finetune = AuxiliaryFinetune(
         steps=aux_budget.steps, batch_size=aux_budget.batch_size, lr=aux_budget.lr,
         hyperparameters=_hp_table(af.get("hyperparameters"), "spec.auxiliaryFinetune.hyperparameters",
                                   {"lr": aux_budget.lr, "weightDecay": "0", "dropout": "0"}),
-        seed=_int(af.get("seed", 0), "spec.auxiliaryFinetune.seed", 0),
+        seed=_int(_get(af, "seed", "spec.auxiliaryFinetune"), "spec.auxiliaryFinetune.seed", 0),
     )
-    ft = spec.get("finetune") or {}
-    steps = _int(ft.get("steps", 5000), "spec.finetune.steps", 1)
+    ft = _get(spec, "finetune", "spec")
+    steps = _int(_get(ft, "steps", "spec.finetune"), "spec.finetune.steps", 1)
     warmup = ft.get("headWarmupSteps")
     finetune = Finetune(
-        runs=_int(ft.get("runs", 20), "spec.finetune.runs", 1),
+        runs=_int(_get(ft, "runs", "spec.finetune"), "spec.finetune.runs", 1),
         steps=steps,
-        batch_size=_int(ft.get("batchSize", 32), "spec.finetune.batchSize", 1),
+        batch_size=_int(_get(ft, "batchSize", "spec.finetune"), "spec.finetune.batchSize", 1),
         # not defaulted by the CRD: it follows the steps unless it is set
         head_warmup_steps=(head_warmup_default(steps) if warmup is None
                            else _int(warmup, "spec.finetune.headWarmupSteps", 0)),
-        eval_every=_int(ft.get("evalEvery", 100), "spec.finetune.evalEvery", 1),
+        eval_every=_int(_get(ft, "evalEvery", "spec.finetune"), "spec.finetune.evalEvery", 1),
         hyperparameters=_hp_table(ft.get("hyperparameters"), "spec.finetune.hyperparameters", {}),
     )
     s = _get(spec, "storage", "spec")
@@ -295,38 +295,40 @@ def _parse(spec: Mapping[str, Any]) -> RunSpec:
         scratch_size=str(tp["scratchSize"]) if tp.get("scratchSize") else None,
         stage_resources={str(k): dict(v) for k, v in (tp.get("stageResources") or {}).items() if v is not None},
     )
-    fp = spec.get("failurePolicy") or {}
+    fp = _get(spec, "failurePolicy", "spec")
+
+    def policy(key: str, minimum: int) -> int:
+        return _int(_get(fp, key, "spec.failurePolicy"), f"spec.failurePolicy.{key}", minimum)
+
     failure_policy = FailurePolicy(
-        backoff_limit=_int(fp.get("backoffLimit", 1), "spec.failurePolicy.backoffLimit", 0),
-        max_attempts=_int(fp.get("maxAttempts", 2), "spec.failurePolicy.maxAttempts", 1),
-        min_succeeded=_int(fp.get("minSucceeded", 1), "spec.failurePolicy.minSucceeded", 1),
-        retry_backoff_seconds=_int(fp.get("retryBackoffSeconds", 10), "spec.failurePolicy.retryBackoffSeconds", 0),
-        pod_start_timeout_seconds=_int(fp.get("podStartTimeoutSeconds", 300),
-                                       "spec.failurePolicy.podStartTimeoutSeconds", 0),
+        backoff_limit=policy("backoffLimit", 0), max_attempts=policy("maxAttempts", 1),
+        min_succeeded=policy("minSucceeded", 1), retry_backoff_seconds=policy("retryBackoffSeconds", 0),
+        pod_start_timeout_seconds=policy("podStartTimeoutSeconds", 0),
     )
-    averaging = spec.get("averaging") or {}
-    selection = str(averaging.get("selection", "uniform"))
+    selection = str(_get(_get(spec, "averaging", "spec"), "selection", "spec.averaging"))
+    prep = _get(spec, "dataPreparation", "spec")
     return RunSpec(
         foundation=foundation,
         target=target,
         auxiliaries=tuple(auxiliaries),
-        include_foundation=bool(spec.get("includeFoundation", True)),
-        linear_probe=budget("linearProbe", 5000, "1e-3"),
+        include_foundation=_bool(_get(spec, "includeFoundation", "spec"), "spec.includeFoundation"),
+        linear_probe=budget("linearProbe"),
         auxiliary_finetune=auxiliary_finetune,
         finetune=finetune,
         selection=selection,
-        seed=_int(spec.get("seed", 0), "spec.seed", 0),
+        seed=_int(_get(spec, "seed", "spec"), "spec.seed", 0),
         storage=storage,
         template=template,
-        parallelism=_int(spec.get("parallelism", 8), "spec.parallelism", 1),
+        parallelism=_int(_get(spec, "parallelism", "spec"), "spec.parallelism", 1),
         failure_policy=failure_policy,
-        suspend=bool(spec.get("suspend", False)),
+        suspend=_bool(_get(spec, "suspend", "spec"), "spec.suspend"),
         queue_name=str(spec.get("queueName") or ""),
-        active_deadline_seconds=_int(spec.get("activeDeadlineSeconds", 0), "spec.activeDeadlineSeconds", 0),
+        active_deadline_seconds=_int(_get(spec, "activeDeadlineSeconds", "spec"), "spec.activeDeadlineSeconds", 0),
         data_preparation=DataPreparation(
-            enabled=bool((spec.get("dataPreparation") or {}).get("enabled", False)),
-            memory_budget=str((spec.get("dataPreparation") or {}).get("memoryBudget") or "") or None),
+            enabled=_bool(_get(prep, "enabled", "spec.dataPreparation"), "spec.dataPreparation.enabled"),
+            memory_budget=str(prep.get("memoryBudget") or "") or None),
         augmentation=Augmentation(horizontal_flip=_bool(
-            (spec.get("augmentation") or {}).get("horizontalFlip", True), "spec.augmentation.horizontalFlip")),
-        raw=dict(spec),
+            _get(_get(spec, "augmentation", "spec"), "horizontalFlip", "spec.augmentation"),
+            "spec.augmentation.horizontalFlip")),
+        raw=dict(raw),
     )

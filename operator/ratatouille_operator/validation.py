@@ -28,6 +28,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import jsonschema
 import yaml
 
+from .schema import apply_defaults, load_crd, load_crd_schema  # noqa: F401  (re-exported)
 from .spec import API_GROUP, API_VERSION, KIND, RunSpec, SpecError
 
 __all__ = [
@@ -44,7 +45,6 @@ __all__ = [
     "apply_overrides",
 ]
 
-CRD_FILE = Path(__file__).with_name("crd.yaml")
 API = f"{API_GROUP}/{API_VERSION}"
 MAX_RUN_NAME = 40
 MAX_MANIFEST_BYTES = 3 << 20
@@ -94,60 +94,6 @@ class ValidatedRun:
 
 
 # --------------------------------------------------------------------------- the CRD and its schema
-
-@functools.lru_cache(maxsize=1)
-def _crd() -> dict:
-    with open(CRD_FILE, encoding="utf-8") as fh:
-        return yaml.safe_load(fh)
-
-
-def load_crd() -> dict:
-    """The whole CustomResourceDefinition shipped with the package (a fresh copy)."""
-    return copy.deepcopy(_crd())
-
-
-def load_crd_schema(version: str = API_VERSION) -> dict:
-    """The openAPIV3Schema of `version` from the package copy of the CRD (a fresh copy)."""
-    for v in _crd()["spec"]["versions"]:
-        if v["name"] == version:
-            return copy.deepcopy(v["schema"]["openAPIV3Schema"])
-    raise KeyError(f"CRD has no version {version!r}")
-
-
-def apply_defaults(schema: Mapping[str, Any], obj: Any) -> Any:
-    """Apply structural-schema defaults to `obj` in place, as the API server does; returns `obj`.
-
-    Missing properties (and nulls in non-nullable properties) that have a default get a copy of
-    it; then every property is walked recursively, defaulted ones included, so nested defaults
-    inside a `default: {}` apply too. Nulls in non-nullable properties without a default are
-    dropped. Array items and additionalProperties values are walked with their item schema.
-    """
-    if not isinstance(schema, Mapping):
-        return obj
-    if isinstance(obj, dict):
-        props = schema.get("properties") or {}
-        for key, sub in props.items():
-            present = key in obj
-            if present and obj[key] is None and not sub.get("nullable", False):
-                if "default" in sub:
-                    obj[key] = copy.deepcopy(sub["default"])
-                else:
-                    del obj[key]
-            elif not present and "default" in sub:
-                obj[key] = copy.deepcopy(sub["default"])
-        extra = schema.get("additionalProperties")
-        for key, value in obj.items():
-            if key in props:
-                apply_defaults(props[key], value)
-            elif isinstance(extra, Mapping):
-                apply_defaults(extra, value)
-    elif isinstance(obj, list):
-        items = schema.get("items")
-        if isinstance(items, Mapping):
-            for value in obj:
-                apply_defaults(items, value)
-    return obj
-
 
 def _go_pattern(pattern: str) -> str:
     """A CRD `pattern` (Go RE2, where `$` ends the text) as a Python regex with the same meaning:
