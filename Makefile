@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv system-deps k8s demo test test-fast dev-cluster clean
+.PHONY: venv system-deps k8s demo test test-fast dev-cluster crds clean
 
 venv: $(VENV)/.installed
 
@@ -46,6 +46,13 @@ test-fast: venv k8s
 # the exports for kubectl; Ctrl-C stops it. Uploads the demo data when `make demo` made it.
 dev-cluster: venv system-deps k8s
 	$(PY) -m tests.cluster.devcluster $(if $(wildcard .demo/data),--demo-data .demo/data)
+
+# The CRD has one source, crds/ratatouilleruns.ratatouille.dev.yaml; the Python package and the
+# chart carry copies (tests/test_crd_copies.py fails when they differ).
+CRD := crds/ratatouilleruns.ratatouille.dev.yaml
+crds:
+	cp $(CRD) operator/ratatouille_operator/crd.yaml
+	cp $(CRD) charts/ratatouille/files/ratatouilleruns.ratatouille.dev.yaml
 
 clean:
 	rm -rf .demo .pytest_cache build *.egg-info

@@ -350,10 +350,6 @@ def test_custom_values_reach_the_operator(rendered):
 # ---------------------------------------------------------------------------------------------
 # CRD
 
-def test_chart_crd_copy_is_identical_to_the_repository_crd():
-    assert (H.CHART_DIR / "files" / CRD_FILE.name).read_bytes() == CRD_FILE.read_bytes()
-
-
 def test_templated_crd_equals_the_repository_crd_plus_keep(rendered):
     crd = H.one(rendered["defaults"], "CustomResourceDefinition")
     expected = yaml.safe_load(CRD_FILE.read_text())

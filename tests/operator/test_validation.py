@@ -29,7 +29,6 @@ from ratatouille_operator.validation import (
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_PATH = ROOT / "crds" / "ratatouilleruns.ratatouille.dev.yaml"
-PACKAGE_CRD = ROOT / "operator" / "ratatouille_operator" / "crd.yaml"
 INVALID = sorted((Path(__file__).parent / "invalid").glob("*.yaml"))
 
 SHORT = {
@@ -133,10 +132,6 @@ def spec_error(doc) -> SpecError:
 
 
 # --------------------------------------------------------------------------- the CRD file
-
-def test_package_copy_is_byte_identical_to_crds_dir():
-    assert CRD_PATH.read_bytes() == PACKAGE_CRD.read_bytes()
-
 
 def test_crd_structure():
     crd = yaml.safe_load(CRD_PATH.read_text())
