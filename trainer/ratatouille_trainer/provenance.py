@@ -25,17 +25,14 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
+
+from .jobdesc import best_member, member_key
 
 LINEAGE_VERSION = 1
 LINEAGE_KIND = "ratatouille.dev/lineage"
 
 __all__ = ["write_lineage", "model_card", "lineage_json", "LINEAGE_VERSION"]
-
-
-def _natural_key(name: str) -> tuple:
-    parts = re.split(r"(\d+)", str(name))
-    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts)
 
 
 def _acc(v: Any) -> float | None:
@@ -73,12 +70,44 @@ def _plain(v: Any) -> Any:
 
 
 def _best_single(members: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
-    scored = [m for m in members if m["valAccuracy"] is not None]
-    if not scored:
+    top = best_member({m["member"]: m["valAccuracy"] for m in members})
+    if top is None:
         return None
-    best = min(scored, key=lambda m: (-m["valAccuracy"], _natural_key(m["member"])))
+    best = next(m for m in members if m["member"] == top)
     return {"member": best["member"], "source": best["source"],
             "valAccuracy": best["valAccuracy"], "testAccuracy": dict(best["testAccuracy"])}
+
+
+def _lineage_member(i: int, m: Any, selection: str, selected_set: set[str] | None) -> dict[str, Any]:
+    """One member's lineage entry; whether it was averaged comes from the member itself, else the
+    result's ``selected`` list, else the selection (uniform averages every member)."""
+    if not isinstance(m, Mapping):
+        raise ValueError(f"members[{i}] must be a mapping")
+    for req in ("member", "uri"):
+        if not m.get(req):
+            raise ValueError(f"members[{i}].{req} is required")
+    name = str(m["member"])
+    init = dict(m.get("init") or {})
+    source = m.get("source") or init.get("source") or "foundation"
+    init.setdefault("source", source)
+    if "selected" in m and m["selected"] is not None:
+        selected = bool(m["selected"])
+    elif selected_set is not None:
+        selected = name in selected_set
+    else:
+        selected = selection == "uniform"
+    return {
+        "member": name,
+        "uri": str(m["uri"]),
+        "sha256": m.get("sha256"),
+        "source": str(source),
+        "init": _plain(init),
+        "hyperparameters": _plain(m.get("hyperparameters") or {}),
+        "valAccuracy": _acc(m.get("valAccuracy")),
+        "testAccuracy": _test_map(m.get("testAccuracy")),
+        "bestStep": m.get("bestStep"),
+        "selected": selected,
+    }
 
 
 def write_lineage(members: list[dict], result: dict) -> dict:
@@ -94,39 +123,14 @@ def write_lineage(members: list[dict], result: dict) -> dict:
     out_members: list[dict[str, Any]] = []
     seen: set[str] = set()
     for i, m in enumerate(members):
-        if not isinstance(m, Mapping):
-            raise ValueError(f"members[{i}] must be a mapping")
-        for req in ("member", "uri"):
-            if not m.get(req):
-                raise ValueError(f"members[{i}].{req} is required")
-        name = str(m["member"])
-        if name in seen:
-            raise ValueError(f"members[{i}].member {name!r} is listed twice")
-        seen.add(name)
-        init = dict(m.get("init") or {})
-        source = m.get("source") or init.get("source") or "foundation"
-        init.setdefault("source", source)
-        if "selected" in m and m["selected"] is not None:
-            selected = bool(m["selected"])
-        elif selected_set is not None:
-            selected = name in selected_set
-        else:
-            selected = selection == "uniform"
-        out_members.append({
-            "member": name,
-            "uri": str(m["uri"]),
-            "sha256": m.get("sha256"),
-            "source": str(source),
-            "init": _plain(init),
-            "hyperparameters": _plain(m.get("hyperparameters") or {}),
-            "valAccuracy": _acc(m.get("valAccuracy")),
-            "testAccuracy": _test_map(m.get("testAccuracy")),
-            "bestStep": m.get("bestStep"),
-            "selected": selected,
-        })
-    out_members.sort(key=lambda m: _natural_key(m["member"]))
+        entry = _lineage_member(i, m, selection, selected_set)
+        if entry["member"] in seen:
+            raise ValueError(f"members[{i}].member {entry['member']!r} is listed twice")
+        seen.add(entry["member"])
+        out_members.append(entry)
+    out_members.sort(key=lambda m: member_key(m["member"]))
     if selected_set is not None:
-        unknown = sorted(selected_set - seen, key=_natural_key)
+        unknown = sorted(selected_set - seen, key=member_key)
         if unknown:
             raise ValueError(f"result.selected names unknown member {unknown[0]!r}")
 
@@ -270,59 +274,65 @@ def _diagnostics_section(lineage: Mapping[str, Any]) -> list[str]:
     return L
 
 
-def model_card(lineage: dict) -> str:
-    """A Markdown model card for the averaged model described by ``lineage``."""
-    run = lineage.get("run") or {}
-    foundation = lineage.get("foundation") or {}
-    data = lineage.get("data") or {}
-    res = lineage.get("result") or {}
-    members = lineage.get("members") or []
-    best = lineage.get("bestSingle") or None
-    selection = lineage.get("selection", "uniform")
-    n_avg = res.get("membersAveraged", 0)
-    n_all = len(members)
-    model_name = foundation.get("model") or "unknown foundation"
-    dataset = data.get("dataset") or "the target dataset"
-    test_domains = list(data.get("testDomains") or [])
-    sources = sorted({m.get("source", "foundation") for m in members if m.get("selected")},
-                     key=lambda s: (s != "foundation", s))
-    title = _cell(run.get("name") or "averaged model")
+class _Card(NamedTuple):
+    """What every section of the model card reads from the lineage."""
+    lineage: Mapping[str, Any]
+    run: Mapping[str, Any]
+    foundation: Mapping[str, Any]
+    res: Mapping[str, Any]
+    members: list
+    best: Mapping[str, Any] | None
+    selection: str
+    n_avg: int
+    model_name: str
+    dataset: str
+    test_domains: list
 
-    L: list[str] = []
-    L.append(f"# {title}: Model Ratatouille average of {n_avg} fine-tuned "
-             f"{'member' if n_avg == 1 else 'members'}")
-    L.append("")
-    L.append("## What this model is")
-    L.append("")
-    L.append(f"A weight average (\"Model Ratatouille\") of {n_avg} of {n_all} fine-tunings of "
-             f"the foundation model {_code(model_name)} on {_code(dataset)}. Every member started from the "
+    @staticmethod
+    def of(lineage: Mapping[str, Any]) -> "_Card":
+        foundation = lineage.get("foundation") or {}
+        data = lineage.get("data") or {}
+        res = lineage.get("result") or {}
+        return _Card(lineage, lineage.get("run") or {}, foundation, res, lineage.get("members") or [],
+                     lineage.get("bestSingle") or None, lineage.get("selection", "uniform"),
+                     res.get("membersAveraged", 0), foundation.get("model") or "unknown foundation",
+                     data.get("dataset") or "the target dataset", list(data.get("testDomains") or []))
+
+
+def _what_section(c: _Card) -> list[str]:
+    sources = sorted({m.get("source", "foundation") for m in c.members if m.get("selected")},
+                     key=lambda s: (s != "foundation", s))
+    title = _cell(c.run.get("name") or "averaged model")
+    L = [f"# {title}: Model Ratatouille average of {c.n_avg} fine-tuned "
+         f"{'member' if c.n_avg == 1 else 'members'}", "", "## What this model is", ""]
+    L.append(f"A weight average (\"Model Ratatouille\") of {c.n_avg} of {len(c.members)} fine-tunings of "
+             f"the foundation model {_code(c.model_name)} on {_code(c.dataset)}. Every member started from the "
              "same linear-probe head; their featurizers were initialized from "
              f"{len(sources)} source{'' if len(sources) == 1 else 's'} "
              f"({', '.join(_code(s) for s in sources) or 'n/a'}), and their weights (featurizer "
              "and head, float buffers included) were averaged into one network of the same "
              "size and inference cost as a single member.")
+    L += ["", "| | |", "|---|---|", f"| Foundation | {_code(c.model_name)} |",
+          f"| Foundation weights | {_cell(c.foundation.get('weights') or 'random initialization')} |"]
+    if c.foundation.get("inputSize"):
+        L.append(f"| Input size | {_cell(c.foundation.get('inputSize'))} |")
+    L.append(f"| Dataset | {_cell(c.dataset)} |")
+    L.append(f"| Test domains (never trained on) | {_cell(', '.join(map(str, c.test_domains)) or 'none')} |")
+    L.append(f"| Selection | {_cell(c.selection)} |")
+    L.append(f"| Members averaged | {c.n_avg} of {len(c.members)} |")
+    L.append(f"| Weights sha256 | {_cell(c.res.get('sha256'))} |")
+    if c.run:
+        L.append(f"| Run | {_cell(c.run.get('namespace'))}/{_cell(c.run.get('name'))} "
+                 f"(uid {_cell(c.run.get('uid'))}) |")
+    if c.lineage.get("trainerVersion"):
+        L.append(f"| Trainer version | {_cell(c.lineage['trainerVersion'])} |")
     L.append("")
-    L.append("| | |")
-    L.append("|---|---|")
-    L.append(f"| Foundation | {_code(model_name)} |")
-    L.append(f"| Foundation weights | {_cell(foundation.get('weights') or 'random initialization')} |")
-    if foundation.get("inputSize"):
-        L.append(f"| Input size | {_cell(foundation.get('inputSize'))} |")
-    L.append(f"| Dataset | {_cell(dataset)} |")
-    L.append(f"| Test domains (never trained on) | {_cell(', '.join(map(str, test_domains)) or 'none')} |")
-    L.append(f"| Selection | {_cell(selection)} |")
-    L.append(f"| Members averaged | {n_avg} of {n_all} |")
-    L.append(f"| Weights sha256 | {_cell(res.get('sha256'))} |")
-    if run:
-        L.append(f"| Run | {_cell(run.get('namespace'))}/{_cell(run.get('name'))} "
-                 f"(uid {_cell(run.get('uid'))}) |")
-    if lineage.get("trainerVersion"):
-        L.append(f"| Trainer version | {_cell(lineage['trainerVersion'])} |")
-    L.append("")
+    return L
 
-    L.append("## Selection")
-    L.append("")
-    if selection == "greedy":
+
+def _selection_section(c: _Card) -> list[str]:
+    L = ["## Selection", ""]
+    if c.selection == "greedy":
         L.append("Greedy: members were ranked by their own training-domain validation accuracy; "
                  "the best was kept, and each next member was kept only if the average's "
                  "accuracy on the pooled training-domain validation splits stayed at least as "
@@ -330,18 +340,18 @@ def model_card(lineage: dict) -> str:
                  "never below the best single member's.")
     else:
         L.append("Uniform: the arithmetic mean of every member's weights.")
-    if res.get("selected"):
-        L.append("")
-        L.append("Averaged members: " + ", ".join(_code(s) for s in res["selected"]) + ".")
+    if c.res.get("selected"):
+        L += ["", "Averaged members: " + ", ".join(_code(s) for s in c.res["selected"]) + "."]
     L.append("")
+    return L
 
-    L.append("## Accuracy (%)")
-    L.append("")
-    L.append("Validation is the pooled training-domain validation split (used for selection); "
-             "test is each held-out test domain.")
-    L.append("")
-    domains = list(test_domains) or sorted(set(res.get("testAccuracy") or {}) |
-                                           set((best or {}).get("testAccuracy") or {}))
+
+def _accuracy_section(c: _Card) -> list[str]:
+    L = ["## Accuracy (%)", "",
+         "Validation is the pooled training-domain validation split (used for selection); "
+         "test is each held-out test domain.", ""]
+    domains = list(c.test_domains) or sorted(set(c.res.get("testAccuracy") or {}) |
+                                             set((c.best or {}).get("testAccuracy") or {}))
     head = ["model", "validation"] + [f"test: {_cell(d)}" for d in domains]
     L.append("| " + " | ".join(head) + " |")
     L.append("|" + "---|" * len(head))
@@ -350,69 +360,60 @@ def model_card(lineage: dict) -> str:
         test = test or {}
         return "| " + " | ".join([label, _pct(val)] + [_pct(test.get(d)) for d in domains]) + " |"
 
-    L.append(row(f"this model ({selection}, {n_avg} members)", res.get("valAccuracy"),
-                 res.get("testAccuracy") or {}))
-    uni = lineage.get("uniform")
-    if selection != "uniform" and isinstance(uni, Mapping):
-        L.append(row("uniform average (all members)", uni.get("valAccuracy"),
-                     uni.get("testAccuracy") or {}))
-    if best:
-        L.append(row(f"best single member ({_code(best.get('member'))})",
-                     best.get("valAccuracy"), best.get("testAccuracy") or {}))
+    L.append(row(f"this model ({c.selection}, {c.n_avg} members)", c.res.get("valAccuracy"),
+                 c.res.get("testAccuracy") or {}))
+    uni = c.lineage.get("uniform")
+    if c.selection != "uniform" and isinstance(uni, Mapping):
+        L.append(row("uniform average (all members)", uni.get("valAccuracy"), uni.get("testAccuracy") or {}))
+    if c.best:
+        L.append(row(f"best single member ({_code(c.best.get('member'))})",
+                     c.best.get("valAccuracy"), c.best.get("testAccuracy") or {}))
     L.append("")
+    return L
 
-    L.extend(_diagnostics_section(lineage))
 
-    L.append("## Intended use")
-    L.append("")
-    L.append(f"Image classification on the classes of {_code(dataset)}, in particular under "
-             "distribution shift to domains like the held-out test domains. The accuracies "
-             "above are measured on those domains only; check it on your own data before "
-             "relying on it. It inherits the biases and licenses of the foundation model and "
-             "of every dataset its members (and their auxiliary initializations) were trained "
-             "on, listed below.")
-    L.append("")
+def _use_and_load_sections(c: _Card) -> list[str]:
+    L = ["## Intended use", "",
+         f"Image classification on the classes of {_code(c.dataset)}, in particular under "
+         "distribution shift to domains like the held-out test domains. The accuracies "
+         "above are measured on those domains only; check it on your own data before "
+         "relying on it. It inherits the biases and licenses of the foundation model and "
+         "of every dataset its members (and their auxiliary initializations) were trained "
+         "on, listed below.", ""]
+    L += ["## How to load", "",
+          "The weights are a single safetensors file (no pickle): the full network state "
+          "dict, featurizer under `featurizer.*`, classification head under `head.*`, "
+          "buffers included.", "",
+          "```python", "from safetensors.torch import load_file", "",
+          'state = load_file("model.safetensors")  # dict of tensor name -> tensor',
+          f"# build the same network ({_CONTROL.sub(' ', str(c.model_name))} featurizer + linear head), then:",
+          "# model.load_state_dict(state)", "```", ""]
+    if c.res.get("sha256"):
+        L += [f"Check the file first: `sha256sum model.safetensors` must print {_code(c.res['sha256'])}.", ""]
+    return L
 
-    L.append("## How to load")
-    L.append("")
-    L.append("The weights are a single safetensors file (no pickle): the full network state "
-             "dict, featurizer under `featurizer.*`, classification head under `head.*`, "
-             "buffers included.")
-    L.append("")
-    L.append("```python")
-    L.append("from safetensors.torch import load_file")
-    L.append("")
-    L.append('state = load_file("model.safetensors")  # dict of tensor name -> tensor')
-    L.append(f"# build the same network ({_CONTROL.sub(' ', str(model_name))} featurizer + linear head), then:")
-    L.append("# model.load_state_dict(state)")
-    L.append("```")
-    L.append("")
-    if res.get("sha256"):
-        L.append(f"Check the file first: `sha256sum model.safetensors` must print "
-                 f"{_code(res['sha256'])}.")
-        L.append("")
 
-    L.append("## Lineage")
-    L.append("")
-    L.append("Every fine-tuned member, whether it was averaged, and where it came from "
-             "(full details in `lineage.json`).")
-    L.append("")
-    L.append("| member | averaged | init source | lr | weight decay | dropout | validation | "
-             "mean test | sha256 | uri |")
-    L.append("|---|---|---|---|---|---|---|---|---|---|")
-    for m in members:
+def _lineage_section(c: _Card) -> list[str]:
+    L = ["## Lineage", "",
+         "Every fine-tuned member, whether it was averaged, and where it came from "
+         "(full details in `lineage.json`).", "",
+         "| member | averaged | init source | lr | weight decay | dropout | validation | "
+         "mean test | sha256 | uri |",
+         "|---|---|---|---|---|---|---|---|---|---|"]
+    for m in c.members:
         hp = m.get("hyperparameters") or {}
         L.append("| " + " | ".join([
-            _code(m.get("member")),
-            "yes" if m.get("selected") else "no",
-            _cell(m.get("source")),
-            _cell(hp.get("lr")),
-            _cell(hp.get("weightDecay")),
-            _cell(hp.get("dropout")),
-            _pct(m.get("valAccuracy")),
-            _pct(_mean_test(_test_map(m.get("testAccuracy")))),
-            _short(m.get("sha256")),
-            _cell(m.get("uri")),
+            _code(m.get("member")), "yes" if m.get("selected") else "no", _cell(m.get("source")),
+            _cell(hp.get("lr")), _cell(hp.get("weightDecay")), _cell(hp.get("dropout")),
+            _pct(m.get("valAccuracy")), _pct(_mean_test(_test_map(m.get("testAccuracy")))),
+            _short(m.get("sha256")), _cell(m.get("uri")),
         ]) + " |")
     L.append("")
-    return "\n".join(L)
+    return L
+
+
+def model_card(lineage: dict) -> str:
+    """A Markdown model card for the averaged model described by ``lineage``."""
+    c = _Card.of(lineage)
+    return "\n".join(_what_section(c) + _selection_section(c) + _accuracy_section(c)
+                     + _diagnostics_section(lineage) + _use_and_load_sections(c) + _lineage_section(c))
