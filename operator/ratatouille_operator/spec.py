@@ -217,54 +217,62 @@ def _float_str(value: Any, path: str) -> str:
     return text
 
 
-def _parse(spec: Mapping[str, Any], raw: Mapping[str, Any]) -> RunSpec:
-    """The typed form of a defaulted ``spec``: every default it reads comes from the CRD."""
+def _foundation(spec: Mapping[str, Any]) -> Foundation:
     f = _get(spec, "foundation", "spec")
-    foundation = Foundation(
+    return Foundation(
         model=str(_get(f, "model", "spec.foundation")),
         weights=f.get("weights") or None,
         input_size=_int(_get(f, "inputSize", "spec.foundation"), "spec.foundation.inputSize", 8),
     )
+
+
+def _target(spec: Mapping[str, Any]) -> Target:
     t = _get(spec, "target", "spec")
     frac = float(_float_str(_get(t, "holdoutFraction", "spec.target"), "spec.target.holdoutFraction"))
     if not 0.0 < frac < 1.0:
         raise SpecError("spec.target.holdoutFraction", f"must be between 0 and 1 exclusive, got {frac}")
-    target = Target(
+    return Target(
         dataset=str(_get(t, "dataset", "spec.target")),
         test_domains=tuple(str(x) for x in _get(t, "testDomains", "spec.target")),
         holdout_fraction=frac,
     )
-    auxiliaries = []
+
+
+def _auxiliaries(spec: Mapping[str, Any]) -> tuple[Auxiliary, ...]:
+    out = []
     for i, a in enumerate(spec.get("auxiliaries") or []):
         p = f"spec.auxiliaries[{i}]"
-        auxiliaries.append(Auxiliary(
-            name=str(_get(a, "name", p)),
-            dataset=a.get("dataset") or None,
-            weights=a.get("weights") or None,
-            runs=_int(_get(a, "runs", p), f"{p}.runs", 1),
-        ))
+        out.append(Auxiliary(name=str(_get(a, "name", p)), dataset=a.get("dataset") or None,
+                             weights=a.get("weights") or None, runs=_int(_get(a, "runs", p), f"{p}.runs", 1)))
+    return tuple(out)
 
-    def budget(key: str) -> StageBudget:
-        b = _get(spec, key, "spec")
-        p = f"spec.{key}"
-        return StageBudget(
-            steps=_int(_get(b, "steps", p), f"{p}.steps", 1),
-            batch_size=_int(_get(b, "batchSize", p), f"{p}.batchSize", 1),
-            lr=_float_str(_get(b, "lr", p), f"{p}.lr"),
-        )
 
-    aux_budget = budget("auxiliaryFinetune")
+def _budget(spec: Mapping[str, Any], key: str) -> StageBudget:
+    b = _get(spec, key, "spec")
+    p = f"spec.{key}"
+    return StageBudget(
+        steps=_int(_get(b, "steps", p), f"{p}.steps", 1),
+        batch_size=_int(_get(b, "batchSize", p), f"{p}.batchSize", 1),
+        lr=_float_str(_get(b, "lr", p), f"{p}.lr"),
+    )
+
+
+def _auxiliary_finetune(spec: Mapping[str, Any]) -> AuxiliaryFinetune:
+    b = _budget(spec, "auxiliaryFinetune")
     af = spec["auxiliaryFinetune"]
-    auxiliary_finetune = AuxiliaryFinetune(
-        steps=aux_budget.steps, batch_size=aux_budget.batch_size, lr=aux_budget.lr,
+    return AuxiliaryFinetune(
+        steps=b.steps, batch_size=b.batch_size, lr=b.lr,
         hyperparameters=_hp_table(af.get("hyperparameters"), "spec.auxiliaryFinetune.hyperparameters",
-                                  {"lr": aux_budget.lr, "weightDecay": "0", "dropout": "0"}),
+                                  {"lr": b.lr, "weightDecay": "0", "dropout": "0"}),
         seed=_int(_get(af, "seed", "spec.auxiliaryFinetune"), "spec.auxiliaryFinetune.seed", 0),
     )
+
+
+def _finetune(spec: Mapping[str, Any]) -> Finetune:
     ft = _get(spec, "finetune", "spec")
     steps = _int(_get(ft, "steps", "spec.finetune"), "spec.finetune.steps", 1)
     warmup = ft.get("headWarmupSteps")
-    finetune = Finetune(
+    return Finetune(
         runs=_int(_get(ft, "runs", "spec.finetune"), "spec.finetune.runs", 1),
         steps=steps,
         batch_size=_int(_get(ft, "batchSize", "spec.finetune"), "spec.finetune.batchSize", 1),
@@ -274,14 +282,20 @@ def _parse(spec: Mapping[str, Any], raw: Mapping[str, Any]) -> RunSpec:
         eval_every=_int(_get(ft, "evalEvery", "spec.finetune"), "spec.finetune.evalEvery", 1),
         hyperparameters=_hp_table(ft.get("hyperparameters"), "spec.finetune.hyperparameters", {}),
     )
+
+
+def _storage(spec: Mapping[str, Any]) -> Storage:
     s = _get(spec, "storage", "spec")
-    storage = Storage(
+    return Storage(
         uri=str(_get(s, "uri", "spec.storage")).rstrip("/"),
         endpoint=s.get("endpoint") or None,
         credentials_secret=s.get("credentialsSecret") or None,
     )
+
+
+def _template(spec: Mapping[str, Any]) -> PodTemplate:
     tp = spec.get("template") or {}
-    template = PodTemplate(
+    return PodTemplate(
         image=tp.get("image") or None,
         resources=dict(tp.get("resources") or {}),
         node_selector=dict(tp.get("nodeSelector") or {}),
@@ -295,32 +309,38 @@ def _parse(spec: Mapping[str, Any], raw: Mapping[str, Any]) -> RunSpec:
         scratch_size=str(tp["scratchSize"]) if tp.get("scratchSize") else None,
         stage_resources={str(k): dict(v) for k, v in (tp.get("stageResources") or {}).items() if v is not None},
     )
+
+
+def _failure_policy(spec: Mapping[str, Any]) -> FailurePolicy:
     fp = _get(spec, "failurePolicy", "spec")
 
     def policy(key: str, minimum: int) -> int:
         return _int(_get(fp, key, "spec.failurePolicy"), f"spec.failurePolicy.{key}", minimum)
 
-    failure_policy = FailurePolicy(
+    return FailurePolicy(
         backoff_limit=policy("backoffLimit", 0), max_attempts=policy("maxAttempts", 1),
         min_succeeded=policy("minSucceeded", 1), retry_backoff_seconds=policy("retryBackoffSeconds", 0),
         pod_start_timeout_seconds=policy("podStartTimeoutSeconds", 0),
     )
-    selection = str(_get(_get(spec, "averaging", "spec"), "selection", "spec.averaging"))
+
+
+def _parse(spec: Mapping[str, Any], raw: Mapping[str, Any]) -> RunSpec:
+    """The typed form of a defaulted ``spec``: every default it reads comes from the CRD."""
     prep = _get(spec, "dataPreparation", "spec")
     return RunSpec(
-        foundation=foundation,
-        target=target,
-        auxiliaries=tuple(auxiliaries),
+        foundation=_foundation(spec),
+        target=_target(spec),
+        auxiliaries=_auxiliaries(spec),
         include_foundation=_bool(_get(spec, "includeFoundation", "spec"), "spec.includeFoundation"),
-        linear_probe=budget("linearProbe"),
-        auxiliary_finetune=auxiliary_finetune,
-        finetune=finetune,
-        selection=selection,
+        linear_probe=_budget(spec, "linearProbe"),
+        auxiliary_finetune=_auxiliary_finetune(spec),
+        finetune=_finetune(spec),
+        selection=str(_get(_get(spec, "averaging", "spec"), "selection", "spec.averaging")),
         seed=_int(_get(spec, "seed", "spec"), "spec.seed", 0),
-        storage=storage,
-        template=template,
+        storage=_storage(spec),
+        template=_template(spec),
         parallelism=_int(_get(spec, "parallelism", "spec"), "spec.parallelism", 1),
-        failure_policy=failure_policy,
+        failure_policy=_failure_policy(spec),
         suspend=_bool(_get(spec, "suspend", "spec"), "spec.suspend"),
         queue_name=str(spec.get("queueName") or ""),
         active_deadline_seconds=_int(_get(spec, "activeDeadlineSeconds", "spec"), "spec.activeDeadlineSeconds", 0),
