@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
@@ -212,3 +213,20 @@ class JobDescription:
 def trainer_argv(desc: JobDescription) -> list[str]:
     """The container command of a Job (and the local executor's argv, after the executable)."""
     return ["ratatouille-trainer", desc.stage, "--job-json", desc.to_json()]
+
+
+def member_key(member: str) -> tuple:
+    """Natural order of member names: numbers numerically ("2" before "10"), then text."""
+    parts = re.split(r"(\d+)", str(member))
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts)
+
+
+def best_member(val_accuracy: Mapping[str, Any]) -> str | None:
+    """The best single member of an average (its result's `bestSingle`): the highest validation
+    accuracy, a tie going to the member first in natural order; members without a number are
+    not candidates. None when none has one. The one rule for the trainer and the operator."""
+    scored = [(m, float(v)) for m, v in val_accuracy.items()
+              if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v]
+    if not scored:
+        return None
+    return min(scored, key=lambda mv: (-mv[1], member_key(mv[0])))[0]
