@@ -495,9 +495,28 @@ class TrainResult:
     data_wait_seconds: float = 0.0          # time the loop waited for batches (this session)
 
 
-def _resume(net, opt, phases, stream, checkpointer, saved, keep):
-    """Load a checkpoint's model, optimizer, data stream and RNG states; returns
-    (opt, phase index, curve, best, best_state, train_seconds, images_seen, last step)."""
+@dataclass
+class _Loop:
+    """What the training loop carries from step to step (and a checkpoint saves)."""
+    opt: Any
+    pidx: int = 0
+    start: int = 0
+    curve: list = field(default_factory=list)
+    best: dict | None = None
+    best_state: dict | None = None
+    train_seconds: float = 0.0
+    images_seen: int = 0
+    resumed_from: int | None = None
+    loss_sum: float = 0.0
+    loss_n: int = 0
+    last_score: ValScore | None = None
+
+    def images_per_second(self) -> float:
+        return self.images_seen / self.train_seconds if self.train_seconds > 0 else 0.0
+
+
+def _resume(net, phases, stream, checkpointer, saved, keep) -> _Loop:
+    """Load a checkpoint's model, optimizer, data stream and RNG states."""
     from .models import load_network_state
 
     last = int(saved["step"])
@@ -509,19 +528,111 @@ def _resume(net, opt, phases, stream, checkpointer, saved, keep):
     opt.load_state_dict(optimizer_from_flat(opt_tensors, saved["optimizer"]))
     stream.set_state(saved["stream"])
     _set_rng_state(saved["rng"])
-    curve = list(saved["curve"])
     best = saved.get("best")
     best_state = None
     if best is not None and keep == "best":
         best_state = (model_state if best["dir"] == saved["latestDir"]
                       else checkpointer.fetch_state_dict(best["dir"], "model.safetensors"))
-    return (opt, pidx, curve, best, best_state, float(saved.get("trainSeconds", 0.0)),
-            int(saved.get("imagesSeen", 0)), last)
+    return _Loop(opt=opt, pidx=pidx, start=last + 1, curve=list(saved["curve"]), best=best,
+                 best_state=best_state, train_seconds=float(saved.get("trainSeconds", 0.0)),
+                 images_seen=int(saved.get("imagesSeen", 0)), resumed_from=last)
 
 
 def _abort_at() -> int | None:
     v = os.environ.get("RATATOUILLE_ABORT_AT_STEP")
     return int(v) if v else None
+
+
+def _start(net: Network, stream: TrainStream, phases: Sequence[Phase], checkpointer: Checkpointer | None,
+           keep: str, seed: int) -> _Loop:
+    """A fresh loop, or the one the newest readable checkpoint saved (an unreadable one is
+    discarded and training starts over, as if there had been none)."""
+    torch.manual_seed(seed)
+    initial_state = cpu_state(net) if checkpointer is not None else None
+    initial_stream = stream.get_state() if checkpointer is not None else None
+    loop = _Loop(opt=make_optimizer(net, phases[0]))
+    saved = checkpointer.load() if checkpointer is not None else None
+    if saved is None:
+        return loop
+    try:
+        return _resume(net, phases, stream, checkpointer, saved, keep)
+    except (SimulatedCrash, MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as e:  # truncated files, bad JSON fields, shapes that do not fit
+        checkpointer.discard(f"{type(e).__name__}: {e}")
+        torch.manual_seed(seed)  # as if there had been no checkpoint
+        net.load_state_dict(initial_state)
+        stream.set_state(initial_stream)
+        return _Loop(opt=make_optimizer(net, phases[0]))
+
+
+def _step(net: Network, fwd, loop: _Loop, phase: Phase, batches: "BatchSource", ctx: DeviceContext,
+          step: int) -> float:
+    """One optimizer step; returns its loss."""
+    t0 = time.perf_counter()
+    x, y = batches.next()
+    with ctx.autocast():
+        if phase.trainable == "head":
+            with torch.no_grad():
+                feats = net.features(x)
+            logits = net.head(feats)
+        else:
+            logits = fwd(x)
+    loss = F.cross_entropy(logits.float(), y)
+    loss_v = float(loss.item())
+    if not math.isfinite(loss_v):
+        raise Diverged(f"the loss is {loss_v} at step {step} (lr {phase.lr:g}): lower the learning rate")
+    loop.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    loop.opt.step()
+    if ctx.is_cuda:
+        torch.cuda.synchronize()
+    loop.train_seconds += time.perf_counter() - t0
+    loop.images_seen += int(y.shape[0])
+    loop.loss_sum += loss_v
+    loop.loss_n += 1
+    return loss_v
+
+
+def _evaluate(net: Network, loop: _Loop, evaluator: Evaluator, step: int, keep: str) -> tuple[ValScore, dict]:
+    """Score the model, extend the curve, remember the best; returns (score, curve point)."""
+    score = evaluator.score(net)
+    loop.last_score = score
+    point = {"step": step, "loss": loop.loss_sum / max(loop.loss_n, 1), "valAccuracy": score.mean,
+             "valAccuracyPooled": score.pooled}
+    loop.curve.append(point)
+    loop.loss_sum, loop.loss_n = 0.0, 0
+    if loop.best is None or score.mean > loop.best["score"]:
+        loop.best = {"step": step, "score": score.mean, "pooled": score.pooled,
+                     "perDomain": score.per_domain, "dir": Checkpointer.dirname(step)}
+        if keep == "best":
+            loop.best_state = cpu_state(net)
+    return score, point
+
+
+def _checkpoint(net: Network, loop: _Loop, checkpointer: Checkpointer, batches: "BatchSource", step: int,
+                steps: int, keep: str) -> None:
+    model_now = cpu_state(net)
+    check_finite_state(model_now, f"the model after step {step}")  # never checkpointed
+    opt_tensors, opt_meta = optimizer_to_flat(loop.opt)
+    checkpointer.save(step, model_now, opt_tensors, {
+        "step": step, "steps": steps, "phase": loop.pidx, "optimizer": opt_meta,
+        "stream": batches.state(), "rng": _rng_state(), "curve": loop.curve,
+        "best": loop.best if keep == "best" else None,
+        "trainSeconds": loop.train_seconds, "imagesSeen": loop.images_seen,
+    })
+
+
+def _kept(net: Network, loop: _Loop, evaluator: Evaluator, steps: int, keep: str) -> tuple[dict, int, ValScore]:
+    """(state, step, score) of the model the stage keeps: its best evaluation, or its last step."""
+    if keep == "best":
+        if loop.best_state is None:
+            raise RuntimeError("no checkpoint was evaluated")
+        best = loop.best
+        return loop.best_state, int(best["step"]), ValScore(best["score"], best["pooled"], dict(best["perDomain"]))
+    if loop.last_score is None:  # resumed right at the end
+        loop.last_score = evaluator.score(net)
+    return cpu_state(net), steps - 1, loop.last_score
 
 
 def train(net: Network, stream: TrainStream, evaluator: Evaluator, *, steps: int, eval_every: int,
@@ -546,130 +657,41 @@ def train(net: Network, stream: TrainStream, evaluator: Evaluator, *, steps: int
     ctx.prepare(net)
     stream.to(ctx.device, pin=ctx.pin_memory, max_device_bytes=ctx.device_cache_bytes)
     fwd = ctx.compiled(net)
-
-    torch.manual_seed(seed)
-    initial_state = cpu_state(net) if checkpointer is not None else None
-    initial_stream = stream.get_state() if checkpointer is not None else None
-    start = 0
-    curve: list[dict] = []
-    best: dict | None = None
-    best_state: dict[str, torch.Tensor] | None = None
-    train_seconds = 0.0
-    images_seen = 0
-    resumed_from = None
-    pidx = 0
-    opt = make_optimizer(net, phases[0])
-
-    saved = checkpointer.load() if checkpointer is not None else None
-    if saved is not None:
-        try:
-            resumed = _resume(net, opt, phases, stream, checkpointer, saved, keep)
-        except (SimulatedCrash, MemoryError, KeyboardInterrupt):
-            raise
-        except Exception as e:  # truncated files, bad JSON fields, shapes that do not fit
-            checkpointer.discard(f"{type(e).__name__}: {e}")
-            torch.manual_seed(seed)  # as if there had been no checkpoint
-            net.load_state_dict(initial_state)
-            opt = make_optimizer(net, phases[0])
-            stream.set_state(initial_stream)
-            resumed = None
-        if resumed is not None:
-            opt, pidx, curve, best, best_state, train_seconds, images_seen, last = resumed
-            start = last + 1
-            resumed_from = last
-            if progress is not None:
-                progress.emit("resume", step=start, steps=steps)
+    loop = _start(net, stream, phases, checkpointer, keep, seed)
+    if loop.resumed_from is not None and progress is not None:
+        progress.emit("resume", step=loop.start, steps=steps)
 
     abort_at = _abort_at()
     net.train()
-    loss_sum, loss_n = 0.0, 0
-    last_score: ValScore | None = None
-    batches = BatchSource(stream, ctx, steps - start, horizontal_flip=horizontal_flip)
+    batches = BatchSource(stream, ctx, steps - loop.start, horizontal_flip=horizontal_flip)
     try:
-        for step in range(start, steps):
+        for step in range(loop.start, steps):
             # phase switch: a fresh Adam over the new phase's parameters (reference: head warm-up)
             new_idx = phase_index(phases, step)
-            if new_idx != pidx:
-                opt = make_optimizer(net, phases[new_idx])
-                pidx = new_idx
-            phase = phases[pidx]
-
-            t0 = time.perf_counter()
-            x, y = batches.next()
-            with ctx.autocast():
-                if phase.trainable == "head":
-                    with torch.no_grad():
-                        feats = net.features(x)
-                    logits = net.head(feats)
-                else:
-                    logits = fwd(x)
-            loss = F.cross_entropy(logits.float(), y)
-            loss_v = float(loss.item())
-            if not math.isfinite(loss_v):
-                raise Diverged(f"the loss is {loss_v} at step {step} (lr {phase.lr:g}): lower the "
-                               "learning rate")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if ctx.is_cuda:
-                torch.cuda.synchronize()
-            train_seconds += time.perf_counter() - t0
-            images_seen += int(y.shape[0])
-            loss_sum += loss_v
-            loss_n += 1
-            ips = images_seen / train_seconds if train_seconds > 0 else 0.0
-
-            is_eval = (eval_every > 0 and step % eval_every == 0) or step == steps - 1
-            if is_eval:
-                score = evaluator.score(net)
-                last_score = score
-                point = {"step": step, "loss": loss_sum / max(loss_n, 1), "valAccuracy": score.mean,
-                         "valAccuracyPooled": score.pooled}
-                curve.append(point)
-                loss_sum, loss_n = 0.0, 0
-                improved = best is None or score.mean > best["score"]
-                if improved:
-                    best = {"step": step, "score": score.mean, "pooled": score.pooled,
-                            "perDomain": score.per_domain, "dir": Checkpointer.dirname(step)}
-                    if keep == "best":
-                        best_state = cpu_state(net)
+            if new_idx != loop.pidx:
+                loop.opt = make_optimizer(net, phases[new_idx])
+                loop.pidx = new_idx
+            loss_v = _step(net, fwd, loop, phases[loop.pidx], batches, ctx, step)
+            if (eval_every > 0 and step % eval_every == 0) or step == steps - 1:
+                score, point = _evaluate(net, loop, evaluator, step, keep)
                 if on_eval is not None:
                     on_eval(step, score)
                 if checkpointer is not None:
-                    model_now = cpu_state(net)
-                    check_finite_state(model_now, f"the model after step {step}")  # never checkpointed
-                    opt_tensors, opt_meta = optimizer_to_flat(opt)
-                    checkpointer.save(step, model_now, opt_tensors, {
-                        "step": step, "steps": steps, "phase": pidx, "optimizer": opt_meta,
-                        "stream": batches.state(), "rng": _rng_state(), "curve": curve,
-                        "best": best if keep == "best" else None,
-                        "trainSeconds": train_seconds, "imagesSeen": images_seen,
-                    })
+                    _checkpoint(net, loop, checkpointer, batches, step, steps, keep)
                 if progress is not None:
-                    progress.update(step + 1, loss=point["loss"], val=score.mean, images_per_second=ips)
+                    progress.update(step + 1, loss=point["loss"], val=score.mean,
+                                    images_per_second=loop.images_per_second())
             elif progress is not None:
-                progress.update(step + 1, loss=loss_v, images_per_second=ips)
+                progress.update(step + 1, loss=loss_v, images_per_second=loop.images_per_second())
             if abort_at is not None and step + 1 >= abort_at:
                 raise SimulatedCrash(f"aborted after step {step} (RATATOUILLE_ABORT_AT_STEP={abort_at})")
     finally:
         batches.close()
 
-    ips = images_seen / train_seconds if train_seconds > 0 else 0.0
-    if keep == "best":
-        if best_state is None:
-            raise RuntimeError("no checkpoint was evaluated")
-        kept_step = int(best["step"])
-        kept_score = ValScore(best["score"], best["pooled"], dict(best["perDomain"]))
-        state = best_state
-    else:
-        state = cpu_state(net)
-        kept_step = steps - 1
-        if last_score is None:  # resumed right at the end
-            last_score = evaluator.score(net)
-        kept_score = last_score
+    state, kept_step, kept_score = _kept(net, loop, evaluator, steps, keep)
     check_finite_state(state, f"the kept model (step {kept_step})")
     for p in net.parameters():
         p.requires_grad_(True)
-    return TrainResult(state=state, step=kept_step, score=kept_score, curve=curve, steps=steps,
-                       images_per_second=ips, resumed_from=resumed_from, train_seconds=train_seconds,
-                       data_wait_seconds=batches.wait_seconds)
+    return TrainResult(state=state, step=kept_step, score=kept_score, curve=loop.curve, steps=steps,
+                       images_per_second=loop.images_per_second(), resumed_from=loop.resumed_from,
+                       train_seconds=loop.train_seconds, data_wait_seconds=batches.wait_seconds)
