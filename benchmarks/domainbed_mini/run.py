@@ -66,7 +66,46 @@ CONFIGS: dict[str, dict] = {
 }
 CONFIGS["full"] = dict(CONFIGS["pilot"], heldOut=["colored", "optdigits", "rotated"], seeds=[0, 1, 2])
 
+# v2 (issue 13, PREREGISTRATION-v2.md): related auxiliaries rendered from fonts the foundation never
+# saw (data_v2.py), every domain held out, 2 drawn fine-tunings per auxiliary (a pool shared by every
+# seed and held-out domain), no horizontal flip, head warm-up left to the product (4% of the steps),
+# and a third group `ctrl` whose runs 0..3 start from the unrelated control `shapes` (twins of soup
+# runs 0..3).
+V2_TARGET_HP = {"lr": ("3e-4", ["3e-4", "1e-3"]), "weightDecay": ("0", ["1e-4", "1e-6"]),
+                "dropout": ("0", ["0", "0.1", "0.5"])}
+V2_AUX_HP = {"lr": ("1e-3", ["3e-4", "1e-3"]), "weightDecay": ("0", ["1e-4", "1e-6"]),
+             "dropout": ("0", ["0", "0.1"])}
+CONFIGS["v2-pilot"] = {
+    "version": 2, "perDomain": 1500, "auxPerDomain": 1000, "heldOut": ["rotated"], "seeds": [0],
+    "runs": 8, "ctrlRuns": 4, "steps": 400, "batchSize": 16, "evalEvery": 40,
+    "lpSteps": 200, "auxSteps": 400, "auxBatchSize": 16, "auxRuns": 2, "auxSeed": 0,
+    **V2_TARGET_HP, "aux": V2_AUX_HP, "workers": 2,
+}
+CONFIGS["v2"] = dict(CONFIGS["v2-pilot"], heldOut=list(TARGET_DOMAINS), seeds=[0, 1, 2])
+# mechanics only (tests/test_benchmark_mechanics.py): one related auxiliary, tiny sizes
+CONFIGS["v2-ci"] = dict(CONFIGS["v2-pilot"], perDomain=60, auxPerDomain=30, runs=4, ctrlRuns=2, related=["printed"],
+                        steps=20, evalEvery=10, lpSteps=10, auxSteps=20)
+
 GROUPS = ("soup", "rat")
+V2_GROUPS = ("soup", "rat", "ctrl")
+
+
+def groups_of(cfg: dict) -> tuple[str, ...]:
+    return V2_GROUPS if cfg.get("version") == 2 else GROUPS
+
+
+def auxiliaries_of(cfg: dict, group: str | None = None) -> tuple[str, ...]:
+    """The auxiliary datasets a configuration builds (group None) or a group starts from."""
+    if cfg.get("version") != 2:
+        return AUXILIARIES if group in (None, "rat") else ()
+    from data_v2 import CONTROL, RELATED
+
+    related = tuple(cfg.get("related") or RELATED)
+    return {None: related + CONTROL, "rat": related, "ctrl": CONTROL}.get(group, ())
+
+
+def runs_of(cfg: dict, group: str) -> int:
+    return cfg["ctrlRuns"] if group == "ctrl" else cfg["runs"]
 
 
 def log(msg: str) -> None:
@@ -83,14 +122,21 @@ def rel(p: Path) -> str:
 
 # ---------------------------------------------------------------------------------- data
 
-def build_data(cache: Path, per_domain: int) -> Path:
+def build_data(cache: Path, cfg: dict) -> Path:
     from ratatouille_trainer import demo_data
 
-    out = cache / f"data-{per_domain}"
+    per_domain = cfg["perDomain"]
+    v2 = cfg.get("version") == 2
+    out = cache / (f"data-v2-{per_domain}-{cfg['auxPerDomain']}" if v2 else f"data-{per_domain}")
     if not (out / "demo-data.json").exists():
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        demo_data.generate(tmp, seed=0, per_domain=per_domain)
+        if v2:
+            import data_v2
+
+            data_v2.generate(tmp, per_domain, cfg["auxPerDomain"], seed=0)
+        else:
+            demo_data.generate(tmp, seed=0, per_domain=per_domain)
         tmp.rename(out)
     return out
 
@@ -134,7 +180,7 @@ def _image_hashes(root: Path) -> dict[str, set[bytes]]:
     return out
 
 
-def check_disjoint(data: Path) -> dict:
+def check_disjoint(data: Path, auxiliaries: tuple[str, ...] = AUXILIARIES) -> dict:
     import numpy as np
     from PIL import Image
 
@@ -147,7 +193,7 @@ def check_disjoint(data: Path) -> dict:
         for k in range(4):
             target.add(hashlib.sha256(np.ascontiguousarray(np.rot90(a, k)).tobytes()).digest())
     report = {"targetImages": n_target, "auxiliaries": {}}
-    for aux in AUXILIARIES:
+    for aux in auxiliaries:
         hashes = _image_hashes(data / aux)
         n = sum(len(h) for h in hashes.values())
         shared = sum(len(h & target) for h in hashes.values())
@@ -174,6 +220,7 @@ def lp_headroom(data: Path, foundation: Path) -> dict:
 def manifest(cfg: dict, config: str, group: str, held: str, seed: int, data: Path, foundation: Path,
              storage: Path) -> dict:
     lr, wd, do = cfg["lr"], cfg["weightDecay"], cfg["dropout"]
+    v2 = cfg.get("version") == 2
     spec = {
         "foundation": {"model": "test_resnet", "weights": rel(foundation), "inputSize": 32},
         "target": {"dataset": rel(data / "digits"), "testDomains": [held], "holdoutFraction": "0.2"},
@@ -182,7 +229,7 @@ def manifest(cfg: dict, config: str, group: str, held: str, seed: int, data: Pat
         "auxiliaryFinetune": {"steps": cfg["auxSteps"], "batchSize": cfg["auxBatchSize"], "lr": "1e-4"},
         "finetune": {
             "runs": cfg["runs"], "steps": cfg["steps"], "batchSize": cfg["batchSize"],
-            "headWarmupSteps": cfg["headWarmupSteps"], "evalEvery": cfg["evalEvery"],
+            "headWarmupSteps": cfg.get("headWarmupSteps"), "evalEvery": cfg["evalEvery"],
             "hyperparameters": {
                 "lr": {"default": lr[0], "choices": list(lr[1])},
                 "weightDecay": {"default": wd[0], "choices": list(wd[1])},
@@ -195,8 +242,20 @@ def manifest(cfg: dict, config: str, group: str, held: str, seed: int, data: Pat
         "parallelism": 1,
         "failurePolicy": {"backoffLimit": 0, "maxAttempts": 2, "minSucceeded": cfg["runs"]},
     }
-    if group == "rat":
-        spec["auxiliaries"] = [{"name": a, "dataset": rel(data / a)} for a in AUXILIARIES]
+    if v2:
+        runs = runs_of(cfg, group)
+        spec["finetune"]["runs"] = runs
+        spec["failurePolicy"]["minSucceeded"] = runs
+        del spec["finetune"]["headWarmupSteps"]  # the product's default: 4% of the steps
+        spec["augmentation"] = {"horizontalFlip": False}  # digits are not mirror-symmetric
+        spec["includeFoundation"] = group != "ctrl"
+        spec["auxiliaryFinetune"] = {
+            "steps": cfg["auxSteps"], "batchSize": cfg["auxBatchSize"], "seed": cfg["auxSeed"],
+            "hyperparameters": {k: {"default": v[0], "choices": list(v[1])} for k, v in cfg["aux"].items()}}
+    auxes = auxiliaries_of(cfg, group)
+    if auxes:
+        spec["auxiliaries"] = [{"name": a, "dataset": rel(data / a), **({"runs": cfg["auxRuns"]} if v2 else {})}
+                               for a in auxes]
     return {"apiVersion": "ratatouille.dev/v1alpha1", "kind": "RatatouilleRun",
             "metadata": {"name": run_name(config, group, held, seed)}, "spec": spec}
 
@@ -204,7 +263,7 @@ def manifest(cfg: dict, config: str, group: str, held: str, seed: int, data: Pat
 def run_name(config: str, group: str, held: str, seed: int) -> str:
     # pilot and full share their settings: the pilot's runs are the full run's (rotated, seed 0) cell,
     # reused by `--config full` (same name and spec -> same run uid -> finished members are kept).
-    family = "ci" if config == "ci" else "main"
+    family = {"ci": "ci", "v2-ci": "v2ci", "v2": "v2", "v2-pilot": "v2"}.get(config, "main")
     return f"dbm-{family}-{held}-s{seed}-{group}"
 
 
@@ -216,7 +275,7 @@ def write_manifests(cfg: dict, config: str, data: Path, foundation: Path, storag
     jobs = []
     for seed in cfg["seeds"]:
         for held in cfg["heldOut"]:
-            for group in ("rat", "soup"):  # rat first: it fills the auxiliary cache
+            for group in sorted(groups_of(cfg), key=lambda g: g == "soup"):  # aux groups first: they fill the cache
                 doc = manifest(cfg, config, group, held, seed, data, foundation, storage)
                 path = mdir / f"{held}-s{seed}-{group}.yaml"
                 text = (f"# generated by benchmarks/domainbed_mini/run.py --config {config}; run from the "
@@ -231,14 +290,14 @@ def write_manifests(cfg: dict, config: str, data: Path, foundation: Path, storag
 
 # ---------------------------------------------------------------------------------- execution
 
-def product_snapshot(cache: Path) -> tuple[str | None, Path | None]:
+def product_snapshot(cache: Path, rev: str = "HEAD") -> tuple[str | None, Path | None]:
     """The product's packages as committed (HEAD), extracted once per commit (`git archive`, which
     reads the repository and changes nothing). `ratatouille run` and its trainer processes import
     them through PYTHONPATH, ahead of the editable install: work in progress in the working tree
     (other sessions edit the trainer while a 90-minute benchmark runs) can neither break the
     benchmark half-way nor change its numerics between cells."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+        commit = subprocess.run(["git", "rev-parse", "--verify", f"{rev}^{{commit}}"], cwd=REPO, capture_output=True, text=True,
                                 check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         log("not a git checkout: running the installed product code")
@@ -258,18 +317,19 @@ def execute(jobs: list[dict], workers: int, workdir: Path, timeout: float | None
             pythonpath: str | None = None, retries: int = 2) -> dict[str, dict]:
     """`ratatouille run` every manifest, `workers` at a time, one torch thread each.
 
-    The first `rat` manifest of a seed fine-tunes the auxiliaries into the shared cache; the other
-    `rat` manifests of that seed wait for it, so no auxiliary is trained twice."""
+    The first manifest of each group with auxiliaries fine-tunes them into the shared cache (the
+    product seeds the pool by `auxiliaryFinetune.seed`, not the run's seed, so every seed and held-out
+    domain reuses it); the group's other manifests wait for it, so no auxiliary is trained twice."""
     exe = str(Path(sys.executable).with_name("ratatouille"))
     env = dict(os.environ, OMP_NUM_THREADS="1", RATATOUILLE_TORCH_THREADS="1", HF_HUB_OFFLINE="1",
                PYTHONUNBUFFERED="1")
     if pythonpath:
         env["PYTHONPATH"] = pythonpath + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     attempts: dict[str, int] = {}
-    primer: dict[int, str] = {}
+    primer: dict[str, str] = {}
     for j in jobs:
-        if j["group"] == "rat":
-            primer.setdefault(j["seed"], j["name"])
+        if j["group"] != "soup":
+            primer.setdefault(j["group"], j["name"])
     done: dict[str, dict] = {}
     running: dict[str, tuple[subprocess.Popen, dict, float, object]] = {}
     queue = list(jobs)  # cell by cell, so that complete cells accumulate if the budget runs out
@@ -295,8 +355,8 @@ def execute(jobs: list[dict], workers: int, workdir: Path, timeout: float | None
                 if rc != 0:
                     raise RuntimeError(f"ratatouille run {job['path']} failed (rc {rc}); see {job['log']}")
             while queue and len(running) < workers:
-                ready = [j for j in queue if j["group"] != "rat" or primer[j["seed"]] == j["name"]
-                         or primer[j["seed"]] in done]
+                ready = [j for j in queue if j["group"] == "soup" or primer[j["group"]] == j["name"]
+                         or primer[j["group"]] in done]
                 if not ready:
                     break
                 job = ready[0]
@@ -446,8 +506,8 @@ def analyse_group(prefix: Path, data: Path, held: str, seed: int, runs: int) -> 
     }
 
 
-def cell_complete(storage: Path, config: str, held: str, seed: int) -> bool:
-    return all((PREFIXES[run_name(config, g, held, seed)] / "average" / "DONE").exists() for g in GROUPS)
+def cell_complete(storage: Path, config: str, held: str, seed: int, groups: tuple[str, ...] = GROUPS) -> bool:
+    return all((PREFIXES[run_name(config, g, held, seed)] / "average" / "DONE").exists() for g in groups)
 
 
 def analyse(cfg: dict, config: str, storage: Path, data: Path, foundation: Path) -> list[dict]:
@@ -455,13 +515,13 @@ def analyse(cfg: dict, config: str, storage: Path, data: Path, foundation: Path)
     cells = []
     for seed in cfg["seeds"]:
         for held in cfg["heldOut"]:
-            if not cell_complete(storage, config, held, seed):
+            if not cell_complete(storage, config, held, seed, groups_of(cfg)):
                 log(f"cell {held} seed {seed} is not complete: left out of the analysis")
                 continue
             cell = {"held": held, "seed": seed}
-            for group in GROUPS:
+            for group in groups_of(cfg):
                 prefix = _run_prefix(storage, run_name(config, group, held, seed))
-                g = analyse_group(prefix, data, held, seed, cfg["runs"])
+                g = analyse_group(prefix, data, held, seed, runs_of(cfg, group))
                 g["bnBuffersUnchanged"] = bn_buffers_unchanged(prefix, fstate)
                 lp = json.loads((prefix / "linear-probe" / "metrics.json").read_text())
                 g["linearProbe"] = {"val": lp["valAccuracy"], "test": lp["testAccuracy"][held],
@@ -476,6 +536,14 @@ def analyse(cfg: dict, config: str, storage: Path, data: Path, foundation: Path)
                 "foundationMembersIdentical": all(a["weightsDigest"] == b["weightsDigest"] for a, b in zip(s["members"], r["members"])
                                                   if b["source"] == "foundation"),
             }
+            if "ctrl" in cell:  # ctrl run i is the twin of soup run i (i < ctrlRuns)
+                c = cell["ctrl"]
+                cell["pairing"]["ctrlSameHyperparameters"] = all(
+                    a["hyperparameters"] == b["hyperparameters"] for a, b in zip(s["members"], c["members"]))
+                cell["pairing"]["ctrlSameLinearProbe"] = c["linearProbe"]["weightsDigest"] == s["linearProbe"]["weightsDigest"]
+                cell["pairing"]["auxMembersDiffer"] = all(
+                    a["weightsDigest"] != b["weightsDigest"] for g in (r, c) for a, b in zip(s["members"], g["members"])
+                    if b["source"] != "foundation")
             cell["methods"] = {
                 "LP": s["linearProbe"]["test"],
                 "ERM": s["best"]["test"],
@@ -487,6 +555,10 @@ def analyse(cfg: dict, config: str, storage: Path, data: Path, foundation: Path)
                 "mean member (soup)": s["membersMeanTest"],
                 "mean member (rat)": r["membersMeanTest"],
             }
+            if "ctrl" in cell:
+                k = len(cell["ctrl"]["members"])
+                cell["methods"][f"control uniform ({k} shapes-started)"] = cell["ctrl"]["uniform"]["test"]
+                cell["methods"][f"soup uniform (runs 0-{k - 1})"] = s["curve"][k - 1]["test"]
             cells.append(cell)
     return cells
 
@@ -511,7 +583,7 @@ def seeds_complete(cfg: dict, cells: list[dict]) -> list[int]:
 
 def summarize(cfg: dict, cells: list[dict]) -> dict:
     table: dict[str, dict] = {}
-    for meth in METHODS:
+    for meth in cells[0]["methods"]:
         row = {}
         for held in cfg["heldOut"]:
             xs = [c["methods"][meth] for c in cells if c["held"] == held]
@@ -521,21 +593,65 @@ def summarize(cfg: dict, cells: list[dict]) -> dict:
         row["avg"] = _mse(per_seed) if per_seed else (float("nan"), float("nan"))
         table[meth] = row
     deltas = {}
-    for a, b in DELTAS:
+    extra = tuple(next((m for m in cells[0]["methods"] if m.startswith(p)), None)
+                  for p in ("control uniform", "soup uniform ("))
+    for a, b in DELTAS + [extra] * all(extra):
         d = [c["methods"][a] - c["methods"][b] for c in cells]
         m, se = _mse(d)
         deltas[f"{a} - {b}"] = {"mean": m, "se": se, "wins": sum(x > 0 for x in d), "ties": sum(x == 0 for x in d),
                                 "cells": len(d), "values": d}
     diag = []
     for c in cells:
-        for g in GROUPS:
+        for g in groups_of(cfg):
             u = c[g]["diagnostics"]["uniform"]
             diag.append({"held": c["held"], "seed": c["seed"], "group": g, "uniformVal": u["valAccuracy"],
                          "membersMeanVal": u["membersMeanVal"], "membersBestVal": u["membersBestVal"],
                          "collapse": u["collapse"], "greedySelected": len(c[g]["greedy"]["selected"]),
                          "greedyValPooled": c[g]["greedy"]["valPooled"],
                          "membersBestValPooled": c[g]["membersBestValPooled"]})
-    return {"table": table, "deltas": deltas, "diagnostics": diag, "why": why(cells)}
+    out = {"table": table, "deltas": deltas, "diagnostics": diag, "why": why(cells)}
+    if cfg.get("version") == 2:
+        out["primary"] = primary_endpoint(cfg, cells)
+    return out
+
+
+def sign_flip_p(xs: list[float]) -> dict:
+    """Exact paired sign-flip (randomization) test of mean(xs) = 0: every one of the 2^n sign
+    assignments, p = the share whose mean is at least as extreme as the observed one."""
+    n = len(xs)
+    obs = sum(xs)
+    ge = le = both = 0
+    for mask in range(2 ** n):
+        t = sum(-x if mask >> i & 1 else x for i, x in enumerate(xs))
+        ge += t >= obs - 1e-12
+        le += t <= obs + 1e-12
+        both += abs(t) >= abs(obs) - 1e-12
+    return {"n": n, "greater": ge / 2 ** n, "less": le / 2 ** n, "twoSided": both / 2 ** n}
+
+
+PRIMARY = ("ratatouille uniform", "soup uniform")
+
+
+def primary_endpoint(cfg: dict, cells: list[dict]) -> dict:
+    """The pre-registered primary endpoint and decision rule (PREREGISTRATION-v2.md)."""
+    a, b = PRIMARY
+    d = [c["methods"][a] - c["methods"][b] for c in cells]
+    seeds = seeds_complete(cfg, cells)
+    per_seed = [statistics.fmean(c["methods"][a] - c["methods"][b] for c in cells if c["seed"] == s) for s in seeds]
+    m, se = _mse(per_seed) if per_seed else (float("nan"), float("nan"))
+    cell_test, seed_test = sign_flip_p(d), sign_flip_p(per_seed) if per_seed else None
+    # decomposition: (rat uniform - soup uniform) = (rat mean member - soup mean member) + (rat gain - soup gain)
+    member = [c["methods"]["mean member (rat)"] - c["methods"]["mean member (soup)"] for c in cells]
+    gain = [x - y for x, y in zip(d, member)]
+    complete = len(cells) == len(cfg["seeds"]) * len(cfg["heldOut"])
+    reproduced = (complete and m > 0 and cell_test["greater"] <= 0.05 and all(x > 0 for x in per_seed))
+    reversed_ = complete and m < 0 and cell_test["less"] <= 0.05 and all(x < 0 for x in per_seed)
+    verdict = ("incomplete" if not complete else "reproduced" if reproduced
+               else "reversed" if reversed_ else "not reproduced")
+    return {"endpoint": f"{a} - {b}", "perSeed": per_seed, "mean": m, "se": se, "cells": d,
+            "signFlipCells": cell_test, "signFlipSeeds": seed_test,
+            "decomposition": {"memberQuality": _mse(member), "averagingGain": _mse(gain)},
+            "complete": complete, "verdict": verdict}
 
 
 def _spearman(xs: list[float], ys: list[float]) -> float:
@@ -568,7 +684,8 @@ def why(cells: list[dict]) -> dict:
     rho = {"soup": [], "rat": []}
     by_lr: dict[str, dict[str, list[float]]] = {}
     for c in cells:
-        for a, b in zip(c["soup"]["members"], c["rat"]["members"]):
+        twins = [(a, b) for g in ("rat", "ctrl") if g in c for a, b in zip(c["soup"]["members"], c[g]["members"])]
+        for a, b in twins:
             if b["source"] == "foundation":
                 continue
             src = b["source"].rsplit("-", 1)[0]
@@ -601,8 +718,7 @@ def markdown(cfg: dict, summary: dict, cells: list[dict]) -> str:
     pct = lambda m, se: ("n/a" if math.isnan(m) else f"{100 * m:.1f}" if math.isnan(se)
                          else f"{100 * m:.1f} ± {100 * se:.1f}")
     lines = ["| method | " + " | ".join(helds) + " | avg |", "|---" * (len(helds) + 2) + "|"]
-    for meth in METHODS:
-        row = summary["table"][meth]
+    for meth, row in summary["table"].items():
         lines.append(f"| {meth} | " + " | ".join(pct(*row[h]) for h in helds) + f" | {pct(*row['avg'])} |")
     lines += ["", "Paired differences over all (held-out domain, seed) cells (accuracy points; wins = cells where the"
               " first is higher):", "", "| difference | mean ± s.e. | wins / cells |", "|---|---|---|"]
@@ -681,6 +797,131 @@ def plot(cfg: dict, cells: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+# ---------------------------------------------------------------------------------- v2 pilot
+
+# PREREGISTRATION-v2.md, "Pilot go/no-go": thresholds fixed before the pilot ran.
+AUX_VAL_MIN = 0.80          # every auxiliary fine-tuning: last-step validation on its own task
+AUX_DISTANCE_MIN = 0.5      # every related auxiliary featurizer moved at least half as far from the
+                            # foundation (relative L2) as the soup members' featurizers do on average
+CONVERGED_SHARE_MAX = 0.5   # per group: share of members best at their last evaluation
+
+
+def pilot_v2(cfg: dict, config: str, storage: Path, runs: dict, wall: float, t_runs: float) -> dict:
+    """The one-cell pilot's go/no-go figures, from training-domain validation and the product's
+    diagnostics only (no test accuracy is read)."""
+    held, seed = cfg["heldOut"][0], cfg["seeds"][0]
+    groups: dict[str, dict] = {}
+    members: dict[str, list[dict]] = {}
+    for g in groups_of(cfg):
+        prefix = _run_prefix(storage, run_name(config, g, held, seed))
+        avg = json.loads((prefix / "average" / "metrics.json").read_text())
+        ms = []
+        for i in range(runs_of(cfg, g)):
+            m = json.loads((prefix / "target" / str(i) / "metrics.json").read_text())
+            ms.append({"index": i, "source": m["source"], "hyperparameters": m["hyperparameters"],
+                       "val": m["valAccuracy"], "bestStep": m["bestStep"], "steps": m.get("steps"),
+                       "trainSeconds": m.get("trainSeconds"),
+                       "weightsDigest": tensor_digest(prefix / "target" / str(i) / "model.safetensors")})
+        members[g] = ms
+        groups[g] = {"uniform": avg["uniform"], "ensemble": avg.get("ensemble"), "convergence": avg.get("convergence"),
+                     "sources": avg.get("sources"), "interpolation": avg.get("interpolation"),
+                     "greedyValPooled": avg["valAccuracyPooled"], "greedySelected": avg["selected"],
+                     "warnings": avg.get("warnings")}
+    aux = []
+    for d in sorted((storage / "cache" / "aux").iterdir()):
+        if (d / "metrics.json").exists():
+            m = json.loads((d / "metrics.json").read_text())
+            aux.append({"key": d.name, "dataset": Path(m["dataset"]).name, "hyperparameters": m["hyperparameters"],
+                        "val": m.get("valAccuracy"), "steps": m.get("steps"), "trainSeconds": m.get("trainSeconds")})
+    soup_move = groups["soup"]["sources"]["foundation"]["membersRelL2"]
+    related = {k: v for g in ("rat",) for k, v in groups[g]["sources"].items() if k != "foundation"}
+    checks = {
+        "auxiliariesLearnt": {"rule": f"every auxiliary fine-tuning's validation >= {AUX_VAL_MIN}",
+                              "values": {a["key"][:60]: a["val"] for a in aux},
+                              "pass": bool(aux) and all((a["val"] or 0) >= AUX_VAL_MIN for a in aux)},
+        "auxiliariesFarEnough": {"rule": f"every related auxiliary featurizer's relative L2 from the foundation >= "
+                                         f"{AUX_DISTANCE_MIN} x the soup members' mean ({soup_move:.4f})",
+                                 "values": {k: v["featurizerRelL2"] for k, v in related.items()},
+                                 "pass": bool(related) and all(v["featurizerRelL2"] >= AUX_DISTANCE_MIN * soup_move
+                                                               for v in related.values())},
+        "membersConverged": {"rule": f"per group, share of members best at their last evaluation <= {CONVERGED_SHARE_MAX}",
+                             "values": {g: v["convergence"]["share"] for g, v in groups.items()},
+                             "pass": all(v["convergence"]["share"] <= CONVERGED_SHARE_MAX for v in groups.values())},
+        "noCollapse": {"rule": "collapseGrade none in every group (the product's graded collapse)",
+                       "values": {g: v["uniform"]["collapseGrade"] for g, v in groups.items()},
+                       "pass": all(v["uniform"]["collapseGrade"] == "none" for v in groups.values())},
+        "moreDisagreement": {"rule": "ratatouille members' prediction disagreement > soup members'",
+                             "values": {g: v["ensemble"]["disagreement"] for g, v in groups.items()},
+                             "pass": groups["rat"]["ensemble"]["disagreement"] > groups["soup"]["ensemble"]["disagreement"]},
+        "auxStartedMembersDiffer": {"rule": "every auxiliary-started member differs from its foundation-started twin",
+                                    "pass": all(a["weightsDigest"] != b["weightsDigest"] for g in ("rat", "ctrl")
+                                                for a, b in zip(members["soup"], members[g]) if b["source"] != "foundation")},
+    }
+    go = all(c["pass"] for c in checks.values())
+    cell_runs = {k: v for k, v in runs.items()}
+    pool = sum(a["trainSeconds"] or 0 for a in aux)
+    cell_member_s = sum(m["trainSeconds"] or 0 for ms in members.values() for m in ms)
+    n_cells = 12
+    estimate = {"cellRunSeconds": round(t_runs, 1), "auxPoolTrainSeconds": round(pool, 1),
+                "cellMemberTrainSeconds": round(cell_member_s, 1), "workers": cfg["workers"],
+                "fullCells": n_cells,
+                # every later cell costs the pilot's wall time less the pool (trained once)
+                "fullRunSecondsEstimate": round(t_runs + (n_cells - 1) * max(t_runs - pool / cfg["workers"], 0)
+                                                + (wall - t_runs), 0)}
+    return {"config": config, "cell": {"held": held, "seed": seed}, "go": go, "checks": checks, "groups": groups,
+            "members": members, "auxiliaryPool": aux, "runs": cell_runs, "wallSeconds": round(wall, 1),
+            "timing": estimate}
+
+
+def pilot_markdown(r: dict) -> str:
+    lines = [f"v2 pilot, held-out `{r['cell']['held']}`, seed {r['cell']['seed']} (validation only): "
+             f"**{'GO' if r['go'] else 'NO-GO'}**", "", "| check | rule | values | pass |", "|---|---|---|---|"]
+    fmt = lambda v: (f"{v:.4f}" if isinstance(v, float) else str(v))
+    for name, c in r["checks"].items():
+        vals = "; ".join(f"{k}: {fmt(v)}" for k, v in (c.get("values") or {}).items())
+        lines.append(f"| {name} | {c['rule']} | {vals} | {'yes' if c['pass'] else '**no**'} |")
+    lines += ["", "| group | members | uniform val | members mean val | best member val | gain | collapse |"
+              " disagreement | ensemble val | best at last eval |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for g, v in r["groups"].items():
+        u, e, cv = v["uniform"], v["ensemble"], v["convergence"]
+        lines.append(f"| {g} | {len(r['members'][g])} | {u['valAccuracy']:.4f} | {u['membersMeanVal']:.4f} |"
+                     f" {u['membersBestVal']:.4f} | {u['gain']:+.4f} | {u['collapseGrade']} | {e['disagreement']:.4f} |"
+                     f" {e['valAccuracy']:.4f} | {cv['bestAtLast']} of {cv['members']} |")
+    lines += ["", "| group | source | members | mean val | featurizer relL2 | members relL2 | uniform without |",
+              "|---|---|---|---|---|---|---|"]
+    for g, v in r["groups"].items():
+        for src, d in (v["sources"] or {}).items():
+            loo = "n/a" if d.get("leaveOutVal") is None else f"{d['leaveOutVal']:.4f}"
+            lines.append(f"| {g} | {src} | {d['members']} | {d['meanVal']:.4f} | {d['featurizerRelL2']:.4f} |"
+                         f" {d['membersRelL2']:.4f} | {loo} |")
+    lines += ["", "Auxiliary pool (trained once, shared by every seed and held-out domain):", "",
+              "| dataset | lr | weight decay | dropout | steps | last-step val | seconds |", "|---|---|---|---|---|---|---|"]
+    for a in r["auxiliaryPool"]:
+        h = a["hyperparameters"]
+        lines.append(f"| {a['dataset']} | {h.get('lr')} | {h.get('weightDecay')} | {h.get('dropout')} | {a['steps']} |"
+                     f" {fmt(a['val'])} | {fmt(a['trainSeconds'])} |")
+    t = r["timing"]
+    lines += ["", f"Pilot wall time {r['wallSeconds']:.0f} s (runs {t['cellRunSeconds']:.0f} s with {t['workers']} workers;"
+              f" auxiliary pool {t['auxPoolTrainSeconds']:.0f} s of training). Estimated `--config v2` from an empty cache:"
+              f" {t['fullRunSecondsEstimate'] / 60:.0f} min ({t['fullCells']} cells)."]
+    return "\n".join(lines) + "\n"
+
+
+def primary_markdown(p: dict) -> str:
+    sf, ss = p["signFlipCells"], p["signFlipSeeds"] or {}
+    mq, ag = p["decomposition"]["memberQuality"], p["decomposition"]["averagingGain"]
+    return "\n".join([
+        "", f"Primary endpoint (PREREGISTRATION-v2.md): {p['endpoint']}, averaged over held-out domains per seed:"
+        f" {100 * p['mean']:+.2f} ± {100 * p['se']:.2f} points over {len(p['perSeed'])} seeds"
+        f" (per seed: {', '.join(f'{100 * x:+.2f}' for x in p['perSeed'])}).",
+        f"Exact paired sign-flip test over the {sf['n']} cells: p(greater) {sf['greater']:.4f}, p(less) {sf['less']:.4f},"
+        f" two-sided {sf['twoSided']:.4f} (cells of one seed share the auxiliary pool's use, splits and draws: they"
+        f" cluster by seed; over the {ss.get('n', 0)} seed means: two-sided {ss.get('twoSided', float('nan')):.3f}).",
+        f"Decomposition: member quality (rat mean member - soup mean member) {100 * mq[0]:+.2f} ± {100 * mq[1]:.2f};"
+        f" averaging gain difference {100 * ag[0]:+.2f} ± {100 * ag[1]:.2f} (mean ± s.e. over cells).",
+        f"Verdict of the declared rule: **{p['verdict']}**.", ""])
+
+
 # ---------------------------------------------------------------------------------- main
 
 def main(argv=None) -> int:
@@ -695,6 +936,8 @@ def main(argv=None) -> int:
     p.add_argument("--foundation-steps", type=int, default=1800)
     p.add_argument("--timeout", type=float, default=None)
     p.add_argument("--analyse-only", action="store_true", help="skip execution (runs must be complete)")
+    p.add_argument("--product-commit", default="HEAD", help="the commit whose product code runs (default HEAD;"
+                   " for when HEAD is broken by work in progress)")
     p.add_argument("--no-snapshot", action="store_true", help="run the working tree's product code instead of "
                    "a snapshot of the committed HEAD")
     a = p.parse_args(argv)
@@ -708,13 +951,24 @@ def main(argv=None) -> int:
     storage = cache / "runs"
     a.results.mkdir(parents=True, exist_ok=True)
 
-    data = build_data(cache, cfg["perDomain"])
+    data = build_data(cache, cfg)
     foundation, fmeta = build_foundation(cache, a.rebuild_foundation, a.foundation_steps)
-    disjoint = check_disjoint(data)
+    disjoint = check_disjoint(data, auxiliaries_of(cfg))
     log(f"data {rel(data)}; auxiliary/target images disjoint: {disjoint['disjoint']}")
     if not disjoint["disjoint"]:
         raise SystemExit(f"auxiliary images overlap the target: {disjoint}")
-    headroom = lp_headroom(data, foundation) if a.config != "ci" else None
+    if cfg.get("version") == 2:
+        import data_v2
+        from safetensors import safe_open
+
+        with safe_open(str(foundation), "pt") as f:
+            pretrained = ((f.metadata() or {}).get("fonts") or "").split(",")
+        disjoint["fonts"] = data_v2.font_report(data_v2.resolve_fonts(), [x for x in pretrained if x])
+        log(f"auxiliary fonts disjoint from the foundation's {disjoint['fonts']['foundationFonts']} pretraining fonts:"
+            f" {disjoint['fonts']['disjoint']}")
+        if not disjoint["fonts"]["disjoint"]:
+            raise SystemExit(f"auxiliary fonts overlap the foundation's: {disjoint['fonts']}")
+    headroom = lp_headroom(data, foundation) if a.config in ("pilot", "full") else None
     if headroom:
         log("linear-probe headroom (sklearn, frozen features): "
             + ", ".join(f"{k} {v:.3f}" for k, v in headroom.items()))
@@ -728,7 +982,7 @@ def main(argv=None) -> int:
         carried = {k: old[k] for k in ("wallSeconds", "setupSeconds", "runSeconds", "runs", "loadAverageAtEnd", "productCommit")
                    if k in old}
     t1 = time.time()
-    commit, snap = product_snapshot(cache) if not (a.no_snapshot or a.analyse_only) else (None, None)
+    commit, snap = product_snapshot(cache, a.product_commit) if not (a.no_snapshot or a.analyse_only) else (None, None)
     if snap:
         log(f"product code: {rel(snap)} (HEAD {commit[:12]})")
     runs = {} if a.analyse_only else execute(jobs, a.workers or cfg["workers"], cache / "logs" / a.config, a.timeout,
@@ -737,6 +991,15 @@ def main(argv=None) -> int:
     t_runs = time.time() - t1
     log(f"{len(jobs)} manifests run in {t_runs:.0f}s")
 
+    if a.config == "v2-pilot":  # validation only: the pilot never reads a test accuracy
+        report = pilot_v2(cfg, a.config, storage, runs, time.time() - t0, t_runs)
+        report.update({"settings": cfg, "productCommit": commit, "disjointness": disjoint, "data": rel(data),
+                       "manifests": [rel(j["path"]) for j in jobs], "loadAverageAtEnd": os.getloadavg()})
+        (a.results / "v2-pilot.json").write_text(json.dumps(report, indent=1) + "\n")
+        md = pilot_markdown(report)
+        (a.results / "v2-pilot.md").write_text(md)
+        print(md)
+        return 0 if report["go"] else 3
     cells = analyse(cfg, a.config, storage, data, foundation)
     if not cells:
         raise SystemExit("no complete (held-out domain, seed) cell to analyse")
@@ -756,7 +1019,7 @@ def main(argv=None) -> int:
         result.update(carried)
         result["reanalysedSeconds"] = round(wall, 1)
     (a.results / f"{a.config}.json").write_text(json.dumps(result, indent=1, sort_keys=False) + "\n")
-    md = markdown(cfg, summary, cells)
+    md = markdown(cfg, summary, cells) + (primary_markdown(summary["primary"]) if "primary" in summary else "")
     (a.results / f"{a.config}.md").write_text(md)
     plot(cfg, cells, a.results / f"{a.config}.png",
          f"domainbed_mini --config {a.config}: {len(cells)}/{expected} (held-out, seed) cells, N={cfg['runs']} runs"
