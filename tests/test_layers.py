@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OPERATOR = ROOT / "operator" / "ratatouille_operator"
 TRAINER = ROOT / "trainer" / "ratatouille_trainer"
 
-PURE = ["spec", "validation", "planner", "manifests"]
+PURE = ["spec", "validation", "planner", "planning", "manifests"]  # "planning": a package, every module in it
 PURE_TRAINER = ["jobdesc", "hparams"]
 ML = {"torch", "timm", "torchvision", "safetensors"}
 K8S = {"kopf", "kubernetes", "kmock"}
@@ -29,9 +29,10 @@ STDLIB = set(sys.stdlib_module_names) | {"__future__"}
 
 
 class Rule(NamedTuple):
-    """Modules ``modules`` (None: all) of package folder ``package`` may not import ``forbidden``
-    (top-level names); with ``stdlib_only`` they may import nothing but the standard library and
-    each other (relative imports of other modules of the same rule)."""
+    """Modules ``modules`` (None: all; a name that is a folder: every module under it) of package
+    folder ``package`` may not import ``forbidden`` (top-level names); with ``stdlib_only`` they
+    may import nothing but the standard library and each other (relative imports of other
+    modules of the same rule)."""
     what: str
     package: str                    # folder under the source root, e.g. "ratatouille_operator"
     modules: tuple[str, ...] | None
@@ -72,7 +73,7 @@ def violations(root: Path, rule: Rule) -> list[str]:
     if rule.modules is None:
         paths = sorted(package.rglob("*.py"))
     else:
-        paths = [package / f"{m}.py" for m in rule.modules]
+        paths = [p for m in rule.modules for p in _module_paths(package, m)]
     found = []
     for path in paths:
         absolute, relative = imports(path)
@@ -83,6 +84,26 @@ def violations(root: Path, rule: Rule) -> list[str]:
         if bad:
             found.append(f"{path.relative_to(root)}: imports {', '.join(sorted(bad))}")
     return found
+
+
+def _module_paths(package: Path, module: str) -> list[Path]:
+    """The files of one module of a rule: ``<module>.py``, or every module of the subpackage
+    ``<module>/`` (a missing module is an error, not a pass)."""
+    folder = package / module
+    if folder.is_dir():
+        return sorted(folder.rglob("*.py"))
+    return [package / f"{module}.py"]
+
+
+def pure_module_names() -> list[str]:
+    """The dotted names of every pure operator module, subpackages' modules included."""
+    names = []
+    for m in PURE:
+        folder = OPERATOR / m
+        names += [m] if not folder.is_dir() else [
+            ".".join((m, *p.relative_to(folder).with_suffix("").parts)).removesuffix(".__init__")
+            for p in sorted(folder.rglob("*.py"))]
+    return names
 
 
 def loaded_after_import(module: str) -> set[str]:
@@ -96,7 +117,12 @@ def test_written_imports_follow_the_layer_rules(rule):
     assert violations(SOURCE_ROOTS[rule.package], rule) == []
 
 
-@pytest.mark.parametrize("name", PURE)
+def test_the_pure_subpackage_is_covered_module_by_module():
+    names = pure_module_names()
+    assert {"planner", "planning", "planning.policy", "planning.status"} <= set(names), names
+
+
+@pytest.mark.parametrize("name", pure_module_names())
 def test_pure_modules_load_nothing_heavy(name):
     loaded = loaded_after_import(f"ratatouille_operator.{name}")
     assert not loaded & (ML | K8S | CLOUD)
@@ -117,6 +143,8 @@ def test_operator_process_loads_no_torch_or_timm():
 PLANTED = {
     "pure operator modules: no Kubernetes client, no ML, no S3":
         ("ratatouille_operator/planner.py", "def f():\n    import boto3.session\n"),
+    "pure operator modules: no Kubernetes client, no ML, no S3 (a module of a pure subpackage)":
+        ("ratatouille_operator/planning/policy.py", "from kubernetes import client\n"),
     "the operator never imports torch or timm":
         ("ratatouille_operator/sub/helper.py", "from timm.models import create_model\n"),
     "the trainer never imports Kubernetes nor the operator":
@@ -129,20 +157,26 @@ PLANTED = {
 def _clean_tree(root: Path) -> None:
     for rule in RULES:
         for module in rule.modules or ("__init__",):
-            path = root / rule.package / f"{module}.py"
+            real = SOURCE_ROOTS[rule.package] / rule.package / module
+            path = root / rule.package / (f"{module}/__init__.py" if real.is_dir() else f"{module}.py")
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("from __future__ import annotations\nimport json\n")
 
 
+def _rule_of(planted: str) -> Rule:
+    return next(r for r in RULES if planted.split(" (")[0] == r.what)
+
+
 def test_every_rule_has_a_planted_violation():
-    assert set(PLANTED) == {r.what for r in RULES}
+    assert {_rule_of(p).what for p in PLANTED} == {r.what for r in RULES}
 
 
-@pytest.mark.parametrize("rule", RULES, ids=lambda r: r.what)
-def test_checker_catches_a_planted_wrong_way_import(tmp_path, rule):
+@pytest.mark.parametrize("planted", PLANTED)
+def test_checker_catches_a_planted_wrong_way_import(tmp_path, planted):
+    rule = _rule_of(planted)
     _clean_tree(tmp_path)
     assert violations(tmp_path, rule) == []
-    relpath, source = PLANTED[rule.what]
+    relpath, source = PLANTED[planted]
     (tmp_path / relpath).parent.mkdir(parents=True, exist_ok=True)
     (tmp_path / relpath).write_text(source)
     found = violations(tmp_path, rule)
