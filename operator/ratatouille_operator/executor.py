@@ -283,20 +283,11 @@ class LocalExecutor:
         return current
 
     def _cache_hits(self) -> frozenset[str]:
-        hits = set()
-        for aux in self.spec.auxiliaries:
-            if aux.recycled:
-                continue
-            for k in range(aux.runs):
-                key = planner.aux_cache_key(self.spec, aux, k)
-                uri = planner.aux_cache_uri(self.spec, key)
-                # a cached entry is used only if its model is the one DONE vouches for (a
-                # corrupted or incomplete entry is a miss, retrained with a warning) and it was
-                # trained on the inputs' current content (otherwise its Job retrains it, saying
-                # what changed)
-                if self.verifier.check(uri) and self._current(aux, uri):
-                    hits.add(key)
-        return frozenset(hits)
+        # a cached entry is used only if its model is the one DONE vouches for (a corrupted or
+        # incomplete entry is a miss, retrained with a warning) and it was trained on the inputs'
+        # current content (otherwise its Job retrains it, saying what changed)
+        return frozenset(e.key for e in planner.aux_entries(self.spec)
+                         if self.verifier.check(e.uri) and self._current(e.auxiliary, e.uri))
 
     def _member_metrics(self) -> dict[str, dict]:
         for job in self.jobs.values():

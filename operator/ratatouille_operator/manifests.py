@@ -7,12 +7,12 @@ Credentials never appear in a manifest: the container's environment comes from t
 """
 from __future__ import annotations
 
-from datetime import datetime, timezone
 from typing import Any, Mapping
 
 from ratatouille_trainer.jobdesc import trainer_argv
 
 from . import planner
+from .planner import parse_time
 from .spec import API_GROUP, API_VERSION, KIND, RunSpec
 
 CONTAINER_NAME = "trainer"
@@ -199,26 +199,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
-
-
-def parse_time(value: Any) -> float | None:
-    """RFC3339 (as Kubernetes writes it, `Z` or an offset, optional fraction) -> epoch seconds."""
-    if not value:
-        return None
-    if isinstance(value, datetime):
-        dt = value
-    else:
-        try:
-            dt = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-        except ValueError:
-            return None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
-    return dt.timestamp()
-
-
-def format_time(t: float) -> str:
-    return datetime.fromtimestamp(t, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def slim_job(job: Mapping) -> dict:

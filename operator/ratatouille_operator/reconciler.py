@@ -18,7 +18,6 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Mapping
 
 from . import manifests, planner
@@ -801,7 +800,7 @@ class Reconciler:
     def post_event(self, body: Mapping, type_: str, reason: str, message: str) -> None:
         meta = body.get("metadata") or {}
         namespace = meta.get("namespace") or "default"
-        now = datetime.now(timezone.utc)
+        now = planner.format_time(time.time())
         event = {
             "apiVersion": "v1", "kind": "Event",
             "metadata": {"generateName": f"{meta.get('name')}.", "namespace": namespace},
@@ -809,8 +808,8 @@ class Reconciler:
                                "name": meta.get("name"), "namespace": namespace, "uid": meta.get("uid"),
                                "resourceVersion": meta.get("resourceVersion")},
             "type": type_, "reason": reason, "message": message[:1024],
-            "firstTimestamp": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "lastTimestamp": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "firstTimestamp": now,
+            "lastTimestamp": now,
             "count": 1, "source": {"component": "ratatouille-operator"},
             "reportingComponent": "ratatouille-operator",
             "reportingInstance": os.environ.get("HOSTNAME") or "ratatouille-operator",
@@ -823,7 +822,7 @@ class Reconciler:
             log.warning("could not post event %s for %s/%s: %s", reason, namespace, meta.get("name"), exc)
 
     def _invalid(self, body: Mapping, prev_status: Mapping, generation: int, err: SpecError,
-                 reason: str = "InvalidSpec") -> ReconcileResult:
+                 reason: str = planner.REASON_INVALID_SPEC) -> ReconcileResult:
         meta = body["metadata"]
         namespace = meta.get("namespace") or "default"
         message = str(err)
@@ -831,7 +830,7 @@ class Reconciler:
         if (old and old.get("status") == "False" and old.get("message") == message
                 and prev_status.get("observedGeneration") == generation):
             return ReconcileResult(prev_status.get("phase"))  # already reported
-        now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        now = planner.format_time(time.time())
         conds = [c for c in prev_status.get("conditions") or [] if c.get("type") not in ("Accepted", "Failed", "Complete")]
         conds[:0] = [
             {"type": "Accepted", "status": "False", "reason": reason, "message": message,
@@ -928,9 +927,7 @@ def list_slim_jobs(list_fn: Callable[..., Any], *args: Any, label_selector: str)
 
 
 def _was_invalid(status: Mapping) -> bool:
-    return any(c.get("type") == "Accepted" and c.get("status") == "False"
-               and c.get("reason") in ("InvalidSpec", REASON_NOT_ALLOWED)
-               for c in status.get("conditions") or [] if isinstance(c, Mapping))
+    return planner.refused(status, (planner.REASON_INVALID_SPEC, REASON_NOT_ALLOWED))
 
 
 def child_job_counts(jobs: Iterable[Mapping]) -> dict[tuple[str, str, str], int]:

@@ -29,6 +29,7 @@ import jsonschema
 import yaml
 
 from .schema import apply_defaults, load_crd, load_crd_schema  # noqa: F401  (re-exported)
+from .planning.graph import NO_SOURCE, has_source
 from .spec import API_GROUP, API_VERSION, KIND, RunSpec, SpecError
 
 __all__ = [
@@ -341,9 +342,8 @@ def _semantic_checks(spec: Mapping[str, Any]) -> None:
             raise SpecError(f"{p}.runs", "must be 1 for recycled weights (nothing is trained), got "
                                          f"{a['runs']}")
 
-    if not spec["includeFoundation"] and not spec.get("auxiliaries"):
-        raise SpecError("spec.includeFoundation", "no initialization source: includeFoundation is false "
-                                                  "and there are no auxiliaries")
+    if not has_source(spec["includeFoundation"], spec.get("auxiliaries") or []):
+        raise SpecError("spec.includeFoundation", NO_SOURCE)
 
     for key in ("linearProbe", "auxiliaryFinetune"):
         if _number(spec[key]["lr"], f"spec.{key}.lr") <= 0:
