@@ -104,6 +104,75 @@ def _complete(desc, note: str = "") -> int:
     return 0
 
 
+def _run(desc) -> int:
+    """Run ``desc``'s stage under its member's lease, unless its output is already a current,
+    verified result (then say so and write nothing)."""
+    from . import inputs, integrity, stages
+    from .lease import Lease
+    from .storage import open_storage
+
+    storage = open_storage(desc.output, desc.storage_endpoint)
+    # An auxiliary cache entry is reused only if it was computed from the same content as the
+    # inputs have now (inputs.py), not just from the same URIs.
+    ident = inputs.of_description(storage, desc)
+
+    def problem() -> str | None:
+        why = integrity.problem(storage, desc.output)
+        if why is None and ident is not None and storage.is_done(desc.output):
+            why = inputs.changed(storage, desc.output, ident)
+        return why
+
+    if storage.is_done(desc.output) and problem() is None:
+        return _complete(desc)  # a cache hit needs no lease: nothing is written
+    try:
+        lease = Lease(storage, desc.output, stage=desc.stage, member=desc.member)
+    except ValueError as e:  # RATATOUILLE_LEASE_TTL / _WAIT
+        return _error(str(e), 2)
+    with lease:
+        why = problem()
+        if why is not None:
+            integrity.discard(storage, desc.output, why, what=f"{desc.stage} {desc.member}")
+        elif storage.is_done(desc.output):  # finished by the writer we waited for
+            return _complete(desc, ", written by another trainer meanwhile")
+        if ident is not None:
+            inputs.record(storage, desc.output, ident)
+        metrics = stages.run_stage(desc, lease=lease)
+    summary = stages.summary(metrics)
+    print(json.dumps({"event": "result", **summary}, default=str), flush=True)
+    _termination(summary)
+    return 0
+
+
+def _failure(e: BaseException, debug: bool) -> int:
+    """One line on stderr and the exit code for a stage that raised ``e``: 2 for bad input (the
+    description, data, weights, device), 1 for runtime failures (retried), EXIT_DIVERGED."""
+    from .averaging import AveragingError, UnsafeWeightsError
+    from .data import DataError
+    from .device import DeviceError
+    from .jobdesc import JobDescriptionError
+    from .lease import LeaseBusy, LeaseLost
+    from .models import ModelError
+    from .storage import NotFound, StorageError
+    from .training import Diverged
+
+    if isinstance(e, KeyboardInterrupt):
+        return _error("interrupted", 130)
+    if isinstance(e, (LeaseBusy, LeaseLost)):
+        return _error(str(e), 1)
+    if isinstance(e, MemoryError):
+        return _error("out of memory", 1)
+    if debug:
+        traceback.print_exception(e)
+    if isinstance(e, Diverged):
+        return _error(f"Diverged: {e}", EXIT_DIVERGED, reason="Diverged")
+    if isinstance(e, (JobDescriptionError, DataError, UnsafeWeightsError, ModelError, AveragingError,
+                      DeviceError, NotFound)):
+        return _error(str(e), 2)
+    if isinstance(e, StorageError):
+        return _error(f"storage: {e}", 1)
+    return _error(f"{type(e).__name__}: {e}", 1)  # runtime failure: still one line
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = os.environ.get("RATATOUILLE_DEBUG", "") in ("1", "true", "yes")
@@ -113,79 +182,15 @@ def main(argv: list[str] | None = None) -> int:
         return _error(str(e), 2)
 
     from .jobdesc import JobDescriptionError
-    from .averaging import AveragingError, UnsafeWeightsError
-    from .lease import Lease, LeaseBusy, LeaseLost
-    from .storage import NotFound, StorageError
 
     try:
         desc = _load_description(args)
     except JobDescriptionError as e:
         return _error(f"invalid job description: {e}", 2)
-
     try:
-        from .data import DataError
-        from .device import DeviceError
-        from .models import ModelError
-        from .training import Diverged
-        from . import inputs, integrity, stages
-        from .storage import open_storage
-
-        storage = open_storage(desc.output, desc.storage_endpoint)
-        # An auxiliary cache entry is reused only if it was computed from the same content as
-        # the inputs have now (inputs.py), not just from the same URIs.
-        ident = inputs.of_description(storage, desc)
-
-        def problem() -> str | None:
-            why = integrity.problem(storage, desc.output)
-            if why is None and ident is not None and storage.is_done(desc.output):
-                why = inputs.changed(storage, desc.output, ident)
-            return why
-
-        if storage.is_done(desc.output) and problem() is None:
-            return _complete(desc)  # a cache hit needs no lease: nothing is written
-        try:
-            lease = Lease(storage, desc.output, stage=desc.stage, member=desc.member)
-        except ValueError as e:  # RATATOUILLE_LEASE_TTL / _WAIT
-            return _error(str(e), 2)
-        with lease:
-            why = problem()
-            if why is not None:
-                integrity.discard(storage, desc.output, why, what=f"{desc.stage} {desc.member}")
-            elif storage.is_done(desc.output):  # finished by the writer we waited for
-                return _complete(desc, ", written by another trainer meanwhile")
-            if ident is not None:
-                inputs.record(storage, desc.output, ident)
-            metrics = stages.run_stage(desc, lease=lease)
-        summary = stages.summary(metrics)
-        print(json.dumps({"event": "result", **summary}, default=str), flush=True)
-        _termination(summary)
-        return 0
-    except KeyboardInterrupt:
-        return _error("interrupted", 130)
-    except (LeaseBusy, LeaseLost) as e:
-        return _error(str(e), 1)
-    except Diverged as e:
-        if debug:
-            traceback.print_exc()
-        return _error(f"Diverged: {e}", EXIT_DIVERGED, reason="Diverged")
-    except (JobDescriptionError, DataError, UnsafeWeightsError, ModelError, AveragingError, DeviceError) as e:
-        if debug:
-            traceback.print_exc()
-        return _error(str(e), 2)
-    except NotFound as e:
-        if debug:
-            traceback.print_exc()
-        return _error(str(e), 2)
-    except StorageError as e:
-        if debug:
-            traceback.print_exc()
-        return _error(f"storage: {e}", 1)
-    except MemoryError:
-        return _error("out of memory", 1)
-    except Exception as e:  # runtime failure: still one line
-        if debug:
-            traceback.print_exc()
-        return _error(f"{type(e).__name__}: {e}", 1)
+        return _run(desc)
+    except (KeyboardInterrupt, Exception) as e:
+        return _failure(e, debug)
 
 
 if __name__ == "__main__":  # pragma: no cover
