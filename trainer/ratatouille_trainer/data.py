@@ -442,10 +442,6 @@ class TrainStream:
         self.aug_gen = _gen(seed_hash(seed, "augment"))
         self._pools = [(d.images[d.in_idx], d.labels[d.in_idx]) for d in self.domains]
 
-    @property
-    def images_per_step(self) -> int:
-        return self.batch_size * len(self.domains)
-
     def to(self, device: torch.device, pin: bool = False, max_device_bytes: int = 4 << 30) -> "TrainStream":
         pools = []
         on_device = sum(x.numel() for x, _ in self._pools) <= max_device_bytes

@@ -40,7 +40,7 @@ its rule, as written to the average's ``metrics.json``:
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -91,13 +91,6 @@ def uniform_diagnostic(uniform_val: float, member_vals: Sequence[float], n_image
 
 
 # ----------------------------------------------------------------------- weights: distances
-
-def featurizer_names(state: Mapping[str, torch.Tensor], names: Iterable[str] | None = None) -> list[str]:
-    """The featurizer's floating tensors of ``state`` (or ``names`` when given)."""
-    if names is not None:
-        return list(names)
-    return sorted(k for k, t in state.items() if k.startswith("featurizer.") and t.is_floating_point())
-
 
 @torch.no_grad()
 def l2_distance(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], names: Sequence[str]) -> float:

@@ -451,14 +451,6 @@ class WindowStream(TrainStream):
         self._next: list = [None] * len(self.domains)
         self.device = torch.device("cpu")
 
-    @property
-    def images_per_step(self) -> int:
-        return self.batch_size * len(self.domains)
-
-    @property
-    def window_images(self) -> int:
-        return sum(self.window)
-
     def to(self, device: torch.device, pin: bool = False, max_device_bytes: int = 0) -> "WindowStream":
         self.device = torch.device(device) if device is not None else self.device
         return self
