@@ -58,7 +58,6 @@ class LocalJob:
     reason: str | None = None
     proc: subprocess.Popen | None = field(default=None, repr=False)
     log_path: str | None = None
-    last_progress: dict | None = field(default=None, repr=False)
 
     def observed(self) -> planner.ObservedJob:
         return planner.ObservedJob(name=self.name, stage=self.stage, member=self.member,
@@ -355,7 +354,6 @@ class LocalExecutor:
                 except ValueError:
                     continue
                 if isinstance(event, dict) and event.get("event") == "progress":
-                    job.last_progress = event
                     self.on_event("progress", {"job": job, "progress": event})
         log.close()
 

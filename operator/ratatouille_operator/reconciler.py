@@ -304,14 +304,6 @@ class Reconciler:
         return list_slim_jobs(self.batch.list_namespaced_job, namespace,
                               label_selector=f"{planner.LABEL_RUN}={planner.label_value(run_name)}")
 
-    def get_run(self, namespace: str, name: str) -> dict | None:
-        try:
-            return self.custom.get_namespaced_custom_object(API_GROUP, API_VERSION, namespace, PLURAL, name)
-        except self.k8s.ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-
     def _lock(self, key: tuple[str, str]) -> threading.Lock:
         with self._locks_guard:
             return self._locks.setdefault(key, threading.Lock())
