@@ -29,6 +29,9 @@ def test_each_dataset_is_prepared_once_across_runs_and_seeds(tmp_path):
                  dataPreparation={"enabled": True})
     reused = {}
     for name, seed in (("first", 0), ("second", 1)):
+        # The auxiliary pool is shared across run seeds; another pool seed makes the second run
+        # train its auxiliary again, so that it needs the auxiliary's prepared data too.
+        small["auxiliaryFinetune"] = dict(small["auxiliaryFinetune"], seed=seed)
         doc = manifest(world, storage, name=name, seed=seed, **small)
         doc["spec"]["auxiliaries"] = [{"name": "shapes", "dataset": str(world / "aux")}]
         ratatouille("run", write_manifest(tmp_path / f"{name}.yaml", doc), check=True)
