@@ -89,3 +89,24 @@ def test_older_metrics_keep_working():
     # no diagnostics at all: the table is still there
     s = _done({"stage": "average", "valAccuracy": 0.5, "testAccuracy": {"art": 0.5}}).status
     assert "diagnostics" not in s["result"] and "averaged (uniform)" in results_table(s)
+
+
+def test_diagnostic_warnings_become_warning_events_once():
+    """Issue 13: each diagnostic warning is a Warning Event named by its code, when the run
+    succeeds (kubectl describe / get events show why averaging did not help)."""
+    events = [(e.type, e.reason) for e in _done(AVG).events]
+    assert [r for t, r in events if t == "Warning"] == ["AveragingPartialCollapse", "SourceBreaksAverage",
+                                                         "TrainLonger"]
+    assert ("Normal", "Succeeded") in events
+    msg = next(e.message for e in _done(AVG).events if e.reason == "TrainLonger")
+    assert msg.startswith("4 of 6 members are best at their last evaluation")
+    # A code that is not an Event reason (metrics come from a pod) is not turned into one; the
+    # older collapse flag still warns then.
+    odd = dict(AVG, diagnosticWarnings=[{"code": "no such\nreason", "message": "x"}, {"code": "TrainLonger"}])
+    assert [e.reason for e in _done(odd).events if e.type == "Warning"] == ["AveragingCollapse"]
+
+
+def test_a_collapse_without_diagnostics_still_warns():
+    old = {"stage": "average", "valAccuracy": 0.5, "selection": "uniform",
+           "uniform": {"valAccuracy": 0.5, "membersMeanVal": 0.8, "collapse": True}}
+    assert [e.reason for e in _done(old).events if e.type == "Warning"] == ["AveragingCollapse"]

@@ -195,3 +195,14 @@ def test_lineage_and_card_carry_the_diagnostics():
     assert "barrier +0.00" in card
     assert "| aux | 1 | 70.00 | 0.3000 | 0.2000 | 80.00 | +20.00 |" in card
     assert "SourceBreaksAverage" in card and "TrainLonger" in card
+
+
+def test_the_averages_warnings_travel_in_its_termination_summary():
+    """On a cluster without operator storage access the Events come from the pod's termination
+    message, so the summary carries the warnings."""
+    from ratatouille_trainer import stages
+
+    warns = [{"code": "TrainLonger", "message": "3 of 4 members are best at their last evaluation"}]
+    assert stages.summary({"stage": "average", "valAccuracy": 0.5, "diagnosticWarnings": warns,
+                           "membersRelL2": {"0": 0.1}}) == {"stage": "average", "valAccuracy": 0.5,
+                                                            "diagnosticWarnings": warns}

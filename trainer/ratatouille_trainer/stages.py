@@ -123,7 +123,8 @@ def _upload_model(storage, desc: JobDescription, state: dict[str, torch.Tensor],
 
 def _summary(metrics: dict) -> dict:
     keys = ("stage", "member", "valAccuracy", "valAccuracyPooled", "testAccuracy", "bestStep",
-            "steps", "sha256", "imagesPerSecond", "source", "selection", "selected", "bestSingle")
+            "steps", "sha256", "imagesPerSecond", "source", "selection", "selected", "bestSingle",
+            "diagnosticWarnings")  # the average's warnings reach the operator's Events without storage
     return {k: metrics[k] for k in keys if k in metrics}
 
 

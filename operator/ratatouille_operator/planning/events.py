@@ -1,10 +1,12 @@
 """Events: what is new since the previous status, as Kubernetes Events (docs/contract.md,
 "Events"): a pod that does not start, a failed attempt, a refused create, members that failed
-for good, the phase changing, members left out of the average, a collapsed average.
+for good, the phase changing, members left out of the average, the averaging diagnostics'
+warnings (a collapsed average, a source that breaks it, members that should train longer).
 Pure: standard library, `spec` and the other planning steps.
 """
 from __future__ import annotations
 
+import re
 from typing import Mapping, Sequence
 
 from ..spec import RunSpec
@@ -12,6 +14,9 @@ from .vocabulary import (AVERAGE_MEMBER, BENIGN_WAITING, FAILED, MAX_STATUS_JOBS
                          PHASE_AVERAGING, PHASE_FAILED, PHASE_PENDING, PHASE_SUCCEEDED, PHASE_SUSPENDED,
                          PHASE_TARGET, REASON_CREATE_REJECTED, REASON_POD_START_TIMEOUT, STAGE_AVERAGE, Event,
                          Observed, ObservedJob, RunRef, fmt_tree, graph_key, short_message, why)
+
+
+_REASON = re.compile(r"[A-Z][A-Za-z0-9]{0,63}")
 
 
 def _family(reason: str | None) -> str | None:
@@ -90,9 +95,27 @@ def phase_events(spec: RunSpec, prev: Mapping, prev_phase: str | None, phase: st
             events.append(Event("Warning", "MembersAtChance",
                                 f"{len(left_out)} member(s) left out of the average, their validation"
                                 f" accuracy at chance level ({fmt_tree(avg_metrics.get('chanceLevel'))}): {names}"))
+        warnings = diagnostic_events(avg_metrics)
         uniform = avg_metrics.get("uniform")
-        if isinstance(uniform, Mapping) and uniform.get("collapse") is True:
+        if warnings:
+            events += warnings
+        elif isinstance(uniform, Mapping) and uniform.get("collapse") is True:  # a trainer without diagnostics
             events.append(Event("Warning", "AveragingCollapse",
                                 "the uniform average scores below its members: they are not linearly"
                                 " mode connected (lower the learning rates or use greedy selection)"))
     return events
+
+
+def diagnostic_events(avg_metrics: Mapping) -> list[Event]:
+    """One Warning Event per averaging diagnostic warning the average recorded
+    (``diagnosticWarnings``: AveragingCollapsed, AveragingPartialCollapse, SourceBreaksAverage,
+    TrainLonger), its code as the reason. Codes that are not a CamelCase word are skipped: the
+    metrics come from a trainer pod, and an Event reason is a short identifier."""
+    out = []
+    for w in avg_metrics.get("diagnosticWarnings") or ():
+        if not isinstance(w, Mapping):
+            continue
+        code, message = w.get("code"), short_message(w.get("message"))
+        if isinstance(code, str) and _REASON.fullmatch(code) and message:
+            out.append(Event("Warning", code, message))
+    return out
