@@ -23,7 +23,6 @@ ALLOWED = {
     "operator/ratatouille_operator/reconciler.py::Reconciler._reconcile": 107,
     "trainer/ratatouille_trainer/averaging.py::average_uris": 91,
     "trainer/ratatouille_trainer/demo_data.py::pretrain_foundation": 84,
-    "operator/ratatouille_operator/validation.py::_semantic_checks": 72,
     "trainer/ratatouille_trainer/data.py::augment_batch": 63,
     "trainer/ratatouille_trainer/prepared.py::prepare_dataset": 63,
     "trainer/ratatouille_trainer/prepared.py::load_prepared": 61,

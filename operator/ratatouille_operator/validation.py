@@ -305,12 +305,7 @@ def _check_hyperparameters(table: Mapping[str, Any], path: str) -> None:
                 raise SpecError(f"{p}.{sub}", f"{what}, got {value!r}")
 
 
-def _semantic_checks(spec: Mapping[str, Any]) -> None:
-    """Rules the schema cannot express. Raises the first violation, in spec field order."""
-    f = spec["foundation"]
-    _check_uri(f.get("weights"), "spec.foundation.weights", weights=True)
-
-    t = spec["target"]
+def _check_target(t: Mapping[str, Any]) -> None:
     _check_uri(t["dataset"], "spec.target.dataset")
     seen: set[str] = set()
     for j, dom in enumerate(t["testDomains"]):
@@ -325,8 +320,10 @@ def _semantic_checks(spec: Mapping[str, Any]) -> None:
     if not 0 < frac < 1:
         raise SpecError("spec.target.holdoutFraction", f"must be between 0 and 1 exclusive, got {t['holdoutFraction']!r}")
 
+
+def _check_auxiliaries(auxiliaries: Sequence[Mapping[str, Any]]) -> None:
     names: dict[str, int] = {}
-    for i, a in enumerate(spec.get("auxiliaries") or []):
+    for i, a in enumerate(auxiliaries):
         p = f"spec.auxiliaries[{i}]"
         if a["name"] in names:
             raise SpecError(f"{p}.name", f"duplicate auxiliary name {a['name']!r} (also auxiliaries[{names[a['name']]}])")
@@ -342,9 +339,8 @@ def _semantic_checks(spec: Mapping[str, Any]) -> None:
             raise SpecError(f"{p}.runs", "must be 1 for recycled weights (nothing is trained), got "
                                          f"{a['runs']}")
 
-    if not has_source(spec["includeFoundation"], spec.get("auxiliaries") or []):
-        raise SpecError("spec.includeFoundation", NO_SOURCE)
 
+def _check_training(spec: Mapping[str, Any]) -> None:
     for key in ("linearProbe", "auxiliaryFinetune"):
         if _number(spec[key]["lr"], f"spec.{key}.lr") <= 0:
             raise SpecError(f"spec.{key}.lr", f"must be > 0, got {spec[key]['lr']!r}")
@@ -366,6 +362,8 @@ def _semantic_checks(spec: Mapping[str, Any]) -> None:
         raise SpecError("spec.failurePolicy.minSucceeded",
                         f"must be at most finetune.runs ({ft['runs']}), got {fp['minSucceeded']}")
 
+
+def _check_storage_and_template(spec: Mapping[str, Any]) -> None:
     _check_uri(spec["storage"]["uri"], "spec.storage.uri")
     endpoint = spec["storage"].get("endpoint")
     if endpoint is not None and not HTTP_URL.fullmatch(endpoint):
@@ -377,6 +375,17 @@ def _semantic_checks(spec: Mapping[str, Any]) -> None:
         if size > MAX_SCHEDULING_BYTES:
             raise SpecError(f"spec.template.{key}", f"must be at most {MAX_SCHEDULING_BYTES} bytes as JSON "
                                                     f"(it is copied into every child Job), got {size}")
+
+
+def _semantic_checks(spec: Mapping[str, Any]) -> None:
+    """Rules the schema cannot express. Raises the first violation, in spec field order."""
+    _check_uri(spec["foundation"].get("weights"), "spec.foundation.weights", weights=True)
+    _check_target(spec["target"])
+    _check_auxiliaries(spec.get("auxiliaries") or [])
+    if not has_source(spec["includeFoundation"], spec.get("auxiliaries") or []):
+        raise SpecError("spec.includeFoundation", NO_SOURCE)
+    _check_training(spec)
+    _check_storage_and_template(spec)
 
 
 # --------------------------------------------------------------------------- entry points
