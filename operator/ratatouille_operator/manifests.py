@@ -24,11 +24,9 @@ ANNOTATION_HELD = "ratatouille.dev/held"
 EXIT_BAD_INPUT, EXIT_DIVERGED = 2, 3
 
 
-def render_job(run: planner.RunRef, spec: RunSpec, action: planner.CreateJob, *, default_image: str,
-               owner: Mapping | None = None, service_account: str | None = None,
-               metrics_port: int | None = 9400) -> dict:
-    """The batch/v1 Job for one CreateJob action."""
-    labels = dict(action.labels)
+def _container(run: planner.RunRef, spec: RunSpec, action: planner.CreateJob, default_image: str,
+               metrics_port: int | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The trainer container, and the emptyDir settings of its scratch volume."""
     env: list[dict[str, Any]] = [
         {"name": "HF_HUB_OFFLINE", "value": "1"},
         {"name": "RATATOUILLE_RUN", "value": run.name},
@@ -42,7 +40,6 @@ def render_job(run: planner.RunRef, spec: RunSpec, action: planner.CreateJob, *,
     if spec.storage.endpoint:
         env.append({"name": "AWS_ENDPOINT_URL", "value": spec.storage.endpoint})
     secret = spec.storage.credentials_secret
-
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,
         "image": spec.template.image or default_image,
@@ -76,7 +73,12 @@ def render_job(run: planner.RunRef, spec: RunSpec, action: planner.CreateJob, *,
         resources.setdefault("requests", {}).setdefault("ephemeral-storage", tp.scratch_size)
     if resources:
         container["resources"] = resources
+    return container, scratch
 
+
+def _pod_spec(spec: RunSpec, container: dict[str, Any], scratch: dict[str, Any],
+              service_account: str | None) -> dict[str, Any]:
+    tp = spec.template
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "containers": [container],
@@ -89,25 +91,24 @@ def render_job(run: planner.RunRef, spec: RunSpec, action: planner.CreateJob, *,
         pod_spec["imagePullSecrets"] = [{"name": n} for n in tp.image_pull_secrets]
     if tp.runtime_class_name:
         pod_spec["runtimeClassName"] = tp.runtime_class_name
-    if spec.template.node_selector:
-        pod_spec["nodeSelector"] = dict(spec.template.node_selector)
-    if spec.template.tolerations:
-        pod_spec["tolerations"] = [_plain(t) for t in spec.template.tolerations]
-    if spec.template.affinity:
-        pod_spec["affinity"] = _plain(spec.template.affinity)
-    if spec.template.priority_class_name:
-        pod_spec["priorityClassName"] = spec.template.priority_class_name
+    if tp.node_selector:
+        pod_spec["nodeSelector"] = dict(tp.node_selector)
+    if tp.tolerations:
+        pod_spec["tolerations"] = [_plain(t) for t in tp.tolerations]
+    if tp.affinity:
+        pod_spec["affinity"] = _plain(tp.affinity)
+    if tp.priority_class_name:
+        pod_spec["priorityClassName"] = tp.priority_class_name
     if service_account:
         pod_spec["serviceAccountName"] = service_account
+    return pod_spec
 
-    # The user's pod labels and annotations; the operator's own labels win.
-    pod_meta: dict[str, Any] = {"labels": {**dict(spec.template.pod_labels), **labels}}
-    if spec.template.pod_annotations:
-        pod_meta["annotations"] = dict(spec.template.pod_annotations)
+
+def _job_metadata(run: planner.RunRef, action: planner.CreateJob, owner: Mapping | None) -> dict[str, Any]:
     metadata: dict[str, Any] = {
         "name": action.name,
         "namespace": run.namespace,
-        "labels": labels,
+        "labels": dict(action.labels),
         # Label values are capped at 63 characters; the annotation keeps the exact member.
         "annotations": {ANNOTATION_MEMBER: action.member},
     }
@@ -121,17 +122,29 @@ def render_job(run: planner.RunRef, spec: RunSpec, action: planner.CreateJob, *,
             "controller": True,
             "blockOwnerDeletion": True,
         }]
+    return metadata
+
+
+def render_job(run: planner.RunRef, spec: RunSpec, action: planner.CreateJob, *, default_image: str,
+               owner: Mapping | None = None, service_account: str | None = None,
+               metrics_port: int | None = 9400) -> dict:
+    """The batch/v1 Job for one CreateJob action."""
+    container, scratch = _container(run, spec, action, default_image, metrics_port)
+    # The user's pod labels and annotations; the operator's own labels win.
+    pod_meta: dict[str, Any] = {"labels": {**dict(spec.template.pod_labels), **dict(action.labels)}}
+    if spec.template.pod_annotations:
+        pod_meta["annotations"] = dict(spec.template.pod_annotations)
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": metadata,
+        "metadata": _job_metadata(run, action, owner),
         "spec": {
             "backoffLimit": spec.failure_policy.backoff_limit,
             "podFailurePolicy": pod_failure_policy(),
             "completions": 1,
             "parallelism": 1,
             "suspend": bool(spec.suspend),
-            "template": {"metadata": pod_meta, "spec": pod_spec},
+            "template": {"metadata": pod_meta, "spec": _pod_spec(spec, container, scratch, service_account)},
         },
     }
 
