@@ -83,11 +83,12 @@ def _has_digits(path: str, first: int) -> bool:
     return all(first + d in cmap for d in range(10))
 
 
-def resolve_fonts() -> dict[str, dict[str, list[tuple[str, int]]]]:
+def resolve_fonts(auxiliaries: tuple[str, ...] = RELATED) -> dict[str, dict[str, list[tuple[str, int]]]]:
     """Every (font file, first digit code point) per auxiliary and domain: files that exist and map
     all ten digits. Missing packages are an error that names them."""
     out: dict[str, dict[str, list[tuple[str, int]]]] = {}
-    for aux, domains in FONT_AUXILIARIES.items():
+    for aux in auxiliaries:
+        domains = FONT_AUXILIARIES[aux]
         out[aux] = {}
         for dom, patterns in domains.items():
             fonts = [(p, cp) for pat, cp in patterns for p in sorted(glob.glob(pat)) if _has_digits(p, cp)]
@@ -158,10 +159,11 @@ MAKERS = {"colored": ("mnist", lambda g, rng: dd._colorize(g, rng)), "mnist": ("
           "rotated": ("mnist", lambda g, rng: dd._rgb(dd._rotate(g, 45.0)))}
 
 
-def generate(out: Path, per_domain: int, aux_per_domain: int, seed: int = 0) -> dict:
+def generate(out: Path, per_domain: int, aux_per_domain: int, seed: int = 0,
+             related: tuple[str, ...] = RELATED) -> dict:
     """Write the target, the related auxiliaries and the control under `out` (DomainBed layout)."""
     t0 = time.time()
-    fonts = resolve_fonts()
+    fonts = resolve_fonts(related)
     alloc = _target_allocation(per_domain, seed)
     counts: dict[str, dict[str, int]] = {"digits": {}}
     for dom in dd.TARGET_DOMAINS:

@@ -5,6 +5,9 @@ the product: every method is a RatatouilleRun manifest executed by `ratatouille 
     .venv/bin/python benchmarks/domainbed_mini/run.py --config full     # < 90 min on 2 cores (design)
     .venv/bin/python benchmarks/domainbed_mini/run.py --config pilot    # one seed, one held-out domain
     .venv/bin/python benchmarks/domainbed_mini/run.py --config ci       # mechanics, about a minute
+    .venv/bin/python benchmarks/domainbed_mini/run.py --config v2       # issue 13, PREREGISTRATION-v2.md
+    .venv/bin/python benchmarks/domainbed_mini/run.py --config v2-pilot # its one-cell pilot (validation only)
+    .venv/bin/python benchmarks/domainbed_mini/run.py --config v2-ci    # its mechanics
 
 Per (held-out domain, seed) two manifests share one storage (so auxiliary fine-tunings are cached
 and reused across held-out domains) and differ only in their initialization sources:
@@ -73,12 +76,16 @@ CONFIGS["full"] = dict(CONFIGS["pilot"], heldOut=["colored", "optdigits", "rotat
 # runs 0..3).
 V2_TARGET_HP = {"lr": ("3e-4", ["3e-4", "1e-3"]), "weightDecay": ("0", ["1e-4", "1e-6"]),
                 "dropout": ("0", ["0", "0.1", "0.5"])}
-V2_AUX_HP = {"lr": ("1e-3", ["3e-4", "1e-3"]), "weightDecay": ("0", ["1e-4", "1e-6"]),
+# Pilot 1 (results/v2-pilot-1.*, validation only) failed two checks: numerals learnt 0.56-0.63 (< 0.80) and
+# three k = 0 featurizers moved 0.10-0.12 relative L2 (< 0.5 x the soup members' 0.27). The revision the
+# pre-registration allows for those two: auxiliary steps doubled (400 -> 800) and the auxiliary lr
+# choices one notch up ({3e-4, 1e-3} default 1e-3 -> {1e-3, 3e-3} default 3e-3). Nothing else changed.
+V2_AUX_HP = {"lr": ("3e-3", ["1e-3", "3e-3"]), "weightDecay": ("0", ["1e-4", "1e-6"]),
              "dropout": ("0", ["0", "0.1"])}
 CONFIGS["v2-pilot"] = {
     "version": 2, "perDomain": 1500, "auxPerDomain": 1000, "heldOut": ["rotated"], "seeds": [0],
     "runs": 8, "ctrlRuns": 4, "steps": 400, "batchSize": 16, "evalEvery": 40,
-    "lpSteps": 200, "auxSteps": 400, "auxBatchSize": 16, "auxRuns": 2, "auxSeed": 0,
+    "lpSteps": 200, "auxSteps": 800, "auxBatchSize": 16, "auxRuns": 2, "auxSeed": 0,
     **V2_TARGET_HP, "aux": V2_AUX_HP, "workers": 2,
 }
 CONFIGS["v2"] = dict(CONFIGS["v2-pilot"], heldOut=list(TARGET_DOMAINS), seeds=[0, 1, 2])
@@ -134,7 +141,8 @@ def build_data(cache: Path, cfg: dict) -> Path:
         if v2:
             import data_v2
 
-            data_v2.generate(tmp, per_domain, cfg["auxPerDomain"], seed=0)
+            data_v2.generate(tmp, per_domain, cfg["auxPerDomain"], seed=0,
+                             related=tuple(cfg.get("related") or data_v2.RELATED))
         else:
             demo_data.generate(tmp, seed=0, per_domain=per_domain)
         tmp.rename(out)
@@ -963,7 +971,8 @@ def main(argv=None) -> int:
 
         with safe_open(str(foundation), "pt") as f:
             pretrained = ((f.metadata() or {}).get("fonts") or "").split(",")
-        disjoint["fonts"] = data_v2.font_report(data_v2.resolve_fonts(), [x for x in pretrained if x])
+        related = tuple(a for a in auxiliaries_of(cfg) if a in data_v2.FONT_AUXILIARIES)
+        disjoint["fonts"] = data_v2.font_report(data_v2.resolve_fonts(related), [x for x in pretrained if x])
         log(f"auxiliary fonts disjoint from the foundation's {disjoint['fonts']['foundationFonts']} pretraining fonts:"
             f" {disjoint['fonts']['disjoint']}")
         if not disjoint["fonts"]["disjoint"]:
