@@ -8,7 +8,7 @@ own. Configurations are alternated and repeated; medians are reported.
 
 Local files (page cache warm):
   bare     a bare 10-line numpy float64 running sum (safetensors.numpy.load_file per member)
-  ours     ``streamavg.average_paths`` (what ``ratatouille average`` runs), mean in memory
+  ours     ``averaging.average_files`` (what ``ratatouille average`` runs), mean in memory
   ours+w   the same, writing the output file (fsync) with its sha256 — end to end
   naive    load all members, stack, mean (the reference's approach)
   torch    ``averaging.uniform_average`` (RunningSum on torch tensors: the stage's path)
@@ -16,7 +16,7 @@ From a moto S3 server on loopback (same boto3 client as the product):
   dl       download only: get_object and read every byte, nothing else
   dlfile   download only, with the client's download_file (multipart, 4 threads) to disk
   serial   stream-and-add without the prefetch thread (no overlap)
-  ours     ``streamavg.average_uris`` (prefetch thread: download overlaps the arithmetic)
+  ours     ``averaging.average_uris`` (prefetch thread: download overlaps the arithmetic)
 
 Usage: .venv/bin/python benchmarks/bench_averaging.py [--n 4 16 32] [--repeat 3]
        [--s3-n 4 16] [--skip-local] [--skip-s3] [--out figures.json]
@@ -59,8 +59,10 @@ def worker(mode: str, paths: list[str], extra: dict) -> dict:
     if mode in ("bare", "naive"):
         from safetensors.numpy import load_file
     if mode.startswith("ours") or mode.startswith("s3"):
-        from ratatouille_trainer import streamavg, storage  # noqa: F401
+        from ratatouille_trainer import averaging, storage  # noqa: F401
     if mode == "torch":
+        import torch  # noqa: F401  (the engine imports it when first given tensors: not timed)
+
         from ratatouille_trainer.averaging import load_safetensors_file, uniform_average
     if mode.startswith("s3"):
         from ratatouille_trainer.storage import open_storage
@@ -96,13 +98,13 @@ def worker(mode: str, paths: list[str], extra: dict) -> dict:
         wall = time.perf_counter() - t0
         digest = _digest(mean)
     elif mode == "ours":
-        sa, _ = streamavg.average_paths(None, paths, block_elems=extra["block_elems"])
+        sa = averaging.average_files(None, paths, block_elems=extra["block_elems"])["average"]
         mean = sa.mean_arrays()
         wall = time.perf_counter() - t0
         digest = _digest(mean)
     elif mode == "ours+w":
         out = extra["out"]
-        _sa, sha = streamavg.average_paths(out, paths, block_elems=extra["block_elems"])
+        sha = averaging.average_files(out, paths, block_elems=extra["block_elems"])["sha256"]
         wall = time.perf_counter() - t0
         os.unlink(out)
         digest = sha[:16]
@@ -112,12 +114,12 @@ def worker(mode: str, paths: list[str], extra: dict) -> dict:
         digest = _digest({k: v.numpy() for k, v in mean.items() if v.is_floating_point()})
     elif mode == "s3dl":
         total = 0
-        buf = bytearray(streamavg.PIECE)
+        buf = bytearray(averaging.PIECE)
         for uri in paths:
-            bucket, key = store._object_bk(uri)
+            _, bucket, key = storage.split_uri(uri)
             body = client.get_object(Bucket=bucket, Key=key)["Body"]
             while True:
-                chunk = body.read(streamavg.PIECE)
+                chunk = body.read(averaging.PIECE)
                 if not chunk:
                     break
                 total += len(chunk)
@@ -139,7 +141,7 @@ def worker(mode: str, paths: list[str], extra: dict) -> dict:
     elif mode == "s3serial":
         # the same blocks from the same one GET per member, read when the engine needs them
         # (no prefetch thread, so no overlap of download and arithmetic)
-        members = [streamavg._s3_member(store, uri) for uri in paths]
+        members = [averaging._s3_member(store, uri) for uri in paths]
         streams = [m.stream for m in members]
 
         class Range:
@@ -147,9 +149,8 @@ def worker(mode: str, paths: list[str], extra: dict) -> dict:
                 self.st, self.left = st, left
 
             def readinto(self, mv):
-                k = self.st.reader.readinto(mv[:min(len(mv), self.left)]) if self.left else 0
+                k = self.st.readinto(mv[:min(len(mv), self.left)]) if self.left else 0
                 self.left -= k
-                self.st.pos += k
                 return k
 
             def close(self):
@@ -159,23 +160,23 @@ def worker(mode: str, paths: list[str], extra: dict) -> dict:
             st = streams[mi]
             scratch = memoryview(bytearray(1 << 20))
             while st.pos < start:  # a small gap: read and drop
-                st.pos += st.reader.readinto(scratch[:min(len(scratch), start - st.pos)])
+                st.readinto(scratch[:min(len(scratch), start - st.pos)])
             return Range(st, end - start)
 
-        sa = streamavg.StreamingAverage(members, opener, block_elems=extra["block_elems"],
-                                        gap=streamavg.PIECE)
+        sa = averaging.StreamingAverage(members, opener, block_elems=extra["block_elems"],
+                                        gap=averaging.PIECE)
         mean = sa.compute()
         for st in streams:
-            st.body.close()
+            st.close()
         wall = time.perf_counter() - t0
         digest = _digest(mean)
     elif mode == "s3ours":
-        summary = streamavg.average_uris(None, paths, storage=store, block_elems=extra["block_elems"])
+        summary = averaging.average_uris(None, paths, storage=store, block_elems=extra["block_elems"])
         mean = summary["average"].mean_arrays()
         wall = time.perf_counter() - t0
         digest = _digest(mean)
     elif mode == "s3ours+w":
-        summary = streamavg.average_uris(extra["out"], paths, storage=store,
+        summary = averaging.average_uris(extra["out"], paths, storage=store,
                                          block_elems=extra["block_elems"])
         wall = time.perf_counter() - t0
         os.unlink(extra["out"])
@@ -277,7 +278,7 @@ def main() -> int:
     ap.add_argument("--skip-torch", action="store_true")
     ap.add_argument("--block-mb", type=float, default=None,
                     help="float64 accumulator per block in MiB (default: the product's, "
-                         "streamavg.BLOCK_ELEMS x 8 bytes)")
+                         "averaging.BLOCK_ELEMS x 8 bytes)")
     ap.add_argument("--dir", help="where to write the members (default: a temp dir, deleted)")
     ap.add_argument("--out")
     ap.add_argument("paths", nargs="*")
@@ -323,7 +324,7 @@ def main() -> int:
 def block_elems(args) -> int:
     if args.block_mb is None:
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "trainer"))
-        from ratatouille_trainer.streamavg import BLOCK_ELEMS
+        from ratatouille_trainer.averaging import BLOCK_ELEMS
         return BLOCK_ELEMS
     return int(args.block_mb * (1 << 20)) // 8
 

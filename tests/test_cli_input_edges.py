@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import yaml
 
-from ratatouille_trainer import streamavg
-from ratatouille_trainer.streamavg import AveragingError, UnsafeWeightsError
+from ratatouille_trainer import averaging
+from ratatouille_trainer.averaging import AveragingError, UnsafeWeightsError, average_files
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,7 +98,7 @@ def _refusal(tmp_path, data: bytes, name="bad.safetensors") -> str:
     bad = tmp_path / name
     bad.write_bytes(data)
     with pytest.raises((UnsafeWeightsError, AveragingError)) as info:
-        streamavg.average_paths(tmp_path / "avg.safetensors", [good, bad])
+        average_files(tmp_path / "avg.safetensors", [good, bad])
     assert not (tmp_path / "avg.safetensors").exists()
     msg = str(info.value)
     assert name in msg and "\n" not in msg
@@ -160,7 +160,7 @@ def test_the_library_agrees_on_what_is_refused(tmp_path):
 def test_a_member_rewritten_in_place_mid_average_is_refused(tmp_path):
     n = 64
     paths = [member(tmp_path / f"m{i}.safetensors", np.full(n, i, dtype="<f4")) for i in range(2)]
-    real = streamavg._Opener.__call__
+    real = averaging._Opener.__call__
     state = {"calls": 0}
 
     def opener(self, mi, start, end, m):
@@ -172,19 +172,19 @@ def test_a_member_rewritten_in_place_mid_average_is_refused(tmp_path):
             os.utime(paths[1], ns=(time.time_ns(), time.time_ns() + 10**9))
         return real(self, mi, start, end, m)
 
-    streamavg._Opener.__call__ = opener
+    averaging._Opener.__call__ = opener
     try:
         with pytest.raises(AveragingError, match="changed while it was being averaged"):
-            streamavg.average_paths(tmp_path / "avg.safetensors", paths, block_elems=8)
+            average_files(tmp_path / "avg.safetensors", paths, block_elems=8)
     finally:
-        streamavg._Opener.__call__ = real
+        averaging._Opener.__call__ = real
     assert not (tmp_path / "avg.safetensors").exists()
 
 
 def test_a_member_replaced_by_rename_mid_average_is_read_whole_from_its_snapshot(tmp_path):
     n = 64
     paths = [member(tmp_path / f"m{i}.safetensors", np.full(n, 2 * i, dtype="<f4")) for i in range(2)]
-    real = streamavg._Opener.__call__
+    real = averaging._Opener.__call__
     state = {"calls": 0}
 
     def opener(self, mi, start, end, m):
@@ -194,11 +194,11 @@ def test_a_member_replaced_by_rename_mid_average_is_read_whole_from_its_snapshot
             os.replace(fresh, paths[1])
         return real(self, mi, start, end, m)
 
-    streamavg._Opener.__call__ = opener
+    averaging._Opener.__call__ = opener
     try:
-        sa, _ = streamavg.average_paths(None, paths, block_elems=8)
+        sa = average_files(None, paths, block_elems=8)["average"]
     finally:
-        streamavg._Opener.__call__ = real
+        averaging._Opener.__call__ = real
     assert sa.mean_arrays()["w"].tolist() == [1.0] * n  # (0 + 2) / 2 everywhere: no block of the new file
 
 

@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 
 from ratatouille_operator.spec import SpecError
 from ratatouille_operator.validation import read_manifest_file, validate_manifest
-from ratatouille_trainer import streamavg
-from ratatouille_trainer.streamavg import AveragingError, UnsafeWeightsError
+from ratatouille_trainer import weights
+from ratatouille_trainer.weights import AveragingError, UnsafeWeightsError
 
 BOUNDED = settings(max_examples=150, deadline=None, derandomize=True,
                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -139,8 +139,8 @@ def _read(data: bytes):
     class Raw(io.BytesIO):
         pass
 
-    rd = streamavg._Reader(Raw(data), "prop.safetensors")
-    return streamavg._read_header(rd, len(data))
+    rd = weights.Reader(Raw(data), "prop.safetensors")
+    return weights.read_header(rd, len(data))
 
 
 def _library_accepts(data: bytes):

@@ -1,6 +1,6 @@
-"""The fast paths of averaging (issue 7): streaming safetensors averaging (files and S3 with a
-prefetch thread) and RunningSum's numpy kernels give exactly the results of the plain paths,
-read every member once, and keep refusing bad input. Fast, no timing assertions."""
+"""The fast paths of the averaging engine (issue 7): its streaming drivers (files, and S3 with a
+prefetch thread) and RunningSum give exactly the results of the plain paths, read every member
+once, and keep refusing bad input. Fast, no timing assertions."""
 from __future__ import annotations
 
 import json
@@ -14,10 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ratatouille_trainer import streamavg
+from ratatouille_trainer import averaging
 from ratatouille_trainer.averaging import (AveragingError, RunningSum, UnsafeWeightsError,
-                                           _add_into, _all_finite, average_files, average_uris,
-                                           uniform_average)
+                                           average_files, average_uris, uniform_average)
 from ratatouille_trainer.storage import join, open_storage
 
 
@@ -95,24 +94,23 @@ def test_blocks_and_small_pieces_still_match(tmp_path, block_elems):
     # several tensors (and the integer buffers) in one block
     states = [make_state(s) for s in range(3)]
     paths = write_members(tmp_path, states)
-    members = [streamavg._local_member(str(p), str(p)) for p in paths]
-    sa = streamavg.StreamingAverage(members, streamavg._Opener(), piece_bytes=64,
-                                    block_elems=block_elems)
+    summary = average_uris(str(tmp_path / "avg.safetensors"), [str(p) for p in paths],
+                           piece_bytes=64, block_elems=block_elems)
     floats = sum(t.numel() for t in states[0].values() if t.is_floating_point())
-    assert sa.accumulator_bytes == 8 * min(block_elems, floats)  # memory: one block, not the model
-    sa.write(tmp_path / "avg.safetensors", streamavg._meta(sa, None))
-    assert sa.bytes_read <= sum(p.stat().st_size for p in paths)
+    # memory: one block, not the model
+    assert summary["accumulatorBytes"] == 8 * min(block_elems, floats)
+    assert summary["bytesRead"] <= sum(p.stat().st_size for p in paths)
     assert_same(load_file(str(tmp_path / "avg.safetensors")), running_sum_mean(states))
     # the file is the same whatever the block size
-    whole, _ = streamavg.average_paths(tmp_path / "whole.safetensors", paths)
-    assert len(whole.blocks) == 1 and whole.accumulator_bytes == 8 * floats
+    whole = average_uris(str(tmp_path / "whole.safetensors"), [str(p) for p in paths])
+    assert whole["blocks"] == 1 and whole["accumulatorBytes"] == 8 * floats
     assert (tmp_path / "whole.safetensors").read_bytes() == (tmp_path / "avg.safetensors").read_bytes()
 
 
 @pytest.mark.parametrize("total, block", [(23_500_000, 4 << 20), (100, 4 << 20), (10, 1), (3374, 500),
                                           (8 << 20, 4 << 20)])
 def test_block_sizes_cover_everything_and_end_small(total, block):
-    sizes = streamavg._block_sizes(total, block)
+    sizes = averaging._block_sizes(total, block)
     assert sum(sizes) == total and all(0 < x <= block for x in sizes)
     if total > block:  # what is left once the last byte is in: an eighth of a block at most
         assert sizes[-1] <= max(1, block // 8)
@@ -143,13 +141,16 @@ def test_members_with_another_tensor_layout(tmp_path):
 
 
 def test_bf16_rounding_matches_torch():
+    # the engine's cast of a mean (here a sum of one, divided by 1) is torch's: ties to even,
+    # huge and subnormal values, float64 -> float32 -> bfloat16 / float16
     x = np.array([1.0, 1.00390625, 1.005859375, 1.0029296875, -2.5e-3, 3.3e38, 1e-40],
                  dtype=np.float64)
-    ours = streamavg._cast_mean(x, "BF16")
-    theirs = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-    assert ours.tolist() == theirs.tolist()
-    ours16 = streamavg._cast_mean(x[:5], "F16")
-    assert ours16.tolist() == torch.from_numpy(x[:5]).to(torch.float16).numpy().tolist()
+    for tag, dtype, n in (("BF16", torch.bfloat16, 7), ("F16", torch.float16, 5)):
+        out = np.empty(n, dtype=averaging._STORED[tag])
+        averaging._mean_into(x[:n], 1.0, tag, out)
+        theirs = torch.from_numpy(x[:n]).to(dtype)
+        want = theirs.view(torch.int16).numpy().view(np.uint16) if tag == "BF16" else theirs.numpy()
+        assert out.tolist() == want.tolist(), tag
 
 
 @pytest.mark.parametrize("key, value", [("head.weight", float("nan")),
@@ -175,10 +176,12 @@ def test_large_finite_values_are_not_refused(tmp_path):
     out = tmp_path / "avg.safetensors"
     average_files(out, paths)
     assert torch.equal(load_file(str(out))["w"], torch.zeros(1000))
-    assert _all_finite(torch.full((1 << 19,), 3e38)) is True
+    rs = RunningSum()
+    rs.add("m0", {"w": torch.full((1 << 19,), 3e38)})  # more than one kernel piece
     t = torch.full((1 << 19,), 3e38)
     t[-1] = float("inf")
-    assert _all_finite(t) is False
+    with pytest.raises(AveragingError, match="'m1': tensor 'w' contains NaN or Inf"):
+        rs.add("m1", {"w": t})
 
 
 def _corrupt(tmp_path, name, data):
@@ -219,11 +222,12 @@ def test_corrupt_files_are_refused(tmp_path):
 
 
 def test_streaming_module_needs_no_torch():
-    code = ("import sys, ratatouille_trainer.streamavg as s, ratatouille_trainer.storage; "
+    code = ("import sys, ratatouille_trainer.averaging as s, ratatouille_trainer.streamavg, "
+            "ratatouille_trainer.storage; "
             "assert 'torch' not in sys.modules, 'torch imported'; print(s.PIECE)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == str(streamavg.PIECE)
+    assert proc.stdout.strip() == str(averaging.PIECE)
 
 
 # ------------------------------------------------------------------------------ streaming, S3
@@ -243,7 +247,7 @@ def test_s3_prefetch_reads_each_member_once_and_matches_files(tmp_path, s3_bucke
     states = [make_state(s) for s in range(5)]
     store, paths, uris = _upload_members(tmp_path, s3_bucket, moto_server, states)
     out = tmp_path / "from-s3.safetensors"
-    summary = streamavg.average_uris(str(out), uris, endpoint=moto_server)
+    summary = averaging.average_uris(str(out), uris, endpoint=moto_server)
     assert summary["count"] == 5
     # one GET per member (its header read from the front), every byte fetched once
     assert summary["gets"] == 5 and summary["blocks"] == 1
@@ -303,7 +307,7 @@ def test_s3_blocks_one_get_per_member_each_byte_once(tmp_path, s3_bucket, moto_s
     s3 = open_storage(s3_bucket, moto_server)
     calls = _recording_client(s3)
     # blocks of 500 elements: every member is read in several blocks, through its one GET
-    summary = streamavg.average_uris(str(tmp_path / "avg.safetensors"), uris, storage=s3,
+    summary = averaging.average_uris(str(tmp_path / "avg.safetensors"), uris, storage=s3,
                                      block_elems=500)
     assert summary["blocks"] > 4
     local = tmp_path / "from-files.safetensors"
@@ -320,7 +324,7 @@ def test_s3_pieces_that_split_elements_are_copied_across_buffers(tmp_path, s3_bu
     states = [make_state(s) for s in range(3)]
     store, paths, uris = _upload_members(tmp_path, s3_bucket, moto_server, states)
     out = tmp_path / "avg.safetensors"
-    streamavg.average_uris(str(out), uris, endpoint=moto_server, piece_bytes=piece, block_elems=300)
+    averaging.average_uris(str(out), uris, endpoint=moto_server, piece_bytes=piece, block_elems=300)
     local = tmp_path / "from-files.safetensors"
     average_files(local, paths)
     assert out.read_bytes() == local.read_bytes()
@@ -335,7 +339,7 @@ def test_s3_reordered_member_and_few_open_streams_use_ranged_gets(tmp_path, s3_b
     store.upload(odd, uris[-1])
     s3 = open_storage(s3_bucket, moto_server)
     calls = _recording_client(s3)
-    summary = streamavg.average_uris(None, uris, storage=s3, block_elems=500, max_streams=2)
+    summary = averaging.average_uris(None, uris, storage=s3, block_elems=500, max_streams=2)
     exp = running_sum_mean(states)
     got = summary["average"].mean_arrays()
     for k in ("head.weight", "featurizer.conv.weight", "featurizer.half", "featurizer.f64"):
@@ -353,7 +357,7 @@ def test_s3_prefetch_resumes_a_broken_transfer(tmp_path, s3_bucket, moto_server)
     s3 = open_storage(s3_bucket, moto_server, retry=RetryPolicy(attempts=3, base_delay=0.0))
     key1 = "run/target/1/model.safetensors"
     calls = _recording_client(s3, break_after=3000, break_key=key1)  # past the header
-    summary = streamavg.average_uris(None, uris, storage=s3)
+    summary = averaging.average_uris(None, uris, storage=s3)
     assert s3.retries == 1
     mine = [c for c in calls if c["Key"] == key1]
     assert len(mine) == 2 and "Range" not in mine[0]
@@ -370,7 +374,7 @@ def test_s3_member_replaced_during_the_average_is_refused(tmp_path, s3_bucket, m
     store, paths, uris = _upload_members(tmp_path, s3_bucket, moto_server, states)
     s3 = open_storage(s3_bucket, moto_server)
     calls = _recording_client(s3, break_after=3000, break_key="run/target/2/model.safetensors")
-    real_member = streamavg._s3_member
+    real_member = averaging._s3_member
 
     def member_then_replace(storage, uri):
         got = real_member(storage, uri)
@@ -380,10 +384,10 @@ def test_s3_member_replaced_during_the_average_is_refused(tmp_path, s3_bucket, m
 
     out = tmp_path / "avg.safetensors"
     import unittest.mock
-    with unittest.mock.patch.object(streamavg, "_s3_member", member_then_replace):
+    with unittest.mock.patch.object(averaging, "_s3_member", member_then_replace):
         # the broken transfer is resumed with a ranged GET pinned to the first ETag: refused
         with pytest.raises(Exception, match="PreconditionFailed|Precondition"):
-            streamavg.average_uris(str(out), uris, storage=s3)
+            averaging.average_uris(str(out), uris, storage=s3)
     assert not out.exists()
     assert [c for c in calls if c["Key"].endswith("2/model.safetensors")][-1]["IfMatch"]
 
@@ -406,7 +410,7 @@ def test_s3_bad_later_member_fails_cleanly(tmp_path, s3_bucket, moto_server, bad
     before = set(threading.enumerate())
     out = tmp_path / "avg.safetensors"
     with pytest.raises(Exception) as e:
-        streamavg.average_uris(str(out), uris, endpoint=moto_server, block_elems=500)
+        averaging.average_uris(str(out), uris, endpoint=moto_server, block_elems=500)
     assert uris[3] in str(e.value)
     assert {"missing": "not found", "shape": "has shape (11,)", "pickle-content": "pickle"}[bad] in str(e.value)
     assert not [p.name for p in tmp_path.iterdir() if "avg" in p.name]  # nor a temporary file
@@ -420,25 +424,38 @@ def test_s3_bad_member_stops_the_prefetch_thread(tmp_path, s3_bucket, moto_serve
     store, paths, uris = _upload_members(tmp_path, s3_bucket, moto_server, states)
     out = tmp_path / "avg.safetensors"
     with pytest.raises(AveragingError, match="contains NaN or Inf"):
-        streamavg.average_uris(str(out), uris, endpoint=moto_server)
+        averaging.average_uris(str(out), uris, endpoint=moto_server)
     assert not out.exists()
     assert not any(t.name == "ratatouille-s3-prefetch" for t in __import__("threading").enumerate())
 
 
-# ------------------------------------------------------------------------- RunningSum kernels
+# ------------------------------------------------------------------------- RunningSum
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64, torch.bfloat16])
-def test_numpy_add_matches_torch_add(dtype):
+def test_running_sum_is_torch_float64_arithmetic(dtype):
+    # more elements than one kernel piece, a non-contiguous member, a scalar and an empty tensor
     g = torch.Generator().manual_seed(3)
-    acc = torch.randn(1000, generator=g, dtype=torch.float64)
-    t = (torch.randn(1000, generator=g) * 7).to(dtype)
-    ref = acc + t.to(torch.float64)
-    _add_into(acc, t)
-    assert torch.equal(acc, ref)
-    nc = torch.randn(20, 30, generator=g).t()           # non-contiguous: the torch path
-    acc2 = torch.zeros(30, 20, dtype=torch.float64)
-    _add_into(acc2, nc)
-    assert torch.equal(acc2, nc.double())
+    n = averaging.ELEMS + 17
+    members = [{"w": (torch.randn(n, generator=g) * 100).to(dtype),
+                "t": (torch.randn(20, 30, generator=g) * 7).to(dtype).t(),
+                "s": torch.tensor(float(i) + 0.5).to(dtype),
+                "e": torch.zeros(0, 3, dtype=dtype)} for i in range(4)]
+    rs = RunningSum()
+    for i, m in enumerate(members[:3]):
+        rs.add(f"m{i}", m)
+
+    def torch_mean(ms):
+        return {k: (sum(m[k].to(torch.float64) for m in ms) / len(ms)).to(dtype) for k in ms[0]}
+
+    assert_same(rs.mean(), torch_mean(members[:3]))
+    assert_same(rs.mean_with("m3", members[3]), torch_mean(members))
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.float8_e4m3fn])
+def test_unsupported_dtypes_are_refused_naming_member_and_tensor(dtype):
+    rs = RunningSum()
+    with pytest.raises(AveragingError, match=f"member 'm0': tensor 'w' has dtype {dtype}, which is not supported"):
+        rs.add("m0", {"w": torch.zeros(3).to(dtype)})
 
 
 def test_uniform_average_fast_kernels_load_each_member_once():
@@ -460,23 +477,6 @@ def test_uniform_average_fast_kernels_load_each_member_once():
         else:
             exp[k] = t0.clone()
     assert_same(avg, exp)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64, torch.bfloat16])
-def test_piecewise_mean_matches_torch(dtype):
-    from ratatouille_trainer.averaging import _PIECE, _mean_tensor
-
-    g = torch.Generator().manual_seed(5)
-    acc = torch.randn(_PIECE + 17, generator=g, dtype=torch.float64) * 1000
-    extra = (torch.randn(_PIECE + 17, generator=g) * 100).to(dtype)
-    for n in (3.0, 7.0):
-        assert torch.equal(_mean_tensor(acc, None, n, dtype), (acc / n).to(dtype))
-        want = (acc + extra.to(torch.float64)).div_(n).to(dtype)
-        assert torch.equal(_mean_tensor(acc, extra, n, dtype), want)
-    scalar = torch.tensor(5.0, dtype=torch.float64)
-    assert torch.equal(_mean_tensor(scalar, torch.tensor(1.0).to(dtype), 2.0, dtype),
-                       torch.tensor(3.0).to(dtype))
-    assert _mean_tensor(torch.zeros(0, 3, dtype=torch.float64), None, 2.0, dtype).shape == (0, 3)
 
 
 # ------------------------------------------------------------------------- greedy scratch reuse

@@ -29,8 +29,7 @@ from typing import Any, Callable
 import torch
 
 from . import __version__, diagnostics, integrity
-from .averaging import (AveragingError, RunningSum, greedy_select, interpolate,
-                        load_safetensors_file, save_state_dict, sha256_file)
+from .averaging import AveragingError, RunningSum, greedy_select, interpolate
 from .data import DomainDataset, TrainStream, load_dataset, seed_hash
 from .integrity import strict_json
 from .device import DeviceContext, select_device
@@ -43,6 +42,7 @@ from .progress import Progress
 from .storage import join, open_storage
 from .training import (Checkpointer, Evaluator, Phase, TrainResult, evaluate,
                        test_accuracies, train)
+from .weights import load_safetensors_file, save_state_dict, sha256_file
 
 
 # ---------------------------------------------------------------------------------- helpers
