@@ -388,69 +388,55 @@ class Reconciler:
                 return dict(status)
         return prev
 
-    def _reconcile(self, body: Mapping, jobs: Iterable[Mapping] | None, *, fresh: bool = False) -> ReconcileResult:
+    def _admit(self, body: Mapping, prev_status: dict, generation: int):
+        """(the validated run, the previous status to plan from), or the ReconcileResult of a
+        run refused as invalid or not allowed."""
         meta = body["metadata"]
-        namespace, name, uid = meta.get("namespace") or "default", meta["name"], meta.get("uid") or ""
-        generation = int(meta.get("generation") or 1)
-        prev_status = self._previous_status(namespace, name, meta, body)
-        if meta.get("deletionTimestamp"):
-            return ReconcileResult(prev_status.get("phase"))
         try:
             validated = validate_manifest(_fill_defaults({k: v for k, v in body.items() if k != "status"}, self.settings))
         except SpecError as err:
-            return self._invalid(body, prev_status, generation, err)
+            return self._invalid(body, prev_status, generation, err), prev_status
         if prev_status.get("phase") not in planner.TERMINAL_PHASES or _was_invalid(prev_status):
             try:  # (a finished run stays as it finished, whatever the policy says now)
                 self.settings.policy.check(validated.spec, self.settings.default_image)
             except PolicyError as err:
-                return self._invalid(body, prev_status, generation, err, REASON_NOT_ALLOWED)
+                return self._invalid(body, prev_status, generation, err, REASON_NOT_ALLOWED), prev_status
         if _was_invalid(prev_status):
             # The spec was fixed: plan from scratch (the invalid verdict is not a run outcome).
-            log.info("RatatouilleRun %s/%s: the spec is valid again", namespace, name)
+            log.info("RatatouilleRun %s/%s: the spec is valid again", meta.get("namespace") or "default", meta["name"])
             prev_status = {}
-        spec = validated.spec if self.settings.shared_aux_cache else replace(validated.spec, aux_cache_scope=namespace)
-        run = planner.RunRef(namespace=namespace, name=name, uid=uid, generation=generation,
-                             creation_time=_ts(meta.get("creationTimestamp")))
-        if jobs is None:
-            jobs = self.list_jobs(namespace, name)
-        jobs = [j for j in jobs
-                if (j.get("metadata", {}).get("labels") or {}).get(planner.LABEL_RUN_UID) == planner.label_value(uid)]
-        uids = {(j.get("metadata") or {}).get("name"): (j.get("metadata") or {}).get("uid") for j in jobs}
+        return validated, prev_status
+
+    def _observe(self, run: planner.RunRef, jobs: list[Mapping], prev_status: Mapping, pods: "_Once",
+                 now: float) -> dict[str, planner.ObservedJob]:
+        """The run's Jobs as the planner sees them: listed ones (explained by their pods while the
+        run is live), plus those created or refused moments ago that a LIST may not show yet."""
         observed_jobs = {}
         for job in jobs:  # (a Job of an earlier run with the same name has another uid label)
             o = manifests.parse_job(job)
             if o is not None:
                 observed_jobs[o.name] = o
-        now = self.clock()
-        pods = _Once(lambda: self._run_pods(run))  # at most one LIST of the run's pods
         if prev_status.get("phase") not in planner.TERMINAL_PHASES:
             observed_jobs.update(self._explain(run, jobs, observed_jobs, prev_status, pods, now))
         for jname, (t, owner_uid, o) in list(self._recent.items()):
             if jname in observed_jobs or now - t > 60:
                 self._recent.pop(jname, None)
-            elif owner_uid == uid:
+            elif owner_uid == run.uid:
                 observed_jobs[jname] = o
         remembered = {f"{o.stage}/{o.member}/{o.attempt}" for o in planner.remembered_jobs(run, prev_status)}
         for jname, (t, owner_uid, o) in list(self._rejected.items()):
-            if now - t > REJECTED_MEMORY_S or (owner_uid == uid and f"{o.stage}/{o.member}/{o.attempt}" in remembered):
+            if now - t > REJECTED_MEMORY_S or (owner_uid == run.uid and f"{o.stage}/{o.member}/{o.attempt}" in remembered):
                 self._rejected.pop(jname, None)
-            elif owner_uid == uid and jname not in observed_jobs:
+            elif owner_uid == run.uid and jname not in observed_jobs:
                 observed_jobs[jname] = o
-        known = planner.with_remembered(run, observed_jobs.values(), prev_status)
-        # A finished run's status is final (the planner keeps it as it is): no storage reads and
-        # no pod LISTs for it, so an operator restart costs nothing per finished run.
-        finished = prev_status.get("phase") in planner.TERMINAL_PHASES
-        # Auxiliary cache hits are not read from storage here: every auxiliary Job is created,
-        # and its trainer returns at once when the entry is complete, verifies, and was trained
-        # on the inputs' current content (ratatouille_trainer.inputs).
-        observed = planner.Observed(jobs=tuple(observed_jobs.values()),
-                                    member_metrics={} if finished else self._member_metrics(spec, run, known, pods))
-        result = planner.plan(run, spec, observed, now, previous_status=prev_status or None)
-        created = []
-        again = False
-        retry_after = None
-        deletes = []
-        for action in result.actions:
+        return observed_jobs
+
+    def _act(self, run: planner.RunRef, spec, body: Mapping, actions, uids: Mapping[str, str | None]):
+        """Carry out the plan's creates and suspends; returns (created names, whether to plan
+        again, the delay before retrying a create the server could not take, the deletes)."""
+        created, again, retry_after, deletes = [], False, None, []
+        key = (run.namespace, run.name)
+        for action in actions:
             if isinstance(action, planner.CreateJob):
                 if retry_after is not None:
                     continue  # the server could not take the last one: the rest waits too
@@ -458,18 +444,50 @@ class Reconciler:
                 if outcome == "created":
                     created.append(action.name)
                 elif outcome == "transient":
-                    n = self._create_trouble.get((namespace, name), 0) + 1
-                    self._create_trouble[(namespace, name)] = n
+                    n = self._create_trouble.get(key, 0) + 1
+                    self._create_trouble[key] = n
                     retry_after = min(MAX_CREATE_BACKOFF_S, 2.0 ** n)
                 else:  # "exists" (a stale view) or "rejected" (recorded): plan again
                     again = True
             elif isinstance(action, planner.DeleteJob):
                 deletes.append(action)
             elif isinstance(action, planner.SetSuspend):
-                if not self._suspend(namespace, action, uids.get(action.name)):
+                if not self._suspend(run.namespace, action, uids.get(action.name)):
                     retry_after = KUEUE_WORKLOAD_WAIT_S if retry_after is None else retry_after
         if retry_after is None and created:
-            self._create_trouble.pop((namespace, name), None)
+            self._create_trouble.pop(key, None)
+        return created, again, retry_after, deletes
+
+    def _reconcile(self, body: Mapping, jobs: Iterable[Mapping] | None, *, fresh: bool = False) -> ReconcileResult:
+        meta = body["metadata"]
+        namespace, name, uid = meta.get("namespace") or "default", meta["name"], meta.get("uid") or ""
+        generation = int(meta.get("generation") or 1)
+        prev_status = self._previous_status(namespace, name, meta, body)
+        if meta.get("deletionTimestamp"):
+            return ReconcileResult(prev_status.get("phase"))
+        validated, prev_status = self._admit(body, prev_status, generation)
+        if isinstance(validated, ReconcileResult):
+            return validated
+        spec = validated.spec if self.settings.shared_aux_cache else replace(validated.spec, aux_cache_scope=namespace)
+        run = planner.RunRef(namespace=namespace, name=name, uid=uid, generation=generation,
+                             creation_time=_ts(meta.get("creationTimestamp")))
+        jobs = [j for j in (self.list_jobs(namespace, name) if jobs is None else jobs)
+                if (j.get("metadata", {}).get("labels") or {}).get(planner.LABEL_RUN_UID) == planner.label_value(uid)]
+        uids = {(j.get("metadata") or {}).get("name"): (j.get("metadata") or {}).get("uid") for j in jobs}
+        now = self.clock()
+        pods = _Once(lambda: self._run_pods(run))  # at most one LIST of the run's pods
+        observed_jobs = self._observe(run, jobs, prev_status, pods, now)
+        known = planner.with_remembered(run, observed_jobs.values(), prev_status)
+        # A finished run's status is final (the planner keeps it as it is): no storage reads and
+        # no pod LISTs for it, so an operator restart costs nothing per finished run. Auxiliary
+        # cache hits are not read from storage here: every auxiliary Job is created, and its
+        # trainer returns at once when the entry is complete, verifies, and was trained on the
+        # inputs' current content (ratatouille_trainer.inputs).
+        finished = prev_status.get("phase") in planner.TERMINAL_PHASES
+        observed = planner.Observed(jobs=tuple(observed_jobs.values()),
+                                    member_metrics={} if finished else self._member_metrics(spec, run, known, pods))
+        result = planner.plan(run, spec, observed, now, previous_status=prev_status or None)
+        created, again, retry_after, deletes = self._act(run, spec, body, result.actions, uids)
         if again and not fresh:
             # A Job we meant to create exists already (the view of the children was older than
             # the API), or the server refused one (a failed member now): the status and Events
