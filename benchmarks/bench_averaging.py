@@ -63,7 +63,8 @@ def worker(mode: str, paths: list[str], extra: dict) -> dict:
     if mode == "torch":
         import torch  # noqa: F401  (the engine imports it when first given tensors: not timed)
 
-        from ratatouille_trainer.averaging import load_safetensors_file, uniform_average
+        from ratatouille_trainer.averaging import uniform_average
+        from ratatouille_trainer.weights import load_safetensors_file
     if mode.startswith("s3"):
         from ratatouille_trainer.storage import open_storage
         os.environ.update(common.S3_ENV)

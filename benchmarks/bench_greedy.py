@@ -72,7 +72,7 @@ class Reads:
         self.count = {}
 
     def loader(self, path):
-        from ratatouille_trainer.averaging import load_safetensors_file
+        from ratatouille_trainer.weights import load_safetensors_file
 
         def load():
             self.count[path] = self.count.get(path, 0) + 1

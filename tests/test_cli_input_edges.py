@@ -326,7 +326,7 @@ def test_outputs_honour_the_umask(tmp_path):
 
 
 def test_saved_weights_honour_the_umask(tmp_path):
-    code = ("import os, torch; os.umask(0o027); from ratatouille_trainer.averaging import save_state_dict; "
+    code = ("import os, torch; os.umask(0o027); from ratatouille_trainer.weights import save_state_dict; "
             f"save_state_dict({{'w': torch.ones(2)}}, {str(tmp_path / 'w.safetensors')!r})")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -281,9 +281,9 @@ _seconds_arg = _number_arg(float, lambda v: 0 < v < float("inf"), "a positive nu
 
 def cmd_average(args) -> int:
     # The streaming path reads safetensors with numpy: no torch import (~650 MB less memory).
-    from ratatouille_trainer import streamavg
+    from ratatouille_trainer.averaging import average_uris
 
-    summary = streamavg.average_uris(args.output, args.inputs, endpoint=args.endpoint)
+    summary = average_uris(args.output, args.inputs, endpoint=args.endpoint)
     print(f"averaged {summary['count']} checkpoints into {args.output} (sha256 {summary['sha256']})")
     return EXIT_OK
 
@@ -350,7 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     bad_input: tuple = (SpecError,)
     if args.command == "average":
-        from ratatouille_trainer.streamavg import AveragingError, UnsafeWeightsError
+        from ratatouille_trainer.weights import AveragingError, UnsafeWeightsError
         bad_input += (AveragingError, UnsafeWeightsError)
     try:
         return args.func(args)

@@ -21,12 +21,14 @@ from ratatouille_trainer.averaging import (
     average_files,
     greedy_select,
     interpolate,
+    uniform_average,
+)
+from ratatouille_trainer.weights import (
     load_safetensors_bytes,
     load_safetensors_file,
     refuse_pickle,
     save_state_dict,
     sha256_file,
-    uniform_average,
 )
 from ratatouille_trainer.provenance import lineage_json, model_card, write_lineage
 

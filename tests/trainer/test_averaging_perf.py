@@ -222,7 +222,7 @@ def test_corrupt_files_are_refused(tmp_path):
 
 
 def test_streaming_module_needs_no_torch():
-    code = ("import sys, ratatouille_trainer.averaging as s, ratatouille_trainer.streamavg, "
+    code = ("import sys, ratatouille_trainer.averaging as s, ratatouille_trainer.weights, "
             "ratatouille_trainer.storage; "
             "assert 'torch' not in sys.modules, 'torch imported'; print(s.PIECE)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

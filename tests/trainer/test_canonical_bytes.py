@@ -5,7 +5,7 @@ import sys
 
 SCRIPT = """
 import sys, torch
-from ratatouille_trainer.averaging import save_state_dict
+from ratatouille_trainer.weights import save_state_dict
 torch.manual_seed(0)
 save_state_dict({"w": torch.randn(5, 3), "n": torch.tensor(3)}, sys.argv[1],
                 {"member": "3", "run": "ns/r", "stage": "target", "foundation": "m", "trainer": "t"})

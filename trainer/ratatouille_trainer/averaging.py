@@ -32,8 +32,7 @@ import numpy as np
 
 from .weights import (DTYPES, TORCH_NAMES, AveragingError, Reader, TensorEntry,
                       UnsafeWeightsError, check_output_path, check_same_keys, fmt_shape,
-                      load_safetensors_bytes, load_safetensors_file, read_header, refuse_pickle,
-                      save_state_dict, sha256_file, write_streamed)
+                      read_header, refuse_pickle, write_streamed)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -53,12 +52,6 @@ __all__ = [
     "interpolate",
     "average_files",
     "average_uris",
-    # weight file I/O (weights.py), re-exported for the stage and the model code
-    "load_safetensors_file",
-    "load_safetensors_bytes",
-    "refuse_pickle",
-    "save_state_dict",
-    "sha256_file",
 ]
 
 PIECE = 1 << 20                  # bytes of a member read, checked and added at a time

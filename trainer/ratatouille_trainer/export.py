@@ -115,7 +115,7 @@ def load_published(path: str, arch: str | None = None):
     timm form (``config.json`` beside it) or our own ``featurizer.*``/``head.*`` form."""
     import timm
 
-    from .averaging import load_safetensors_file
+    from .weights import load_safetensors_file
     from .models import build_network, freeze_bn, load_network_state
 
     cfg_path = os.path.join(os.path.dirname(os.path.abspath(path)), CONFIG)

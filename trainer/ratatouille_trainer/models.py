@@ -15,7 +15,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from .averaging import UnsafeWeightsError, load_safetensors_file, refuse_pickle
+from .weights import UnsafeWeightsError, load_safetensors_file, refuse_pickle
 
 FEATURIZER_PREFIX = "featurizer."
 HEAD_PREFIX = "head."
@@ -116,7 +116,7 @@ def _local_weights(uri: str, storage=None) -> str:
 
 def load_weights(uri: str, storage=None) -> tuple[dict[str, torch.Tensor], str]:
     """(state dict, sha256 of the file) of a safetensors file at a path or URI."""
-    from .averaging import sha256_file
+    from .weights import sha256_file
 
     path = _local_weights(uri, storage)
     refuse_pickle(path)

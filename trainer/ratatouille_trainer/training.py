@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .averaging import load_safetensors_file, save_state_dict
+from .weights import load_safetensors_file, save_state_dict
 from .data import TrainStream, eval_transform, list_to_state, state_to_list, train_transform
 from .device import DeviceContext
 from .models import Network, cpu_state
