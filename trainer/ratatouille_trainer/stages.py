@@ -24,7 +24,7 @@ import os
 import shutil
 import sys
 import tempfile
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -33,14 +33,14 @@ from .averaging import AveragingError, RunningSum, greedy_select, interpolate
 from .data import DomainDataset, TrainStream, load_dataset, seed_hash
 from .integrity import strict_json
 from .device import DeviceContext, select_device
-from .jobdesc import JobDescription, JobDescriptionError
+from .jobdesc import JobDescription, JobDescriptionError, best_member, member_key
 from .layout import METRICS, MODEL, checkpoint_root
 from .models import (ModelError, Network, build_network, copy_featurizer_parameters,
                      featurizer_digest, freeze_bn, load_foundation, load_head,
                      load_network_state, load_weights)
 from .progress import Progress
 from .storage import join, open_storage
-from .training import (Checkpointer, Evaluator, Phase, TrainResult, evaluate,
+from .training import (Checkpointer, Evaluator, Phase, TrainResult,
                        test_accuracies, train)
 from .weights import load_safetensors_file, save_state_dict, sha256_file
 
@@ -374,15 +374,14 @@ def _sort_key(name: str, acc: Any) -> tuple:
         a = float(acc)
     except (TypeError, ValueError):
         a = math.nan
-    return (0 if not math.isnan(a) else 1, -a if not math.isnan(a) else 0.0, str(name))
+    return (0 if not math.isnan(a) else 1, -a if not math.isnan(a) else 0.0, member_key(name))
 
 
 def _featurizer_param_names(net: Network) -> list[str]:
     return ["featurizer." + n for n, _ in net.featurizer.named_parameters()]
 
 
-def run_average(desc: JobDescription, ctx: DeviceContext | None = None, progress=None,
-                lease=None) -> dict:
+def _check_average(desc: JobDescription) -> None:
     if desc.selection not in ("uniform", "greedy"):
         raise JobDescriptionError(f"selection must be uniform or greedy, got {desc.selection!r}")
     if not desc.members:
@@ -390,168 +389,167 @@ def run_average(desc: JobDescription, ctx: DeviceContext | None = None, progress
     names = [m.member for m in desc.members]
     if len(set(names)) != len(names):
         raise JobDescriptionError("average stage: a member is listed twice")
-    storage = _storage(desc)
-    ctx = ctx or select_device()
-    progress = progress or Progress(desc.stage, desc.member, len(desc.members))
-    dataset = _dataset(desc)
-    evaluator = Evaluator(dataset.validation_sets(), ctx)
-    tmp = tempfile.mkdtemp(prefix="ratatouille-average-")
-    try:
-        # ---- members' metrics
-        infos: dict[str, dict] = {}
-        for m in desc.members:
-            if not storage.is_done(m.uri):
-                raise AveragingError(f"member {m.member!r}: {m.uri} is not complete (no DONE marker)")
-            try:
-                met = storage.read_json(join(m.uri, METRICS))
-            except Exception as e:
-                raise AveragingError(f"member {m.member!r}: cannot read {join(m.uri, METRICS)}: {e}") from None
-            if not isinstance(met, dict):
-                raise AveragingError(f"member {m.member!r}: metrics.json is not an object")
-            infos[m.member] = {"ref": m, "metrics": met}
-        chance = chance_level(dataset)
-        excluded, at_chance = _exclude_at_chance(infos, chance)
-        sources = {n: str(infos[n]["ref"].source or infos[n]["metrics"].get("source") or "foundation")
-                   for n in infos}
 
+
+def _member_infos(desc: JobDescription, storage) -> dict[str, dict]:
+    """Each member's reference and metrics.json; a member that is not complete is an error."""
+    infos: dict[str, dict] = {}
+    for m in desc.members:
+        if not storage.is_done(m.uri):
+            raise AveragingError(f"member {m.member!r}: {m.uri} is not complete (no DONE marker)")
+        try:
+            met = storage.read_json(join(m.uri, METRICS))
+        except Exception as e:
+            raise AveragingError(f"member {m.member!r}: cannot read {join(m.uri, METRICS)}: {e}") from None
+        if not isinstance(met, dict):
+            raise AveragingError(f"member {m.member!r}: metrics.json is not an object")
+        infos[m.member] = {"ref": m, "metrics": met}
+    return infos
+
+
+class _Average:
+    """One averaging stage: the members are read once each, in one streaming pass that takes
+    their pooled validation, the uniform running sum and the diagnostics as they go by
+    (greedy keeps its own running sum); then the averages are scored and published."""
+
+    def __init__(self, desc: JobDescription, storage, ctx: DeviceContext, progress, tmp: str):
+        self.desc, self.storage, self.ctx, self.progress, self.tmp = desc, storage, ctx, progress, tmp
+        self.dataset = _dataset(desc)
+        self.evaluator = Evaluator(self.dataset.validation_sets(), ctx)
+        self.infos = _member_infos(desc, storage)
+        self.chance = chance_level(self.dataset)
+        self.excluded, self.at_chance = _exclude_at_chance(self.infos, self.chance)
+        self.sources = {n: str(i["ref"].source or i["metrics"].get("source") or "foundation")
+                        for n, i in self.infos.items()}
         # the architecture only: every tensor comes from the members
-        net = freeze_bn(build_network(desc.foundation.model, dataset.num_classes, 0.0,
-                                      int(desc.foundation.inputSize)))
-        ctx.prepare(net)
-        net.eval()
+        self.net = freeze_bn(build_network(desc.foundation.model, self.dataset.num_classes, 0.0,
+                                           int(desc.foundation.inputSize)))
+        ctx.prepare(self.net)
+        self.net.eval()
+        self.feat_names = _featurizer_param_names(self.net)
+        self.found_feat = _foundation_featurizer(desc, self.dataset.num_classes, storage, self.feat_names)
+        # what the streaming pass gathers
+        self.uniform_sum = RunningSum()
+        self.member_val: dict[str, float] = {}
+        self.source_sums = diagnostics.SourceSums() if len(set(self.sources.values())) > 1 else None
+        self.tally = diagnostics.VoteTally(self.evaluator.labels(), self.dataset.num_classes)
+        self.member_rel: dict[str, float | None] = {}
+        self.ref: dict[str, Any] = {}        # the first member read: name, featurizer parameters
+        self.dist_to_ref: dict[str, float] = {}
 
-        def set_state(state: dict, what: str) -> None:
-            try:
-                load_network_state(net, state, what)
-            except ModelError as e:
-                raise AveragingError(str(e)) from None
+    def set_state(self, state: dict, what: str) -> None:
+        try:
+            load_network_state(self.net, state, what)
+        except ModelError as e:
+            raise AveragingError(str(e)) from None
 
-        feat_names = _featurizer_param_names(net)
-        found_feat = _foundation_featurizer(desc, dataset.num_classes, storage, feat_names)
+    def val_pooled(self, state: dict) -> float:
+        self.set_state(state, "averaged candidate")
+        return self.evaluator.score(self.net).pooled
 
-        def val_pooled(state: dict) -> float:
-            set_state(state, "averaged candidate")
-            return evaluator.score(net).pooled
+    def load_member(self, name: str) -> dict[str, torch.Tensor]:
+        """The member's weights, if they are the ones its metrics.json records (a member that
+        does not verify loses DONE, so a re-run trains it again)."""
+        m = self.infos[name]["ref"]
+        uri = join(m.uri, MODEL)
+        path = _local_or_download(self.storage, uri, self.tmp, f"member-{len(os.listdir(self.tmp))}.safetensors")
+        sha = sha256_file(path)
+        want = self.infos[name]["metrics"].get("sha256")
+        if want and want != sha:
+            why = f"{uri} has sha256 {sha[:12]}..., its metrics.json says {str(want)[:12]}..."
+            integrity.discard(self.storage, m.uri, why, what=f"member {name}")
+            raise AveragingError(f"member {name!r}: {why}")
+        self.infos[name]["sha256"] = sha
+        try:
+            state = load_safetensors_file(path)
+        except FileNotFoundError:
+            raise AveragingError(f"member {name!r}: {uri} not found") from None
+        if path.startswith(self.tmp):
+            os.unlink(path)
+        return state
 
-        def load_member(name: str) -> dict[str, torch.Tensor]:
-            m = infos[name]["ref"]
-            uri = join(m.uri, MODEL)
-            path = _local_or_download(storage, uri, tmp, f"member-{len(os.listdir(tmp))}.safetensors")
-            sha = sha256_file(path)
-            want = infos[name]["metrics"].get("sha256")
-            if want and want != sha:
-                why = f"{uri} has sha256 {sha[:12]}..., its metrics.json says {str(want)[:12]}..."
-                integrity.discard(storage, m.uri, why, what=f"member {name}")  # redone on a re-run
-                raise AveragingError(f"member {name!r}: {why}")
-            infos[name]["sha256"] = sha
-            try:
-                state = load_safetensors_file(path)
-            except FileNotFoundError:
-                raise AveragingError(f"member {name!r}: {uri} not found") from None
-            if path.startswith(tmp):
-                os.unlink(path)
-            return state
-
-        # ---- one streaming pass: each member is read once; its own pooled validation and the
-        # uniform running sum are taken as it goes by (greedy keeps its own running sum), and
-        # so are the diagnostics (diagnostics.py): its predictions (ensemble, disagreement), its
-        # sum per source (leave-one-source-out), its distances to the foundation and to the
-        # first member read (the farthest pair for the interpolation check).
-        uniform_sum = RunningSum()
-        member_val: dict[str, float] = {}
-        source_sums = diagnostics.SourceSums() if len(set(sources.values())) > 1 else None
-        tally = diagnostics.VoteTally(evaluator.labels(), dataset.num_classes)
-        member_rel: dict[str, float | None] = {}
-        ref: dict[str, Any] = {}          # the first member read: name, featurizer parameters
-        dist_to_ref: dict[str, float] = {}
-
-        def loader(name: str) -> Callable[[], dict]:
-            def load() -> dict:
-                state = load_member(name)
-                uniform_sum.add(name, state)
-                if source_sums is not None:
-                    source_sums.add(sources[name], state)
-                set_state(state, f"member {name!r}")
-                sc, probs, preds = evaluator.score_with_probs(net)
-                member_val[name] = sc.pooled
-                tally.add(probs, preds)
-                del probs, preds
-                if found_feat is not None:
-                    member_rel[name] = diagnostics.relative_l2(state, found_feat, feat_names)
-                if not ref:
-                    ref["name"] = name
-                    ref["feat"] = {k: state[k].detach().clone() for k in feat_names}
-                else:
-                    dist_to_ref[name] = diagnostics.l2_distance(state, ref["feat"], feat_names)
-                progress.update(len(member_val), val=member_val[name])
-                return state
-            return load
-
-        ordered = sorted(infos, key=lambda n: _sort_key(n, infos[n]["metrics"].get("valAccuracy")))
-        trace = None
-        if desc.selection == "greedy":
-            ranked = [(n, loader(n), infos[n]["metrics"].get("valAccuracy")) for n in ordered]
-            g = greedy_select(ranked, val_pooled)
-            result_state, selected = g.state_dict, list(g.selected)
-            trace = [{"member": s.name, "valAccuracy": s.candidate_acc, "kept": s.kept} for s in g.trace]
-            uniform_state = uniform_sum.mean()
+    def _take(self, name: str) -> dict:
+        """Read a member and take what the pass gathers from it: its pooled validation and
+        predictions (ensemble, disagreement), its share of the uniform and per-source sums
+        (leave-one-source-out), its distances to the foundation and to the first member read
+        (the farthest pair for the interpolation check)."""
+        state = self.load_member(name)
+        self.uniform_sum.add(name, state)
+        if self.source_sums is not None:
+            self.source_sums.add(self.sources[name], state)
+        self.set_state(state, f"member {name!r}")
+        sc, probs, preds = self.evaluator.score_with_probs(self.net)
+        self.member_val[name] = sc.pooled
+        self.tally.add(probs, preds)
+        del probs, preds
+        if self.found_feat is not None:
+            self.member_rel[name] = diagnostics.relative_l2(state, self.found_feat, self.feat_names)
+        if not self.ref:
+            self.ref["name"] = name
+            self.ref["feat"] = {k: state[k].detach().clone() for k in self.feat_names}
         else:
-            for n in sorted(infos):
-                loader(n)()
-            uniform_state = uniform_sum.mean()
-            result_state, selected = uniform_state, sorted(infos)
-        uniform_val = val_pooled(uniform_state)
+            self.dist_to_ref[name] = diagnostics.l2_distance(state, self.ref["feat"], self.feat_names)
+        self.progress.update(len(self.member_val), val=self.member_val[name])
+        return state
+
+    def select(self, ordered: list[str]) -> tuple[dict, list[str], list | None, dict]:
+        """(the result's state, the members it averages, greedy's trace, the uniform average)."""
+        if self.desc.selection == "greedy":
+            ranked = [(n, (lambda n=n: self._take(n)), self.infos[n]["metrics"].get("valAccuracy")) for n in ordered]
+            g = greedy_select(ranked, self.val_pooled)
+            trace = [{"member": s.name, "valAccuracy": s.candidate_acc, "kept": s.kept} for s in g.trace]
+            return g.state_dict, list(g.selected), trace, self.uniform_sum.mean()
+        for n in sorted(self.infos):
+            self._take(n)
+        uniform_state = self.uniform_sum.mean()
+        return uniform_state, sorted(self.infos), None, uniform_state
+
+    def diagnose(self, uniform_state: dict, ordered: list[str]) -> dict[str, Any]:
+        """The averaging diagnostics (diagnostics.py) of this pass and the uniform average."""
+        uniform_val = self.val_pooled(uniform_state)
         leave_out: dict[str, float | None] = {}
-        if source_sums is not None:  # leave-one-source-out: one validation pass per source
-            for src in sorted(source_sums.sums):
-                st = source_sums.mean_without(src, uniform_state)
-                leave_out[src] = val_pooled(st) if st is not None else None
+        if self.source_sums is not None:  # leave-one-source-out: one validation pass per source
+            for src in sorted(self.source_sums.sums):
+                st = self.source_sums.mean_without(src, uniform_state)
+                leave_out[src] = self.val_pooled(st) if st is not None else None
                 del st
-        del uniform_state, uniform_sum, source_sums
-        ref.pop("feat", None)
-        n_val = int(tally.labels.shape[0])
-        uniform_diag = diagnostics.uniform_diagnostic(
-            uniform_val, list(member_val.values()), n_val,
-            chance if chance is not None else 1.0 / dataset.num_classes)
-        ensemble = tally.as_dict()
-        del tally
-        convergence = diagnostics.convergence({n: infos[n]["metrics"] for n in infos})
-        source_tab = diagnostics.source_table(
-            sources, member_val, member_rel,
-            _source_distances(infos, sources, storage, found_feat, feat_names), leave_out, uniform_val)
-
-        # ---- the result: validation (DomainBed score and pooled) and test domains
-        set_state(result_state, "averaged model")
-        score = evaluator.score(net)
-        test = test_accuracies(net, dataset.test_domain_list, ctx)
-
-        # ---- best single member (the top of the ranking greedy uses)
-        top = ordered[0]
-        top_met = infos[top]["metrics"]
-        best_single = {"member": top, "source": infos[top]["ref"].source,
-                       "valAccuracy": top_met.get("valAccuracy"),
-                       "valAccuracyPooled": member_val.get(top),
-                       "testAccuracy": dict(top_met.get("testAccuracy") or {})}
-
-        # ---- interpolation check: twins (same hyperparameters, different sources), else the
-        # first member read and the one farthest from it
-        interpolation = _interpolation(infos, ordered, sources, load_member, val_pooled, member_val,
-                                       feat_names, ref.get("name"), dist_to_ref)
-        del found_feat
-        diag_warnings = diagnostics.warnings(uniform_diag, source_tab, convergence, interpolation)
-        for w in diag_warnings:
+        self.uniform_sum = self.source_sums = None
+        self.ref.pop("feat", None)
+        chance = self.chance if self.chance is not None else 1.0 / self.dataset.num_classes
+        out = {"uniform": diagnostics.uniform_diagnostic(uniform_val, list(self.member_val.values()),
+                                                        int(self.tally.labels.shape[0]), chance),
+               "ensemble": self.tally.as_dict(),
+               "convergence": diagnostics.convergence({n: i["metrics"] for n, i in self.infos.items()})}
+        self.tally = None
+        out["sources"] = diagnostics.source_table(
+            self.sources, self.member_val, self.member_rel,
+            _source_distances(self.infos, self.sources, self.storage, self.found_feat, self.feat_names),
+            leave_out, uniform_val)
+        # twins (same hyperparameters, different sources), else the first member read and the
+        # one farthest from it
+        out["interpolation"] = _interpolation(self.infos, ordered, self.sources, self.load_member,
+                                              self.val_pooled, self.member_val, self.feat_names,
+                                              self.ref.get("name"), self.dist_to_ref)
+        self.found_feat = None
+        out["diagnosticWarnings"] = diagnostics.warnings(out["uniform"], out["sources"], out["convergence"],
+                                                         out["interpolation"])
+        for w in out["diagnosticWarnings"]:
             print(f"ratatouille-trainer: warning: {w['code']}: {w['message']}", file=sys.stderr, flush=True)
+        return out
 
-        # ---- outputs: model, lineage, card, metrics, DONE
-        from .provenance import lineage_json, model_card, write_lineage
+    def best_single(self, ordered: list[str]) -> dict[str, Any]:
+        """The best single member (jobdesc.best_member: the rule the operator applies too)."""
+        top = best_member({n: i["metrics"].get("valAccuracy") for n, i in self.infos.items()}) or ordered[0]
+        met = self.infos[top]["metrics"]
+        return {"member": top, "source": self.infos[top]["ref"].source, "valAccuracy": met.get("valAccuracy"),
+                "valAccuracyPooled": self.member_val.get(top), "testAccuracy": dict(met.get("testAccuracy") or {})}
 
-        _confirm(lease)
-        sha = _upload_model(storage, desc, result_state, tmp)
-        members_lineage = []
-        every = {**at_chance, **infos}
+    def lineage_members(self) -> list[dict]:
+        every = {**self.at_chance, **self.infos}
+        out = []
         for n in sorted(every):
             met, ref = every[n]["metrics"], every[n]["ref"]
-            members_lineage.append({
+            out.append({
                 "member": n, "uri": join(ref.uri, MODEL), "sha256": every[n].get("sha256") or met.get("sha256"),
                 "source": ref.source or met.get("source"),
                 "init": met.get("init") or {"source": ref.source},
@@ -559,49 +557,76 @@ def run_average(desc: JobDescription, ctx: DeviceContext | None = None, progress
                 "valAccuracy": met.get("valAccuracy"), "testAccuracy": met.get("testAccuracy") or {},
                 "bestStep": met.get("bestStep"),
             })
-        result = {
-            "selection": desc.selection, "selected": selected, "uri": join(desc.output, MODEL),
-            "sha256": sha, "valAccuracy": score.mean, "testAccuracy": test, "bestSingle": best_single,
-            "timm": join(desc.output, "timm", MODEL),
-            "run": {"namespace": desc.run.namespace, "name": desc.run.name, "uid": desc.run.uid},
-            "foundation": {"model": desc.foundation.model, "weights": desc.foundation.weights,
-                           "inputSize": desc.foundation.inputSize},
-            "data": {"dataset": desc.data.dataset, "testDomains": list(desc.data.testDomains),
-                     "prepared": dataset.prepared,
-                     # how every member was trained (the planner gives them all the run's)
-                     "augmentation": {"horizontalFlip": desc.augmentation.horizontalFlip}},
-            "uniform": uniform_diag, "interpolation": interpolation, "greedyTrace": trace,
-            "sources": source_tab, "ensemble": ensemble, "convergence": convergence,
-            "diagnosticWarnings": diag_warnings,
-            "trainerVersion": __version__, "excludedAtChance": excluded, "chanceLevel": chance,
-        }
-        lineage = write_lineage(members_lineage, result)
-        storage.write_text(join(desc.output, "lineage.json"), lineage_json(lineage))
-        card = model_card(lineage)
-        storage.write_text(join(desc.output, "model-card.md"), card)
-        from .export import publish_timm  # the same weights under timm's names, for timm users
+        return out
 
-        publish_timm(storage, desc.output, result_state, desc.foundation.model, dataset.classes,
-                     int(desc.foundation.inputSize), net.head.in_features, card, tmp, _model_metadata(desc))
-        metrics = {
-            "stage": "average", "member": desc.member, "selection": desc.selection,
-            **score.as_dict(), "testAccuracy": test,
-            "members": len(selected), "membersAvailable": len(infos), "selected": selected,
-            "bestSingle": best_single, "uniform": uniform_diag, "interpolation": interpolation,
-            "greedyTrace": trace, "membersValAccuracyPooled": member_val,
-            "sources": source_tab, "ensemble": ensemble, "convergence": convergence,
-            "diagnosticWarnings": diag_warnings, "membersRelL2": member_rel,
-            "bestStep": None, "steps": 0, "hyperparameters": {}, "source": "average",
-            "sha256": sha, "curve": [], "imagesPerSecond": None,
-            "device": ctx.describe(), "trainerVersion": __version__,
-            "excludedAtChance": excluded, "chanceLevel": chance,
-        }
-        metrics = strict_json(metrics)
-        storage.write_json(join(desc.output, METRICS), metrics)
-        _confirm(lease)
-        storage.mark_done(desc.output, {"stage": "average", "member": desc.member, "sha256": sha},
-                          require=(MODEL, "lineage.json", "model-card.md", METRICS,
-                                   "timm/model.safetensors", "timm/config.json"))
+
+def _publish_average(avg: _Average, lease, result_state: dict, selected: list[str], trace, score, test,
+                     best_single: dict, diag: dict) -> dict:
+    """Write the model, lineage, model card, timm export and metrics.json, then DONE."""
+    from .export import publish_timm  # the same weights under timm's names, for timm users
+    from .provenance import lineage_json, model_card, write_lineage
+
+    desc, storage = avg.desc, avg.storage
+    _confirm(lease)
+    sha = _upload_model(storage, desc, result_state, avg.tmp)
+    result = {
+        "selection": desc.selection, "selected": selected, "uri": join(desc.output, MODEL),
+        "sha256": sha, "valAccuracy": score.mean, "testAccuracy": test, "bestSingle": best_single,
+        "timm": join(desc.output, "timm", MODEL),
+        "run": {"namespace": desc.run.namespace, "name": desc.run.name, "uid": desc.run.uid},
+        "foundation": {"model": desc.foundation.model, "weights": desc.foundation.weights,
+                       "inputSize": desc.foundation.inputSize},
+        "data": {"dataset": desc.data.dataset, "testDomains": list(desc.data.testDomains),
+                 "prepared": avg.dataset.prepared,
+                 # how every member was trained (the planner gives them all the run's)
+                 "augmentation": {"horizontalFlip": desc.augmentation.horizontalFlip}},
+        **diag, "greedyTrace": trace,
+        "trainerVersion": __version__, "excludedAtChance": avg.excluded, "chanceLevel": avg.chance,
+    }
+    lineage = write_lineage(avg.lineage_members(), result)
+    storage.write_text(join(desc.output, "lineage.json"), lineage_json(lineage))
+    card = model_card(lineage)
+    storage.write_text(join(desc.output, "model-card.md"), card)
+    publish_timm(storage, desc.output, result_state, desc.foundation.model, avg.dataset.classes,
+                 int(desc.foundation.inputSize), avg.net.head.in_features, card, avg.tmp, _model_metadata(desc))
+    metrics = strict_json({
+        "stage": "average", "member": desc.member, "selection": desc.selection,
+        **score.as_dict(), "testAccuracy": test,
+        "members": len(selected), "membersAvailable": len(avg.infos), "selected": selected,
+        "bestSingle": best_single, "greedyTrace": trace, "membersValAccuracyPooled": avg.member_val,
+        **diag, "membersRelL2": avg.member_rel,
+        "bestStep": None, "steps": 0, "hyperparameters": {}, "source": "average",
+        "sha256": sha, "curve": [], "imagesPerSecond": None,
+        "device": avg.ctx.describe(), "trainerVersion": __version__,
+        "excludedAtChance": avg.excluded, "chanceLevel": avg.chance,
+    })
+    storage.write_json(join(desc.output, METRICS), metrics)
+    _confirm(lease)
+    storage.mark_done(desc.output, {"stage": "average", "member": desc.member, "sha256": sha},
+                      require=(MODEL, "lineage.json", "model-card.md", METRICS,
+                               "timm/model.safetensors", "timm/config.json"))
+    return metrics
+
+
+def run_average(desc: JobDescription, ctx: DeviceContext | None = None, progress=None,
+                lease=None) -> dict:
+    _check_average(desc)
+    storage = _storage(desc)
+    ctx = ctx or select_device()
+    progress = progress or Progress(desc.stage, desc.member, len(desc.members))
+    tmp = tempfile.mkdtemp(prefix="ratatouille-average-")
+    try:
+        avg = _Average(desc, storage, ctx, progress, tmp)
+        ordered = sorted(avg.infos, key=lambda n: _sort_key(n, avg.infos[n]["metrics"].get("valAccuracy")))
+        result_state, selected, trace, uniform_state = avg.select(ordered)
+        diag = avg.diagnose(uniform_state, ordered)
+        del uniform_state
+        # the result: validation (DomainBed score and pooled) and test domains
+        avg.set_state(result_state, "averaged model")
+        score = avg.evaluator.score(avg.net)
+        test = test_accuracies(avg.net, avg.dataset.test_domain_list, ctx)
+        metrics = _publish_average(avg, lease, result_state, selected, trace, score, test,
+                                   avg.best_single(ordered), diag)
         progress.emit("done", valAccuracy=score.mean, testAccuracy=test)
         return metrics
     finally:
