@@ -1050,6 +1050,70 @@ def _meta(sa: StreamingAverage, extra: Mapping[str, str] | None) -> dict[str, st
     return meta
 
 
+def _local_paths(in_uris: Sequence[str]) -> dict[int, str]:
+    """Index -> path of the members that are local files (checked to exist), once every input
+    was refused by name if it is a pickle (before anything is fetched)."""
+    from .storage import split_uri
+
+    if not in_uris:
+        raise AveragingError("no input checkpoints to average")
+    for uri in in_uris:
+        refuse_pickle(uri)
+    paths: dict[int, str] = {}
+    for i, uri in enumerate(in_uris):
+        scheme, root, key = split_uri(uri)
+        if scheme != "s3":
+            path = os.path.join(root, key)
+            refuse_pickle(path)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"no such weights file: {path}")
+            paths[i] = path
+    return paths
+
+
+def _write_average(sa: "StreamingAverage", out_uri: str, metadata, opener, out_storage) -> str:
+    """Write the average to ``out_uri`` (for s3://, locally first, then one upload); its sha256."""
+    from .storage import split_uri
+
+    if split_uri(out_uri)[0] == "s3":
+        with tempfile.TemporaryDirectory(prefix="ratatouille-average-") as scratch:
+            tmp_out = os.path.join(scratch, "average.safetensors")
+            sha = sa.write(tmp_out, _meta(sa, metadata))
+            opener.close()
+            out_storage().upload(tmp_out, out_uri)
+            return sha
+    _, root, key = split_uri(out_uri)
+    return sa.write(os.path.join(root, key), _meta(sa, metadata))
+
+
+def _start_members(in_uris: Sequence[str], paths: Mapping[int, str], pool, store, futures: dict,
+                   local: list) -> list:
+    """Every member in order: an S3 one as the future of its opened GET (all started at once, in
+    ``futures``), a local one opened (also kept in ``local``, to be closed)."""
+    for i, uri in enumerate(in_uris):
+        if i not in paths:
+            futures[i] = pool.submit(_s3_member, store, uri)
+    members = []
+    for i, uri in enumerate(in_uris):
+        if i in futures:
+            members.append(futures[i])
+        else:
+            local.append(_local_member(uri, paths[i]))
+            members.append(local[-1])
+    return members
+
+
+def _close_unread(futures) -> int:
+    """Close the S3 bodies no block was read from (e.g. after an error); the GETs they cost."""
+    gets = 0
+    for fut in futures:
+        if fut.done() and not fut.cancelled() and fut.exception() is None and fut.result().stream is not None:
+            gets += fut.result().stream.gets
+            fut.result().stream.close()
+            fut.result().stream = None
+    return gets
+
+
 def average_uris(out_uri: str | None, in_uris: Sequence[str], *, endpoint: str | None = None,
                  metadata: Mapping[str, str] | None = None, storage=None,
                  block_elems: int = BLOCK_ELEMS, prefetch_bytes: int = PREFETCH_BYTES,
@@ -1069,23 +1133,11 @@ def average_uris(out_uri: str | None, in_uris: Sequence[str], *, endpoint: str |
 
     from .storage import open_storage, split_uri
 
-    if not in_uris:
-        raise AveragingError("no input checkpoints to average")
-    for uri in in_uris:
-        refuse_pickle(uri)  # by name before anything is fetched
-    remote = [i for i, u in enumerate(in_uris) if split_uri(u)[0] == "s3"]
+    paths = _local_paths(in_uris)
+    remote = [i for i in range(len(in_uris)) if i not in paths]
     store = storage
     if remote and store is None:
         store = open_storage(in_uris[remote[0]], endpoint=endpoint)
-    paths: dict[int, str] = {}
-    for i, uri in enumerate(in_uris):
-        scheme, root, key = split_uri(uri)
-        if scheme != "s3":
-            path = os.path.join(root, key)
-            refuse_pickle(path)
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"no such weights file: {path}")
-            paths[i] = path
     pool = ThreadPoolExecutor(max_workers=min(8, len(remote)), thread_name_prefix="ratatouille-head") \
         if remote else None
     if out_uri is not None and split_uri(out_uri)[0] == "file":
@@ -1095,15 +1147,7 @@ def average_uris(out_uri: str | None, in_uris: Sequence[str], *, endpoint: str |
     unread_gets = 0
     local: list[_Member] = []
     try:
-        for i in remote:
-            futures[i] = pool.submit(_s3_member, store, in_uris[i])
-        members = []
-        for i, uri in enumerate(in_uris):
-            if i in futures:
-                members.append(futures[i])
-            else:
-                local.append(_local_member(uri, paths[i]))
-                members.append(local[-1])
+        members = _start_members(in_uris, paths, pool, store, futures, local)
         gap = PIECE if remote else 0   # S3: read and drop small gaps rather than re-open
         opener = _Opener(bool(remote), store, prefetch_bytes=prefetch_bytes,
                          max_streams=max_streams, piece=piece_bytes)
@@ -1115,15 +1159,9 @@ def average_uris(out_uri: str | None, in_uris: Sequence[str], *, endpoint: str |
         if out_uri is None:
             sa.compute()
             summary["average"] = sa
-        elif split_uri(out_uri)[0] == "s3":
-            with tempfile.TemporaryDirectory(prefix="ratatouille-average-") as scratch:
-                tmp_out = os.path.join(scratch, "average.safetensors")
-                summary["sha256"] = sa.write(tmp_out, _meta(sa, metadata))
-                opener.close()
-                (store or open_storage(out_uri, endpoint=endpoint)).upload(tmp_out, out_uri)
         else:
-            _, root, key = split_uri(out_uri)
-            summary["sha256"] = sa.write(os.path.join(root, key), _meta(sa, metadata))
+            summary["sha256"] = _write_average(sa, out_uri, metadata, opener,
+                                               lambda: store or open_storage(out_uri, endpoint=endpoint))
     finally:
         for m in local:
             m.close()
@@ -1131,15 +1169,10 @@ def average_uris(out_uri: str | None, in_uris: Sequence[str], *, endpoint: str |
             opener.close()
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
-            for fut in futures.values():  # bodies no block was read from (e.g. after an error)
-                if fut.done() and not fut.cancelled() and fut.exception() is None \
-                        and fut.result().stream is not None:
-                    unread_gets += fut.result().stream.gets
-                    fut.result().stream.close()
-                    fut.result().stream = None
-    summary["bytesRead"] = sa.bytes_read + sum(sa.member(i).data_start for i in range(sa.count))
-    summary["bytesTransferred"] = opener.transferred + sum(sa.member(i).data_start for i in remote)
-    summary["gets"] = opener.gets + unread_gets
+            unread_gets = _close_unread(futures.values())
+    headers = [sa.member(i).data_start for i in range(sa.count)]
+    summary.update(bytesRead=sa.bytes_read + sum(headers), gets=opener.gets + unread_gets,
+                   bytesTransferred=opener.transferred + sum(headers[i] for i in remote))
     return summary
 
 
