@@ -386,34 +386,25 @@ def _to_input(batch_u8, torch):
     return (x - mean) / std
 
 
-def pretrain_foundation(path: Path | str, seed: int = 0, steps: int = 1800, n_train: int = 48000,
-                        n_heldout: int = 2600, batch_size: int = 128, threads: int = 2, log=print) -> dict:
-    import timm
-    import torch
-    from safetensors.torch import save_file
-
-    fonts = foundation_fonts()
-    if len(fonts) < 4:
-        raise SystemExit(f"found {len(fonts)} fonts under {FOUNDATION_FONT_DIRS}; install fonts-dejavu-core "
-                         "fonts-dejavu-extra fonts-liberation fonts-freefont-ttf fonts-urw-base35")
-    torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-    t0 = time.time()
-    xtr, ytr = render_letters(n_train, fonts, _rng(seed, "foundation", "train"))
-    xte, yte = render_letters(n_heldout, fonts, _rng(seed, "foundation", "heldout"))
+def _foundation_data(fonts, seed: int, n_train: int, n_heldout: int):
+    """(train, held-out, unseen-font) letters: each an (images, labels) pair."""
+    train = render_letters(n_train, fonts, _rng(seed, "foundation", "train"))
+    heldout = render_letters(n_heldout, fonts, _rng(seed, "foundation", "heldout"))
     # Unseen font: the Aileron glyphs the `glyphs` auxiliary is built from, plain rendering.
     arng = _rng(seed, "foundation", "aileron")
     xai = np.stack([(_render_glyph(FOUNDATION_LETTERS[i % 52], _font("", 36), arng, shift=3, stroke=0,
                                    rotate=0.0, shear=0.0, blur=0.0) * 255).astype(np.uint8) for i in range(520)])
-    yai = np.arange(520) % 52
-    t_render = time.time() - t0
-    log(f"rendered {n_train}+{n_heldout} letters from {len(fonts)} fonts in {t_render:.1f}s")
+    return train, heldout, (xai, np.arange(520) % 52)
 
-    model = timm.create_model("test_resnet", pretrained=False, num_classes=0)
-    head = torch.nn.Linear(model.num_features, len(FOUNDATION_LETTERS))
-    params = list(model.parameters()) + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=5e-4)
+
+def _pretrain(model, head, xtr, ytr, *, seed: int, steps: int, batch_size: int, log) -> None:
+    """AdamW with a linear warm-up then a cosine to zero, label smoothing and a cheap random
+    shift; BatchNorm in train mode."""
+    import torch
+
+    opt = torch.optim.AdamW(list(model.parameters()) + list(head.parameters()), lr=2e-3, weight_decay=5e-4)
     warm = max(1, steps // 20)
+
     def lr_factor(s: int) -> float:  # linear warm-up, then cosine to zero
         if s < warm:
             return (s + 1) / warm
@@ -421,6 +412,7 @@ def pretrain_foundation(path: Path | str, seed: int = 0, steps: int = 1800, n_tr
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     order_rng = _rng(seed, "foundation", "batches")
+    n_train = len(xtr)
     xtr_t, ytr_t = torch.from_numpy(xtr), torch.from_numpy(ytr)
     perm, pos = order_rng.permutation(n_train), 0
     t1 = time.time()
@@ -440,18 +432,42 @@ def pretrain_foundation(path: Path | str, seed: int = 0, steps: int = 1800, n_tr
         sched.step()
         if step % 200 == 0 or step == steps - 1:
             log(f"step {step} loss {loss.item():.3f} ({time.time() - t1:.0f}s)")
+
+
+def _letter_accuracy(model, head, xs, ys) -> float:
+    import torch
+
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(xs), 512):
+            correct += (head(model(_to_input(xs[i:i + 512], torch))).argmax(1).numpy() == ys[i:i + 512]).sum()
+    return float(correct) / len(xs)
+
+
+def pretrain_foundation(path: Path | str, seed: int = 0, steps: int = 1800, n_train: int = 48000,
+                        n_heldout: int = 2600, batch_size: int = 128, threads: int = 2, log=print) -> dict:
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    fonts = foundation_fonts()
+    if len(fonts) < 4:
+        raise SystemExit(f"found {len(fonts)} fonts under {FOUNDATION_FONT_DIRS}; install fonts-dejavu-core "
+                         "fonts-dejavu-extra fonts-liberation fonts-freefont-ttf fonts-urw-base35")
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    t0 = time.time()
+    (xtr, ytr), (xte, yte), (xai, yai) = _foundation_data(fonts, seed, n_train, n_heldout)
+    t_render = time.time() - t0
+    log(f"rendered {n_train}+{n_heldout} letters from {len(fonts)} fonts in {t_render:.1f}s")
+
+    model = timm.create_model("test_resnet", pretrained=False, num_classes=0)
+    head = torch.nn.Linear(model.num_features, len(FOUNDATION_LETTERS))
+    t1 = time.time()
+    _pretrain(model, head, xtr, ytr, seed=seed, steps=steps, batch_size=batch_size, log=log)
     t_train = time.time() - t1
-
     model.eval()
-
-    def accuracy(xs, ys):
-        correct = 0
-        with torch.no_grad():
-            for i in range(0, len(xs), 512):
-                correct += (head(model(_to_input(xs[i:i + 512], torch))).argmax(1).numpy() == ys[i:i + 512]).sum()
-        return float(correct) / len(xs)
-
-    acc, acc_aileron = accuracy(xte, yte), accuracy(xai, yai)
+    acc, acc_aileron = _letter_accuracy(model, head, xte, yte), _letter_accuracy(model, head, xai, yai)
     log(f"held-out accuracy {acc:.4f} (same fonts, new renders); unseen font (Aileron) {acc_aileron:.4f}")
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     meta = {
