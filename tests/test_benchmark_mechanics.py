@@ -8,6 +8,11 @@ the product wrote to storage and check:
 - BatchNorm buffers of every fine-tuned network are the foundation's, bit for bit;
 - auxiliary images are disjoint from the target images (also under 90-degree rotations);
 - the paired design holds: same draws, same linear-probe head, identical foundation members.
+
+A second module-scoped run, `--config v2-ci` (issue 13's configuration in miniature), checks its
+recipe (no flip, auxiliary steps >= target steps, fonts disjoint from the foundation's), that
+auxiliary-started members differ from their foundation-started twins, and that another seed reuses
+the auxiliary pool (no new cache entry, no auxiliary Job).
 """
 from __future__ import annotations
 
@@ -164,3 +169,84 @@ def test_paired_design_and_uniform_recomputation(bench):
         assert len(g["curve"]) == 4 and g["curve"][-1]["test"] == g["uniform"]["test"]
         assert g["bnBuffersUnchanged"] is True
     assert (bench["results"] / "ci.png").stat().st_size > 10_000
+
+
+# ---------------------------------------------------------------------------------------------
+# v2 (issue 13): related font-rendered auxiliaries, 2 fine-tunings each, a control group, a pool
+# shared across seeds. `--config v2-ci`: one related auxiliary (printed) and the control (shapes),
+# 4 + 4 + 2 runs of 20 steps on 60 images per domain.
+
+NOTO = Path("/usr/share/fonts/truetype/noto/NotoSans-Regular.ttf")  # fonts-noto-core: the `printed` auxiliary
+
+
+@pytest.fixture(scope="module")
+def bench_v2(tmp_path_factory):
+    if not NOTO.exists():
+        pytest.skip("v2 renders its auxiliaries from Debian fonts: run benchmarks/domainbed_mini/setup-v2.sh")
+    root = tmp_path_factory.mktemp("domainbed_mini_v2")
+    cache, results, manifests = root / "cache", root / "results", root / "manifests"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, str(RUN_PY), "--config", "v2-ci", "--cache", str(cache),
+                           "--results", str(results), "--manifests", str(manifests), "--no-snapshot"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return {"root": root, "cache": cache, "manifests": manifests,
+            "result": json.loads((results / "v2-ci.json").read_text())}
+
+
+def _aux_entries(cache: Path) -> dict[str, str]:
+    """The auxiliary cache: entry -> sha256 of its model file."""
+    return {p.parent.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted((cache / "runs" / "cache" / "aux").glob("*/model.safetensors"))}
+
+
+def test_v2_manifests_follow_the_recipe(bench_v2):
+    import yaml
+
+    names = sorted(p.name for p in bench_v2["manifests"].glob("*.yaml"))
+    assert names == ["rotated-s0-ctrl.yaml", "rotated-s0-rat.yaml", "rotated-s0-soup.yaml"]
+    for name in names:
+        spec = yaml.safe_load((bench_v2["manifests"] / name).read_text())["spec"]
+        assert spec["augmentation"] == {"horizontalFlip": False}
+        assert "headWarmupSteps" not in spec["finetune"]  # the product's 4% of the steps
+        assert spec["auxiliaryFinetune"]["steps"] >= spec["finetune"]["steps"]
+        for aux in spec.get("auxiliaries", []):
+            assert aux["runs"] >= 2 and Path(aux["dataset"]).name != "digits"
+    # 2 fine-tunings of printed and of shapes, each trained once
+    assert len(_aux_entries(bench_v2["cache"])) == 4
+    fonts = bench_v2["result"]["disjointness"]["fonts"]
+    assert fonts["disjoint"] is True and fonts["fontFiles"] > 0 and not fonts["sameFileName"]
+    assert bench_v2["result"]["disjointness"]["disjoint"] is True
+
+
+def test_v2_aux_started_members_differ_from_their_foundation_twins(bench_v2):
+    cell = bench_v2["result"]["cells"][0]
+    soup = cell["soup"]["members"]
+    seen = set()
+    for group in ("rat", "ctrl"):
+        for a, b in zip(soup, cell[group]["members"]):
+            assert a["hyperparameters"] == b["hyperparameters"]
+            if b["source"] == "foundation":
+                assert a["weightsDigest"] == b["weightsDigest"], (group, b["index"])
+            else:
+                seen.add(b["source"])
+                assert a["weightsDigest"] != b["weightsDigest"], (group, b["index"], b["source"])
+    assert seen == {"printed-0", "printed-1", "shapes-0", "shapes-1"}
+    assert cell["pairing"]["auxMembersDiffer"] is True and cell["pairing"]["ctrlSameLinearProbe"] is True
+
+
+def test_v2_auxiliary_pool_is_reused_by_another_seed(bench_v2):
+    before = _aux_entries(bench_v2["cache"])
+    manifest = bench_v2["manifests"] / "rotated-s0-rat.yaml"
+    workdir = bench_v2["root"] / "seed1"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", RATATOUILLE_TORCH_THREADS="1")
+    proc = subprocess.run([str(BIN / "ratatouille"), "run", str(manifest), "--set", "spec.seed=1",
+                           "--set", "metadata.name=dbm-v2ci-rotated-s1-rat", "--quiet", "--workdir", str(workdir)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert _aux_entries(bench_v2["cache"]) == before  # no new entry, no entry retrained
+    logs = [p.name for p in (workdir / "logs").iterdir()]
+    assert any("target" in n for n in logs) and not any("-aux-" in n for n in logs), logs
+    prefix = next((bench_v2["cache"] / "runs" / "default" / "dbm-v2ci-rotated-s1-rat").iterdir())
+    sources = [json.loads((prefix / "target" / str(i) / "metrics.json").read_text())["source"] for i in range(4)]
+    assert sources == ["foundation", "printed-0", "foundation", "printed-1"]

@@ -421,9 +421,9 @@ def _run_prefix(storage: Path, name: str) -> Path:
 
 
 def _load(path: Path):
-    from ratatouille_trainer.averaging import load_safetensors_file
+    from safetensors.torch import load_file  # the tensors only; no product helper needed
 
-    return load_safetensors_file(str(path))
+    return load_file(str(path))
 
 
 def tensor_digest(path: Path) -> str:
