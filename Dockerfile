@@ -24,8 +24,9 @@ WORKDIR /src
 COPY pyproject.toml ./
 # Empty placeholder packages let pip resolve and install the dependencies of the extras; the
 # project itself is installed later into /opt/ratatouille-app.
-RUN mkdir -p operator/ratatouille_operator trainer/ratatouille_trainer \
+RUN mkdir -p operator/ratatouille_operator trainer/ratatouille_trainer trainer/ratatouille_contract \
  && touch operator/ratatouille_operator/__init__.py trainer/ratatouille_trainer/__init__.py \
+          trainer/ratatouille_contract/__init__.py \
  && pip install ".[operator]" \
  && pip uninstall -y ratatouille \
  && rm -rf operator trainer build *.egg-info
@@ -34,8 +35,9 @@ FROM deps-operator AS deps-trainer
 # torch in its own layer: the PyPI default wheel of torch 2.14.1 is the CUDA build (CUDA runtime
 # libraries come as nvidia-* wheels), so GPU nodes need nothing else in the image.
 RUN pip install torch==2.14.1 torchvision==0.29.1
-RUN mkdir -p operator/ratatouille_operator trainer/ratatouille_trainer \
+RUN mkdir -p operator/ratatouille_operator trainer/ratatouille_trainer trainer/ratatouille_contract \
  && touch operator/ratatouille_operator/__init__.py trainer/ratatouille_trainer/__init__.py \
+          trainer/ratatouille_contract/__init__.py \
  && pip install ".[trainer,operator]" \
  && pip uninstall -y ratatouille \
  && rm -rf operator trainer build *.egg-info

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("operator/ratatouille_operator", "trainer/ratatouille_trainer")
+PACKAGES = ("operator/ratatouille_operator", "trainer/ratatouille_trainer", "trainer/ratatouille_contract")
 LIMIT = 60
 
 #: "<path>::<qualified name>": its length when it was listed (longest first).

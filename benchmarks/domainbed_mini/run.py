@@ -401,6 +401,7 @@ PREFIXES: dict[str, Path] = {}  # run name -> its storage folder, for this confi
 def run_prefix_of(manifest_path: Path) -> tuple[str, Path]:
     """The storage folder `ratatouille run` uses for this manifest: the run uid is derived from the
     validated spec, exactly as the CLI derives it (so runs of an older spec are never mixed in)."""
+    from ratatouille_contract import layout
     from ratatouille_operator import planner
     from ratatouille_operator.cli import load
     from ratatouille_operator.executor import embedded_uid
@@ -408,7 +409,7 @@ def run_prefix_of(manifest_path: Path) -> tuple[str, Path]:
     run = load(str(manifest_path), [], embedded=True)  # paths resolve against the cwd: the repo root
     ref = planner.RunRef(namespace=run.namespace, name=run.name,
                          uid=embedded_uid(run.namespace, run.name, run.spec.raw))
-    uri = planner.run_prefix(run.spec, ref)
+    uri = layout.run_prefix(run.spec.storage.uri, ref)
     assert uri.startswith("file://"), uri
     return run.name, Path(uri[len("file://"):])
 

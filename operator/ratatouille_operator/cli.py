@@ -207,6 +207,8 @@ def cmd_validate(args) -> int:
 
 def cmd_plan(args) -> int:
     from . import planner
+    from ratatouille_contract import layout
+
     from .executor import embedded_uid
 
     run = load(args.manifest, args.set, embedded=True)
@@ -216,7 +218,7 @@ def cmd_plan(args) -> int:
     if args.output == "json":
         print(json.dumps(graph, indent=2))
         return EXIT_OK
-    print(f"RatatouilleRun {run.namespace}/{run.name}  storage {planner.run_prefix(run.spec, ref)}")
+    print(f"RatatouilleRun {run.namespace}/{run.name}  storage {layout.run_prefix(run.spec.storage.uri, ref)}")
     for node in graph:
         needs = ", ".join(node["needs"]) or "-"
         extra = f"  [{node['note']}]" if node.get("note") else ""

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
+from ratatouille_contract import layout
 from ratatouille_trainer.cli import EXIT_DIVERGED
 from ratatouille_trainer import inputs
 from ratatouille_trainer.integrity import Verifier
@@ -207,8 +208,8 @@ class LocalExecutor:
         uid = embedded_uid(namespace, name, spec.raw)
         self.run = planner.RunRef(namespace=namespace, name=name, uid=uid, generation=1,
                                   creation_time=clock())
-        self.prefix = planner.run_prefix(spec, self.run)
-        self.status_uri = f"{self.prefix}/status.json"
+        self.prefix = layout.run_prefix(spec.storage.uri, self.run)
+        self.status_uri = layout.status_uri(self.prefix)
         self.jobs: dict[str, LocalJob] = {}
         self.metrics: dict[str, dict] = {}
         self.status: dict = {}
@@ -292,7 +293,7 @@ class LocalExecutor:
         for job in self.jobs.values():
             key = f"{job.stage}/{job.member}"
             if job.state == "Succeeded" and key not in self.metrics:
-                uri = planner.member_output(self.spec, self.run, job.stage, job.member) + "/metrics.json"
+                uri = layout.metrics_uri(planner.member_output(self.spec, self.run, job.stage, job.member))
                 if self.storage.exists(uri):
                     self.metrics[key] = self.storage.read_json(uri)
         return dict(self.metrics)

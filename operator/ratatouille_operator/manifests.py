@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from ratatouille_trainer.jobdesc import trainer_argv
+from ratatouille_contract.jobdesc import trainer_argv
 
 from . import planner
 from .planner import parse_time

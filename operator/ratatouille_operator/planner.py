@@ -5,10 +5,11 @@ is given and walks a short ladder (terminal -> failures -> success -> suspend ->
 missing). Child names are deterministic, so "should I create it" is a set-membership test and
 planning twice on the same input yields the same actions. The kopf operator and the local
 executor are adapters around `plan()`; nothing here reads a clock, touches the network or keeps
-state between calls. Pure: stdlib, `spec`, and the trainer's pure `jobdesc`/`hparams` only.
+state between calls. Pure: stdlib, `spec`, and the contract (`ratatouille_contract`) only.
 
 `plan()` composes the steps of the `planning` package, one decision per module:
-`planning.naming` (names, labels, storage keys, the auxiliary cache entries), `planning.graph`
+`planning.naming` (names, labels, members' outputs, the auxiliary cache entries; the keys
+themselves are built by `ratatouille_contract.layout`), `planning.graph`
 (sources, members and their states), `planning.describe` (job descriptions),
 `planning.policy` (pod start timeout, outcome, suspend, retries with backoff, the parallelism
 budget, when to plan again), `planning.status` and `planning.events` (what the run reports).
@@ -23,9 +24,8 @@ from .planning.describe import describe
 from .planning.events import child_events, phase_events
 from .planning.graph import (NO_SOURCE, Source, build_graph, has_source, index_children,
                              initialization_sources, job_graph, target_source)
-from .planning.naming import (AuxEntry, aux_cache_key, aux_cache_uri, aux_entries, aux_hyperparameters,
-                              aux_member, data_cache_uri, job_labels, job_name, label_value, member_output,
-                              prepare_members, run_prefix, target_hyperparameters)
+from .planning.naming import (AuxEntry, aux_cache_key, aux_entries, aux_hyperparameters, aux_member, job_labels,
+                              job_name, label_value, member_output, prepare_members, target_hyperparameters)
 from .planning import policy
 from .planning.status import (REASON_INVALID_SPEC, frozen, invalid, phase_of, refused, remembered_jobs,
                               result as _result, status as _status, with_remembered)

@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Mapping
 
+from ratatouille_contract import layout
+
 from . import manifests, planner
 from .policy import REASON_NOT_ALLOWED, Policy, PolicyError
 from .spec import API_GROUP, API_VERSION, PLURAL, SpecError
@@ -180,7 +182,7 @@ class StorageView:
             client = self._client(prefix, endpoint)
             if client is None:
                 return None
-            data = client.read_json(prefix + "/metrics.json")
+            data = client.read_json(layout.metrics_uri(prefix))
         except Exception as exc:  # noqa: BLE001
             if type(exc).__name__ == "NotFound":
                 # Not an error of the storage: the member left no metrics.json (the termination

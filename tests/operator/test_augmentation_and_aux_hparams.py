@@ -14,7 +14,7 @@ import yaml
 from ratatouille_operator import planner as P
 from ratatouille_operator.spec import RunSpec, SpecError, head_warmup_default
 from ratatouille_operator.validation import load_crd_schema, validate_manifest
-from ratatouille_trainer.jobdesc import JobDescription
+from ratatouille_contract.jobdesc import JobDescription
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN = P.RunRef(namespace="team-a", name="office", uid="uid-1", generation=1, creation_time=0.0)

@@ -9,7 +9,7 @@ import os
 from ratatouille_operator import manifests as M
 from ratatouille_operator import planner as P
 from ratatouille_operator.validation import load_crd_schema
-from ratatouille_trainer.jobdesc import JobDescription
+from ratatouille_contract.jobdesc import JobDescription
 
 from .test_planner import make_spec
 

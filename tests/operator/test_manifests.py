@@ -7,7 +7,7 @@ import pytest
 
 from ratatouille_operator import manifests as M
 from ratatouille_operator import planner as P
-from ratatouille_trainer.jobdesc import JobDescription, trainer_argv
+from ratatouille_contract.jobdesc import JobDescription, trainer_argv
 
 from .test_planner import RUN, make_spec
 

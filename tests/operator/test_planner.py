@@ -12,8 +12,8 @@ import pytest
 
 from ratatouille_operator import planner as P
 from ratatouille_operator.spec import RunSpec
-from ratatouille_trainer import hparams
-from ratatouille_trainer.jobdesc import JobDescription
+from ratatouille_contract import hparams, layout
+from ratatouille_contract.jobdesc import JobDescription
 
 RUN = P.RunRef(namespace="team-a", name="office", uid="uid-123", generation=2, creation_time=1000.0)
 PREFIX = "s3://bucket/runs/team-a/office/uid-123"
@@ -225,7 +225,7 @@ def test_target_source_featurizers_and_cache_keys():
     assert P.target_source(SPEC, 0) == ("foundation", None, None)
     name, uri, key = P.target_source(SPEC, 4)
     assert name == "pacs-1" and key == P.aux_cache_key(SPEC, "pacs", 1)
-    assert uri == P.aux_cache_uri(SPEC, key) + "/model.safetensors"
+    assert uri == layout.aux_cache_uri(SPEC.storage.uri, key) + "/model.safetensors"
     assert P.target_source(SPEC, 5) == ("vlcs", "s3://community/vlcs.safetensors", None)
 
 
@@ -625,11 +625,11 @@ def test_job_name_short_and_long():
 
 
 def test_member_outputs():
-    assert P.run_prefix(SPEC, RUN) == PREFIX
+    assert layout.run_prefix(SPEC.storage.uri, RUN) == PREFIX
     assert P.member_output(SPEC, RUN, "linear-probe", "0") == f"{PREFIX}/linear-probe"
     assert P.member_output(SPEC, RUN, "target", "4") == f"{PREFIX}/target/4"
     assert P.member_output(SPEC, RUN, "average", "0") == f"{PREFIX}/average"
-    assert P.member_output(SPEC, RUN, "aux", "pacs-1") == P.aux_cache_uri(SPEC, P.aux_cache_key(SPEC, "pacs", 1))
+    assert P.member_output(SPEC, RUN, "aux", "pacs-1") == layout.aux_cache_uri(SPEC.storage.uri, P.aux_cache_key(SPEC, "pacs", 1))
 
 
 def test_job_graph_lists_every_member():

@@ -6,6 +6,7 @@ import re
 
 import pytest
 
+from ratatouille_contract import layout
 from ratatouille_operator.planning import naming as N
 
 from .test_planner import RUN, make_spec
@@ -86,7 +87,7 @@ def test_aux_entries(auxiliaries, members):
     assert [e.member for e in entries] == members
     for e in entries:
         assert e.key == N.aux_cache_key(spec, e.auxiliary, e.k)
-        assert e.uri == N.aux_cache_uri(spec, e.key)
+        assert e.uri == layout.aux_cache_uri(spec.storage.uri, e.key)
         assert N.member_output(spec, RUN, "aux", e.member) == e.uri
 
 

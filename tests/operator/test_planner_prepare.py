@@ -3,7 +3,7 @@ gating the members that read it; descriptions point them at it. Pure tables, no 
 from __future__ import annotations
 
 from ratatouille_operator import planner as P
-from ratatouille_trainer.jobdesc import JobDescription
+from ratatouille_contract.jobdesc import JobDescription
 
 from .test_planner import PREFIX, RUN, job, make_spec, observed
 

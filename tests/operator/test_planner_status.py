@@ -9,7 +9,7 @@ from ratatouille_operator.planning import events as E
 from ratatouille_operator.planning import graph as G
 from ratatouille_operator.planning import status as S
 from ratatouille_operator.planning.vocabulary import Observed, format_time, parse_time
-from ratatouille_trainer.jobdesc import best_member
+from ratatouille_contract.jobdesc import best_member
 
 from .test_planner import RUN, SPEC, aux, job, lp, make_spec, tgt
 

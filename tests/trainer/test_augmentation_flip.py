@@ -10,7 +10,7 @@ import torch
 
 from ratatouille_trainer import data as D
 from ratatouille_trainer import stages, training
-from ratatouille_trainer.jobdesc import Augmentation, JobDescription, JobDescriptionError
+from ratatouille_contract.jobdesc import Augmentation, JobDescription, JobDescriptionError
 from ratatouille_trainer.progress import Progress
 
 from . import util

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from ratatouille_contract import layout
 from ratatouille_trainer import inputs
 from ratatouille_trainer.storage import open_storage
 
@@ -98,7 +99,7 @@ def test_the_local_executor_counts_a_hit_only_for_the_current_content(tmp_path, 
     aux = util.write_dataset(tmp_path / "aux", per_class=2)
     ex = _executor(tmp_path)
     key = planner.aux_cache_key(ex.spec, ex.spec.auxiliaries[0], 0)
-    entry = Path(planner.aux_cache_uri(ex.spec, key).removeprefix("file://"))
+    entry = Path(layout.aux_cache_uri(ex.spec.storage.uri, key).removeprefix("file://"))
     _fake_result(entry)
     assert ex._cache_hits() == frozenset()  # complete, but its inputs are unknown
     storage = open_storage(str(tmp_path))

@@ -17,7 +17,8 @@ from safetensors.torch import load_file, save_file
 from ratatouille_trainer import averaging
 from ratatouille_trainer.averaging import (AveragingError, RunningSum, UnsafeWeightsError,
                                            average_files, average_uris, uniform_average)
-from ratatouille_trainer.storage import join, open_storage
+from ratatouille_contract.layout import join
+from ratatouille_trainer.storage import open_storage
 
 
 def make_state(seed: int, scale: float = 1.0) -> dict[str, torch.Tensor]:

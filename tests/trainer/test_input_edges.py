@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from ratatouille_trainer.data import decode_image, load_dataset, max_image_pixels
-from ratatouille_trainer.storage import join, open_storage
+from ratatouille_contract.layout import join
+from ratatouille_trainer.storage import open_storage
 
 from .util import INPUT, write_dataset
 

@@ -17,7 +17,8 @@ import torch
 from ratatouille_trainer import lease as lease_mod
 from ratatouille_trainer import stages
 from ratatouille_trainer.lease import Lease, LeaseBusy, LeaseLost
-from ratatouille_trainer.storage import RetryPolicy, join, open_storage
+from ratatouille_contract.layout import join
+from ratatouille_trainer.storage import RetryPolicy, open_storage
 from ratatouille_trainer.training import Checkpointer
 
 from . import util

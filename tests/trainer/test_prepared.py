@@ -13,7 +13,8 @@ from ratatouille_trainer.cli import main as trainer_main
 from ratatouille_trainer.data import TrainStream, load_dataset, train_transform
 from ratatouille_trainer.prepared import (LazyImages, WindowStream, load_prepared, parse_bytes,
                                           prepare_dataset, train_stream)
-from ratatouille_trainer.storage import join, open_storage
+from ratatouille_contract.layout import join
+from ratatouille_trainer.storage import open_storage
 
 from .util import INPUT, job, write_dataset, write_foundation
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from ratatouille_contract import layout
 from ratatouille_trainer import integrity, stages
 from ratatouille_trainer.integrity import loads_strict
 from ratatouille_trainer.storage import open_storage
@@ -112,7 +113,7 @@ def test_a_corrupted_cached_auxiliary_is_a_miss_with_a_warning(tmp_path, capsys)
     util.write_dataset(tmp_path / "aux", per_class=2)
     ex = _executor(tmp_path)
     key = planner.aux_cache_key(ex.spec, ex.spec.auxiliaries[0], 0)
-    entry = Path(planner.aux_cache_uri(ex.spec, key).removeprefix("file://"))
+    entry = Path(layout.aux_cache_uri(ex.spec.storage.uri, key).removeprefix("file://"))
     _fake_result(entry)
     storage = open_storage(str(tmp_path))
     inputs.record(storage, str(entry), inputs.identity(storage, str(tmp_path / "aux"), None))

@@ -7,9 +7,10 @@ import random
 
 import pytest
 
+from ratatouille_contract.layout import join
 from ratatouille_trainer import storage as st
-from ratatouille_trainer.storage import (NotFound, RetryPolicy, StorageError,
-                                         TransientStorageError, join, open_storage, split_uri)
+from ratatouille_trainer.storage import (NotFound, RetryPolicy, StorageError, TransientStorageError,
+                                         open_storage, split_uri)
 from tests.faultproxy import FaultProxy
 
 MiB = 1024 * 1024

@@ -87,7 +87,7 @@ def job(stage, output, dataset, *, member=None, test_domains=("d2",), steps=6, b
 
 
 def desc(d: dict):
-    from ratatouille_trainer.jobdesc import JobDescription
+    from ratatouille_contract.jobdesc import JobDescription
     return JobDescription.from_dict(d)
 
 

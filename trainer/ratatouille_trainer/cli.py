@@ -41,7 +41,7 @@ class _BadInput(Exception):
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .jobdesc import STAGES
+    from ratatouille_contract.jobdesc import STAGES
 
     p = _Parser(prog=PROG, description="Run one stage of a RatatouilleRun (a child Job's work).")
     p.add_argument("stage", choices=STAGES)
@@ -79,7 +79,7 @@ def _termination(payload: dict) -> None:
 
 
 def _load_description(args):
-    from .jobdesc import JobDescription, JobDescriptionError
+    from ratatouille_contract.jobdesc import JobDescription, JobDescriptionError
 
     if args.job_file is not None:
         try:
@@ -97,9 +97,11 @@ def _load_description(args):
 
 
 def _complete(desc, note: str = "") -> int:
+    from ratatouille_contract.layout import done_uri
+
     print(json.dumps({"event": "complete", "stage": desc.stage, "member": desc.member,
                       "message": "already complete"}), flush=True)
-    print(f"{PROG}: {desc.stage} {desc.member}: already complete ({desc.output}/DONE exists{note})",
+    print(f"{PROG}: {desc.stage} {desc.member}: already complete ({done_uri(desc.output)} exists{note})",
           file=sys.stderr, flush=True)
     return 0
 
@@ -149,7 +151,7 @@ def _failure(e: BaseException, debug: bool) -> int:
     from .averaging import AveragingError, UnsafeWeightsError
     from .data import DataError
     from .device import DeviceError
-    from .jobdesc import JobDescriptionError
+    from ratatouille_contract.jobdesc import JobDescriptionError
     from .lease import LeaseBusy, LeaseLost
     from .models import ModelError
     from .storage import NotFound, StorageError
@@ -181,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     except _BadInput as e:
         return _error(str(e), 2)
 
-    from .jobdesc import JobDescriptionError
+    from ratatouille_contract.jobdesc import JobDescriptionError
 
     try:
         desc = _load_description(args)

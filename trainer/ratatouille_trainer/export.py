@@ -94,7 +94,7 @@ def publish_timm(storage, output: str, state: Mapping[str, torch.Tensor], arch: 
     """Write ``<output>/timm/{model.safetensors, config.json, README.md}``; returns the model URI."""
     from safetensors.torch import save_file
 
-    from .storage import join
+    from ratatouille_contract.layout import join
 
     local = os.path.join(tmp, "timm-model.safetensors")
     tensors = {k: v.detach().cpu().contiguous() for k, v in to_timm_state(state, arch).items()}

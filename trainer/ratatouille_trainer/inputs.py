@@ -24,8 +24,7 @@ import hashlib
 from typing import Any
 
 from .integrity import read_object
-from .layout import INPUTS
-from .storage import join
+from ratatouille_contract.layout import INPUTS, join
 
 
 def dataset_identity(storage, dataset: str) -> dict[str, Any]:

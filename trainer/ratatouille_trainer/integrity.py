@@ -18,8 +18,9 @@ import math
 import sys
 from typing import Any
 
-from .layout import METRICS, MODEL
-from .storage import DONE, NotFound, StorageError, join
+from ratatouille_contract.layout import DONE, METRICS, MODEL, join
+
+from .storage import NotFound, StorageError
 
 __all__ = ["MODEL", "METRICS", "strict_json", "loads_strict", "read_object", "problem", "Verifier", "discard"]
 

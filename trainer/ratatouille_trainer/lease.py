@@ -24,7 +24,7 @@ cluster needing the same auxiliary at once) thus never train it together:
   run killed with SIGKILL resumes without waiting for the TTL.
 - A holder that could not renew for a whole TTL (paused, partitioned) may have been taken over:
   it finds out at its next renewal or check and stops with :class:`LeaseLost` before writing
-  more. Its checkpoints are under its own ``checkpoint/<attempt>/`` (layout.py), so what it
+  more. Its checkpoints are under its own ``checkpoint/<attempt>/`` (ratatouille_contract.layout), so what it
   wrote meanwhile never deletes the new holder's.
 
 Torch-free. Holder identity in the lease: host, pid, attempt id and a random token; nothing
@@ -40,7 +40,8 @@ import threading
 import time
 from typing import Callable
 
-from . import layout
+from ratatouille_contract import layout
+
 from .storage import StorageError
 
 __all__ = ["DEFAULT_TTL", "DEFAULT_WAIT", "Lease", "LeaseBusy", "LeaseLost", "ttl_from_env",

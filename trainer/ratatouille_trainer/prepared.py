@@ -45,6 +45,8 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from ratatouille_contract.jobdesc import JobDescriptionError
+from ratatouille_contract.layout import METRICS, join
 
 from .data import (DataError, Domain, DomainDataset, TrainStream, _check_args, _gen, _warn,
                    check_dataset, check_test_domains, decode_files, decode_workers, list_dataset,
@@ -154,8 +156,6 @@ def prepare_dataset(uri: str, input_size: int, cache_root: str, *, storage, endp
                     progress=None) -> dict:
     """Make sure the cache entry for ``uri`` at ``input_size`` exists; returns what
     ``prepared.json`` records (``reused`` says whether it was already there)."""
-    from .storage import join
-
     _check_args(input_size, 0.0)
     t0 = time.monotonic()
     entries = dataset_entries(storage, uri)
@@ -228,7 +228,7 @@ def _sha256_file(path: str) -> str:
 def _local_entry(storage, entry: str, index: dict) -> str:
     """A local directory holding the entry's files: the entry itself on ``file://``, else a copy
     under the local cache (one GET per file, verified against DONE's sha256 once)."""
-    from .storage import join, local_cache_dir, split_uri
+    from .storage import local_cache_dir, split_uri
 
     scheme, root, key = split_uri(entry)
     names = [s["file"] for s in index["shards"]] + [LABELS]
@@ -327,8 +327,6 @@ def _memmap_tensor(chunks: Sequence[tuple[str, int]], shape: tuple[int, int, int
 
 def read_pointer(storage, uri: str) -> dict:
     """The ``prepared.json`` under a prepare member's output (or the entry itself)."""
-    from .storage import join
-
     pointer = storage.read_json(join(uri, POINTER)) if storage.exists(join(uri, POINTER)) else None
     if pointer is None:
         if not storage.is_done(uri):
@@ -342,7 +340,7 @@ def load_prepared(uri: str, *, test_domains: Sequence[str] = (), holdout_fractio
                   budget: int | None = None, expect_dataset: str | None = None,
                   expect_input_size: int | None = None) -> DomainDataset:
     """The dataset of a prepared entry (``uri``: a prepare member's output or the entry)."""
-    from .storage import join, open_storage
+    from .storage import open_storage
 
     storage = storage or open_storage(uri, endpoint)
     pointer = read_pointer(storage, uri)
@@ -515,9 +513,8 @@ def run_prepare(desc, ctx=None, progress=None) -> dict:
     cache root), then write ``prepared.json`` (which entry), ``metrics.json`` and ``DONE``
     under the member's output."""
     from . import __version__
-    from .jobdesc import JobDescriptionError
     from .progress import Progress
-    from .storage import join, open_storage
+    from .storage import open_storage
 
     if not desc.data.prepared:
         raise JobDescriptionError("prepare stage needs data.prepared (the root of the cache entries)")
@@ -533,9 +530,9 @@ def run_prepare(desc, ctx=None, progress=None) -> dict:
     metrics = {"stage": desc.stage, "member": desc.member, "prepared": info, "reused": info["reused"],
                "run": {"namespace": desc.run.namespace, "name": desc.run.name, "uid": desc.run.uid},
                "trainerVersion": __version__}
-    storage.write_json(join(desc.output, "metrics.json"), metrics)
+    storage.write_json(join(desc.output, METRICS), metrics)
     storage.mark_done(desc.output, {"stage": desc.stage, "member": desc.member, "key": info["key"]},
-                      require=(POINTER, "metrics.json"))
+                      require=(POINTER, METRICS))
     progress.emit("done", reused=info["reused"], key=info["key"])
     return metrics
 

@@ -27,7 +27,7 @@ import math
 import re
 from typing import Any, Mapping, NamedTuple, Sequence
 
-from .jobdesc import best_member, member_key
+from ratatouille_contract.jobdesc import best_member, member_key
 
 LINEAGE_VERSION = 1
 LINEAGE_KIND = "ratatouille.dev/lineage"

@@ -14,7 +14,7 @@ Every stage writes its results under ``desc.output`` through the storage, ``DONE
 
 A stage given the member's :class:`~.lease.Lease` (the trainer's entrypoint always holds one)
 checks it before every checkpoint and reads it back before the model and ``DONE``; its
-checkpoints go under ``checkpoint/<the lease's attempt>/`` (layout.py).
+checkpoints go under ``checkpoint/<the lease's attempt>/`` (ratatouille_contract.layout).
 """
 from __future__ import annotations
 
@@ -27,19 +27,19 @@ import tempfile
 from typing import Any
 
 import torch
+from ratatouille_contract.jobdesc import JobDescription, JobDescriptionError, best_member, member_key
+from ratatouille_contract.layout import METRICS, MODEL, checkpoint_root, join
 
 from . import __version__, diagnostics, integrity
 from .averaging import AveragingError, RunningSum, greedy_select, interpolate
 from .data import DomainDataset, TrainStream, load_dataset, seed_hash
 from .integrity import strict_json
 from .device import DeviceContext, select_device
-from .jobdesc import JobDescription, JobDescriptionError, best_member, member_key
-from .layout import METRICS, MODEL, checkpoint_root
 from .models import (ModelError, Network, build_network, copy_featurizer_parameters,
                      featurizer_digest, freeze_bn, load_foundation, load_head,
                      load_network_state, load_weights)
 from .progress import Progress
-from .storage import join, open_storage
+from .storage import open_storage
 from .training import (Checkpointer, Evaluator, Phase, TrainResult,
                        test_accuracies, train)
 from .weights import load_safetensors_file, save_state_dict, sha256_file

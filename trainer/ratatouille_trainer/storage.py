@@ -45,8 +45,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 from urllib.parse import unquote
 
+from ratatouille_contract.layout import DONE, join
+
 __all__ = [
-    "DONE",
     "NotFound",
     "RetryPolicy",
     "Storage",
@@ -54,13 +55,11 @@ __all__ = [
     "SyncStats",
     "TransientStorageError",
     "cache_dir_for",
-    "join",
     "local_cache_dir",
     "open_storage",
     "split_uri",
 ]
 
-DONE = "DONE"
 MiB = 1024 * 1024
 DEFAULT_MULTIPART_THRESHOLD = 8 * MiB
 DEFAULT_MULTIPART_CHUNKSIZE = 8 * MiB
@@ -123,21 +122,6 @@ def split_uri(uri: str) -> tuple[str, str, str]:
 
 def _scheme(uri: str) -> str:
     return split_uri(uri)[0]
-
-
-def join(uri: str, *parts: str) -> str:
-    """Join key parts onto a URI with single slashes, keeping the URI's own style."""
-    m = _SCHEME_RE.match(uri)
-    head = m.group(0) if m else ""
-    rest = uri[len(head):]
-    stripped = rest.rstrip("/")
-    out = head + (stripped or ("/" if rest.startswith("/") else ""))
-    for part in parts:
-        part = str(part).strip("/")
-        if not part:
-            continue
-        out = out + part if out.endswith("/") else out + "/" + part
-    return out
 
 
 def _local_path(uri: str) -> str:

@@ -14,11 +14,11 @@ the pooled accuracy over the concatenated out splits (``ValScore.pooled``, what 
 selection uses) is recorded beside it.
 
 Every evaluation also writes a checkpoint to ``<output>/checkpoint/<attempt>/`` (one folder per
-writer, layout.py) through the storage: the model, the Adam state (flattened into safetensors +
-JSON), RNG states of the samplers, the augmentation and dropout, the curve and the best-so-far,
-with ``state.json`` written last as the pointer. A resumed run (a later attempt) continues after
-the newest checkpointed step with the same RNG states, so it reproduces an uninterrupted run
-exactly on the CPU.
+writer, ratatouille_contract.layout) through the storage: the model, the Adam state (flattened
+into safetensors + JSON), RNG states of the samplers, the augmentation and dropout, the curve
+and the best-so-far, with ``state.json`` written last as the pointer. A resumed run (a later
+attempt) continues after the newest checkpointed step with the same RNG states, so it reproduces
+an uninterrupted run exactly on the CPU.
 """
 from __future__ import annotations
 
@@ -33,6 +33,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
+from ratatouille_contract import layout
+from ratatouille_contract.layout import CHECKPOINT_MODEL, CHECKPOINT_OPTIMIZER, CHECKPOINT_STATE, join
 
 from .weights import load_safetensors_file, save_state_dict
 from .data import TrainStream, eval_transform, list_to_state, state_to_list, train_transform
@@ -237,7 +239,7 @@ def optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 # ------------------------------------------------------------------------------ checkpoints
 
 class Checkpointer:
-    """Checkpoints through a storage, one folder per attempt (layout.py): this writer's are
+    """Checkpoints through a storage, one folder per attempt (ratatouille_contract.layout): this writer's are
     under ``<root>/<attempt>/``: ``step-XXXXXXXX/{model,optimizer}.safetensors`` and
     ``state.json`` (written last; the pointer). Older step folders of this attempt are removed
     except the latest and the best; nothing of another attempt is written or deleted while
@@ -251,9 +253,6 @@ class Checkpointer:
 
     def __init__(self, storage, root: str, fingerprint: str, attempt: str | None = None,
                  guard: Callable[[], None] | None = None):
-        from . import layout
-        from .storage import join
-
         self.storage = storage
         self.root = root.rstrip("/")
         self.attempt = attempt or layout.new_attempt()
@@ -273,14 +272,12 @@ class Checkpointer:
 
     def _earlier(self) -> list[str]:
         """Prefixes holding a state.json: every earlier attempt, and the root (older trainers)."""
-        from . import layout
-
         out = []
         for rel, _, _ in self.storage.entries(self.root):
             parts = rel.split("/")
-            if parts == ["state.json"]:
+            if parts == [CHECKPOINT_STATE]:
                 out.append(self.root)
-            elif len(parts) == 2 and parts[1] == "state.json" and layout.is_attempt(parts[0]) \
+            elif len(parts) == 2 and parts[1] == CHECKPOINT_STATE and layout.is_attempt(parts[0]) \
                     and parts[0] != self.attempt:
                 out.append(self._join(self.root, parts[0]))
         return out
@@ -290,7 +287,7 @@ class Checkpointer:
 
         found: tuple[int, str, dict] | None = None
         for prefix in self._earlier():
-            uri = self._join(prefix, "state.json")
+            uri = self._join(prefix, CHECKPOINT_STATE)
             try:
                 state = self.storage.read_json(uri)
             except NotFound:
@@ -330,22 +327,22 @@ class Checkpointer:
              opt_tensors: dict[str, torch.Tensor], state: dict) -> None:
         self.guard()
         d = self.dirname(step)
-        for name, tensors in (("model.safetensors", model_state), ("optimizer.safetensors", opt_tensors)):
+        for name, tensors in ((CHECKPOINT_MODEL, model_state), (CHECKPOINT_OPTIMIZER, opt_tensors)):
             local = os.path.join(self.tmp, name)
             save_state_dict(tensors, local)
             self.storage.upload(local, self.uri(d, name))
             os.unlink(local)
         best_dir = (state.get("best") or {}).get("dir")
         if self.source is not None and best_dir and best_dir != d \
-                and not self.storage.exists(self.uri(best_dir, "model.safetensors")):
+                and not self.storage.exists(self.uri(best_dir, CHECKPOINT_MODEL)):
             # resumed: the best step so far is in the earlier attempt's folder; copy its bytes
             local = os.path.join(self.tmp, "best.safetensors")
-            self.storage.download(self._join(self.source, best_dir, "model.safetensors"), local)
-            self.storage.upload(local, self.uri(best_dir, "model.safetensors"))
+            self.storage.download(self._join(self.source, best_dir, CHECKPOINT_MODEL), local)
+            self.storage.upload(local, self.uri(best_dir, CHECKPOINT_MODEL))
             os.unlink(local)
         self.guard()
         body = dict(state, version=CHECKPOINT_VERSION, fingerprint=self.fingerprint, latestDir=d)
-        self.storage.write_json(self.uri("state.json"), body)
+        self.storage.write_json(self.uri(CHECKPOINT_STATE), body)
         self._prune({d, best_dir})
 
     def _prune(self, keep: set) -> None:
@@ -376,7 +373,7 @@ class Checkpointer:
         try:
             self.guard()
             if prefix == self.root:  # an older trainer's: its pointer is what makes it a checkpoint
-                self.storage.delete(self._join(prefix, "state.json"))
+                self.storage.delete(self._join(prefix, CHECKPOINT_STATE))
             else:
                 self.storage.delete_prefix(prefix)
         except Exception:
@@ -520,11 +517,11 @@ def _resume(net, phases, stream, checkpointer, saved, keep) -> _Loop:
     from .models import load_network_state
 
     last = int(saved["step"])
-    model_state = checkpointer.fetch_state_dict(saved["latestDir"], "model.safetensors")
+    model_state = checkpointer.fetch_state_dict(saved["latestDir"], CHECKPOINT_MODEL)
     load_network_state(net, model_state, "checkpoint model")
     pidx = int(saved["phase"])
     opt = make_optimizer(net, phases[pidx])
-    opt_tensors = checkpointer.fetch_state_dict(saved["latestDir"], "optimizer.safetensors")
+    opt_tensors = checkpointer.fetch_state_dict(saved["latestDir"], CHECKPOINT_OPTIMIZER)
     opt.load_state_dict(optimizer_from_flat(opt_tensors, saved["optimizer"]))
     stream.set_state(saved["stream"])
     _set_rng_state(saved["rng"])
@@ -532,7 +529,7 @@ def _resume(net, phases, stream, checkpointer, saved, keep) -> _Loop:
     best_state = None
     if best is not None and keep == "best":
         best_state = (model_state if best["dir"] == saved["latestDir"]
-                      else checkpointer.fetch_state_dict(best["dir"], "model.safetensors"))
+                      else checkpointer.fetch_state_dict(best["dir"], CHECKPOINT_MODEL))
     return _Loop(opt=opt, pidx=pidx, start=last + 1, curve=list(saved["curve"]), best=best,
                  best_state=best_state, train_seconds=float(saved.get("trainSeconds", 0.0)),
                  images_seen=int(saved.get("imagesSeen", 0)), resumed_from=last)

@@ -1,17 +1,19 @@
 """Job descriptions: the self-contained JSON each member's Job runs from (docs/contract.md, "Job
-description"), one builder per stage. Pure: standard library, `spec`, the trainer's `jobdesc`.
+description"), one builder per stage. Pure: standard library, `spec`, the contract's `jobdesc`
+and `layout`.
 """
 from __future__ import annotations
 
 from typing import Any, Sequence
 
-from ratatouille_trainer import jobdesc as _jd
+from ratatouille_contract import jobdesc as _jd
+from ratatouille_contract import layout
 
 from ..spec import RunSpec
 from .graph import Source, initialization_sources, source_of
-from .naming import (aux_hyperparameters, auxiliary, data_cache_uri, job_augmentation, member_output,
-                     prepare_members, run_prefix, split_aux_member, target_hyperparameters)
-from .vocabulary import (AUX_HOLDOUT_FRACTION, FOUNDATION, SEED_STRIDE, STAGE_AUX, STAGE_AVERAGE, STAGE_LP,
+from .naming import (aux_hyperparameters, auxiliary, job_augmentation, member_output, prepare_members,
+                     split_aux_member, target_hyperparameters)
+from .vocabulary import (AUX_HOLDOUT_FRACTION, FOUNDATION, LP_MEMBER, SEED_STRIDE, STAGE_AUX, STAGE_AVERAGE, STAGE_LP,
                          STAGE_PREPARE, STAGE_TARGET, RunRef)
 
 
@@ -51,7 +53,7 @@ def _prepare(spec: RunSpec, run: RunRef, member: str) -> _jd.JobDescription:
     dataset = next(d for d, m in prepare_members(spec).items() if m == member)
     return _base(spec, run, STAGE_PREPARE, member, seed=spec.seed,
                  data=_jd.DataRef(dataset=dataset, testDomains=(), holdoutFraction=AUX_HOLDOUT_FRACTION,
-                                  splitSeed=spec.seed, prepared=data_cache_uri(spec)))
+                                  splitSeed=spec.seed, prepared=layout.data_cache_uri(spec.storage.uri)))
 
 
 def _aux(spec: RunSpec, run: RunRef, member: str) -> _jd.JobDescription:
@@ -96,7 +98,7 @@ def _target(spec: RunSpec, run: RunRef, member: str, sources: Sequence[Source]) 
                                        evalEvery=ft.eval_every,
                                        lpSteps=spec.linear_probe.steps, lpLr=spec.linear_probe.lr),
                  init=_jd.Init(source=source, featurizer=featurizer,
-                               head=f"{run_prefix(spec, run)}/linear-probe/model.safetensors"),
+                               head=layout.model_uri(member_output(spec, run, STAGE_LP, LP_MEMBER))),
                  hyperparameters=hp)
 
 

@@ -3,15 +3,17 @@
 Initialization sources (docs/algorithm.md, stage 3: target i starts from source i mod (M+1)), the
 static graph `ratatouille plan` prints (`job_graph`), and the live graph the planner walks
 (`build_graph`): the latest attempt of every member decides its state, a member waits for what
-it needs and is BLOCKED when that failed permanently. Pure: standard library, `spec`, `naming`.
+it needs and is BLOCKED when that failed permanently. Pure: standard library, `spec`, `naming`, the contract's `layout`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
+from ratatouille_contract import layout
+
 from ..spec import Auxiliary, RunSpec
-from .naming import (AuxEntry, aux_entries, aux_entry, aux_hyperparameters, data_cache_uri, job_name, member_output,
+from .naming import (AuxEntry, aux_entries, aux_entry, aux_hyperparameters, job_name, member_output,
                      prepare_members, target_hyperparameters)
 from .vocabulary import (AVERAGE_MEMBER, FAILED, FOUNDATION, IN_FLIGHT, LP_MEMBER, STAGE_AUX, STAGE_AVERAGE,
                          STAGE_LP, STAGE_PREPARE, STAGE_TARGET, SUCCEEDED, ObservedJob, RunRef)
@@ -52,7 +54,7 @@ def source_of(spec: RunSpec, sources: Sequence[Source], i: int) -> tuple[str, st
     # Several fine-tunings of one auxiliary: each is used in turn, so all are used once before
     # any is used twice.
     entry = aux_entry(spec, aux, (i // len(sources)) % aux.runs)
-    return entry.member, f"{entry.uri}/model.safetensors", entry.key
+    return entry.member, layout.model_uri(entry.uri), entry.key
 
 
 def target_source(spec: RunSpec, i: int) -> tuple[str, str | None, str | None]:
@@ -70,7 +72,7 @@ def job_graph(spec: RunSpec, run: RunRef) -> list[dict[str, Any]]:
 
     nodes: list[dict[str, Any]] = [
         {"stage": STAGE_PREPARE, "member": m, "needs": [], "dataset": d,
-         "note": f"{d} at {spec.foundation.input_size} px -> {data_cache_uri(spec)}/<content key>",
+         "note": f"{d} at {spec.foundation.input_size} px -> {layout.data_cache_uri(spec.storage.uri)}/<content key>",
          "output": member_output(spec, run, STAGE_PREPARE, m)} for d, m in prep.items()]
     nodes.append({"stage": STAGE_LP, "member": LP_MEMBER, "needs": prep_needs(spec.target.dataset),
                   "output": member_output(spec, run, STAGE_LP, LP_MEMBER)})

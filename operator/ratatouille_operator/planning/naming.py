@@ -1,10 +1,11 @@
 """Naming: what every member and its Job are called and where their results live.
 
-Deterministic names (`job_name`, `label_value`, `job_labels`), the run's storage prefix and each
-member's output (`member_output`), the auxiliary cache: which entries a run has (`aux_entries`,
-the one loop over auxiliaries and their runs) and their content keys (`aux_cache_key`, which
-hashes the hyperparameters fine-tuning k draws), and the prepare members of
-`spec.dataPreparation`. Pure: standard library, `spec`, the trainer's `hparams`/`jobdesc`.
+Deterministic names (`job_name`, `label_value`, `job_labels`), each member's output
+(`member_output`: which key of the contract's `layout` it is), the auxiliary cache: which entries
+a run has (`aux_entries`, the one loop over auxiliaries and their runs) and their content keys
+(`aux_cache_key`, which hashes the hyperparameters fine-tuning k draws), and the prepare members
+of `spec.dataPreparation`. Where keys live (run prefix, caches, file names) is
+`ratatouille_contract.layout`. Pure: standard library, `spec`, the contract.
 """
 from __future__ import annotations
 
@@ -14,13 +15,14 @@ import re
 from dataclasses import asdict
 from typing import Any, NamedTuple
 
-from ratatouille_trainer import hparams as _hparams
-from ratatouille_trainer import jobdesc as _jd
+from ratatouille_contract import hparams as _hparams
+from ratatouille_contract import jobdesc as _jd
+from ratatouille_contract import layout
 
 from ..spec import Augmentation, Auxiliary, RunSpec
 from .vocabulary import (AUX_HOLDOUT_FRACTION, LABEL_ATTEMPT, LABEL_KUEUE_QUEUE, LABEL_MANAGED_BY,
                          LABEL_MEMBER, LABEL_RUN, LABEL_RUN_UID, LABEL_STAGE, MANAGED_BY, PREPARE_TARGET,
-                         SHORT, STAGE_AUX, STAGE_AVERAGE, STAGE_LP, STAGE_PREPARE, STAGE_TARGET, RunRef)
+                         SHORT, STAGE_AUX, RunRef)
 
 # -- names ----------------------------------------------------------------------------------
 _NOT_DNS = re.compile(r"[^a-z0-9-]")
@@ -79,10 +81,6 @@ def job_labels(spec: RunSpec, run: RunRef, stage: str, member: str, attempt: int
 
 
 # -- storage keys ----------------------------------------------------------------------------
-def run_prefix(spec: RunSpec, run: RunRef) -> str:
-    return f"{spec.storage.uri}/{run.namespace}/{run.name}/{run.uid}"
-
-
 def auxiliary(spec: RunSpec, aux: Auxiliary | str) -> Auxiliary:
     if isinstance(aux, Auxiliary):
         return aux
@@ -125,10 +123,6 @@ def aux_cache_key(spec: RunSpec, aux: Auxiliary | str, k: int) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-def aux_cache_uri(spec: RunSpec, key: str) -> str:
-    return f"{spec.storage.uri}/cache/aux/{key}"
-
-
 def aux_member(aux_name: str, k: int) -> str:
     return f"{aux_name}-{k}"
 
@@ -138,11 +132,6 @@ def split_aux_member(member: str) -> tuple[str, int]:
     if not name or not k.isdigit():
         raise ValueError(f"not an auxiliary member name: {member!r}")
     return name, int(k)
-
-
-def data_cache_uri(spec: RunSpec) -> str:
-    """Root of the prepared-dataset cache entries (trainer's prepared.py), shared like cache/aux."""
-    return f"{spec.storage.uri}/cache/data"
 
 
 def prepare_members(spec: RunSpec) -> dict[str, str]:
@@ -159,19 +148,10 @@ def prepare_members(spec: RunSpec) -> dict[str, str]:
 
 def member_output(spec: RunSpec, run: RunRef, stage: str, member: str) -> str:
     """Where a member's results live (no trailing slash); aux members live in the shared cache."""
-    if stage == STAGE_PREPARE:
-        return f"{run_prefix(spec, run)}/prepare/{member}"
     if stage == STAGE_AUX:
         name, k = split_aux_member(member)
-        return aux_cache_uri(spec, aux_cache_key(spec, name, k))
-    prefix = run_prefix(spec, run)
-    if stage == STAGE_LP:
-        return f"{prefix}/linear-probe"
-    if stage == STAGE_TARGET:
-        return f"{prefix}/target/{member}"
-    if stage == STAGE_AVERAGE:
-        return f"{prefix}/average"
-    raise ValueError(f"unknown stage {stage!r}")
+        return layout.aux_cache_uri(spec.storage.uri, aux_cache_key(spec, name, k))
+    return layout.stage_output(layout.run_prefix(spec.storage.uri, run), stage, member)
 
 
 def hparam_table(spec: RunSpec) -> dict[str, tuple[str, tuple[str, ...]]]:
@@ -202,7 +182,7 @@ class AuxEntry(NamedTuple):
     k: int
     member: str      # `<name>-<k>`, the aux member
     key: str         # aux_cache_key
-    uri: str         # aux_cache_uri: the entry's prefix in the shared cache
+    uri: str         # layout.aux_cache_uri: the entry's prefix in the shared cache
 
 
 def aux_entries(spec: RunSpec) -> list[AuxEntry]:
@@ -219,7 +199,7 @@ def aux_entries(spec: RunSpec) -> list[AuxEntry]:
 def aux_entry(spec: RunSpec, aux: Auxiliary, k: int) -> AuxEntry:
     """Fine-tuning k of an auxiliary with a dataset."""
     key = aux_cache_key(spec, aux, k)
-    return AuxEntry(aux, k, aux_member(aux.name, k), key, aux_cache_uri(spec, key))
+    return AuxEntry(aux, k, aux_member(aux.name, k), key, layout.aux_cache_uri(spec.storage.uri, key))
 
 
 def job_augmentation(spec: RunSpec) -> _jd.Augmentation:

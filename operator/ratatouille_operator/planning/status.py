@@ -8,11 +8,12 @@ from __future__ import annotations
 import json
 from typing import Any, Collection, Iterable, Mapping, Sequence
 
-from ratatouille_trainer.jobdesc import best_member
+from ratatouille_contract import layout
+from ratatouille_contract.jobdesc import best_member
 
 from ..spec import RunSpec
 from .graph import BLOCKED, DEAD, DONE, FINISHED, RUNNING, Graph, Node
-from .naming import job_name, run_prefix
+from .naming import job_name, member_output
 from .vocabulary import (ACTIVE, AVERAGE_MEMBER, BENIGN_WAITING, FAILED, IN_FLIGHT, MAX_STATUS_JOBS,
                          PENDING, PHASE_AUX, PHASE_AVERAGING, PHASE_FAILED, PHASE_PENDING, PHASE_SUCCEEDED,
                          PHASE_SUSPENDED, PHASE_TARGET, REASON_CREATE_REJECTED, STAGE_AVERAGE, STAGE_TARGET,
@@ -59,7 +60,7 @@ def status(run: RunRef, spec: RunSpec, observed: Observed, now: float, prev: Map
                    "target": stage_counts(graph.targets), "averaging": stage_counts([graph.avg])},
         "jobs": jobs_list(spec, observed, {n.latest.name for n in graph.nodes if n.latest is not None}),
         "attempts": attempts_table(observed.jobs, prev),
-        "storagePrefix": run_prefix(spec, run),
+        "storagePrefix": layout.run_prefix(spec.storage.uri, run),
     }
     if phase == PHASE_SUCCEEDED:
         out["result"] = result(spec, run, observed, graph.succeeded)
@@ -77,7 +78,7 @@ def conditions(run: RunRef, spec: RunSpec, observed: Observed, now: float, prev:
         condition(prev_conds, "Suspended", suspended, "Suspended" if suspended else "NotSuspended",
                   "spec.suspend is true: child Jobs are suspended" if suspended else "", now, gen),
         condition(prev_conds, "Complete", succeeded, "Succeeded" if succeeded else phase,
-                  (f"averaged model at {run_prefix(spec, run)}/average/model.safetensors"
+                  (f"averaged model at {_average_model(spec, run)}"
                    if succeeded else f"{progress} child Jobs finished"), now, gen),
         condition(prev_conds, "Failed", failure is not None,
                   failure[0] if failure else "NoFailure", failure[1] if failure else "", now, gen),
@@ -239,11 +240,15 @@ def jobs_list(spec: RunSpec, observed: Observed, latest_names: set[str]) -> list
         out.append(entry)
     return out
 
+def _average_model(spec: RunSpec, run: RunRef) -> str:
+    return layout.model_uri(member_output(spec, run, STAGE_AVERAGE, AVERAGE_MEMBER))
+
+
 def result(spec: RunSpec, run: RunRef, observed: Observed, succeeded: Sequence[int]) -> dict:
     """status.result: the averaged model, how many members it has, its accuracies, the best
     single member and the diagnostics."""
     metrics = observed.member_metrics.get(f"{STAGE_AVERAGE}/{AVERAGE_MEMBER}") or {}
-    out: dict[str, Any] = {"model": f"{run_prefix(spec, run)}/average/model.safetensors",
+    out: dict[str, Any] = {"model": _average_model(spec, run),
                            "selection": str(metrics.get("selection") or spec.selection),
                            "members": _member_count(spec, metrics, succeeded)}
     if metrics.get("sha256"):

@@ -1,7 +1,7 @@
 """The planner's vocabulary: stages, Job states, phases, labels, failure reasons, the planner's
 inputs (`RunRef`, `ObservedJob`, `Observed`) and outputs (`CreateJob`, `DeleteJob`, `SetSuspend`,
 `Event`, `Plan`), and the small formatting helpers every step shares (RFC 3339 time, status
-numbers, short messages, graph order). Pure: standard library and the trainer's `jobdesc`.
+numbers, short messages, graph order). Pure: standard library and the contract's `jobdesc`.
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Mapping
 
-from ratatouille_trainer import jobdesc as _jd
+from ratatouille_contract import jobdesc as _jd
 
 # -- vocabulary ----------------------------------------------------------------------------
 STAGE_PREPARE = "prepare"
