@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 TEXT_SUFFIXES = {".py", ".md", ".yaml", ".yml", ".toml", ".sh", ".txt", ".tpl", ".cfg", ".ini", ".env"}
 TEXT_NAMES = {"Makefile", "Dockerfile"}
-#: ``.md`` names the product writes into storage; they are outputs, not documents.
-ARTIFACTS = {"model-card.md"}
+#: ``.md`` names the product (or a benchmark) writes as output; they are not documents.
+ARTIFACTS = {"model-card.md", "v2-pilot.md"}
 
 SELF = "tests/test_docs.py"  # it writes example citations on purpose
 CITATION = re.compile(r"(?<![\w/.~$<>*{}-])((?:\.\.?/)*(?:[\w.-]+/)*[\w.-]+\.md)\b")
