@@ -19,11 +19,13 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # Prometheus (promtool too) for the observability tests; openssl for the test cluster's PKI;
-# podman, runc and debootstrap to build and run the images (scripts/images/build.sh).
+# podman, runc and debootstrap to build and run the images (scripts/images/build.sh); the fonts
+# the domainbed_mini v2 benchmark renders its auxiliaries from, for its mechanics test.
 system-deps:
 	@for tool in prometheus openssl podman runc debootstrap; do command -v $$tool >/dev/null || missing=1; done; \
 	  [ -z "$$missing" ] || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 	    prometheus openssl podman runc debootstrap >/dev/null; }
+	@dpkg -s fonts-noto-core fonts-bwht >/dev/null 2>&1 || sh benchmarks/domainbed_mini/setup-v2.sh >/dev/null
 
 # The upstream control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler,
 # kubectl), Helm and Kueue, built from their Go modules (scripts/k8s/versions.env) once per

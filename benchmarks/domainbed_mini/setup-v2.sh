@@ -1,7 +1,7 @@
 #!/bin/sh
 # The Debian font packages that benchmarks/domainbed_mini v2 renders its related auxiliaries from
 # (data_v2.FONT_PACKAGES; none of their files is among the foundation's pretraining fonts). Run as root
-# once per machine before `run.py --config v2*`; the project's own install does not include them.
+# once per machine before `run.py --config v2*` (`make system-deps`, which `make test` runs, does it too).
 set -eu
 apt-get update -qq
 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
