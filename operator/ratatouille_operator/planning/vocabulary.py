@@ -12,11 +12,8 @@ from typing import Any, Mapping
 from ratatouille_contract import jobdesc as _jd
 
 # -- vocabulary ----------------------------------------------------------------------------
-STAGE_PREPARE = "prepare"
-STAGE_AUX = "aux"
-STAGE_LP = "linear-probe"
-STAGE_TARGET = "target"
-STAGE_AVERAGE = "average"
+# The stage names are the job description's (one source); here they get the planner's names.
+STAGE_PREPARE, STAGE_AUX, STAGE_LP, STAGE_TARGET, STAGE_AVERAGE = _jd.STAGES
 STAGES = (STAGE_PREPARE, STAGE_LP, STAGE_AUX, STAGE_TARGET, STAGE_AVERAGE)  # graph (creation) order
 SHORT = {STAGE_PREPARE: "prep", STAGE_AUX: "aux", STAGE_LP: "lp", STAGE_TARGET: "target",
          STAGE_AVERAGE: "avg"}
