@@ -195,6 +195,8 @@ def test_second_run_reuses_the_auxiliary_cache_until_its_data_changes(world, tmp
     second["metadata"]["name"] = "third"
     out = ratatouille("run", write_manifest(tmp_path / "c.yaml", second), "--workdir", tmp_path / "w3", check=True).stdout
     assert "started  aux/shapes-0" in out and "Succeeded" in out
+    retrained = [ln for ln in out.splitlines() if "AuxiliaryRetrained: aux/shapes-0" in ln]
+    assert len(retrained) == 1 and "changed since it was trained" in retrained[0], out
 
 
 @pytest.mark.slow

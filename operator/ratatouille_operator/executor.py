@@ -57,13 +57,15 @@ class LocalJob:
     start_time: float | None = None
     finish_time: float | None = None
     reason: str | None = None
+    message: str | None = None  # why a finished auxiliary entry was trained again (its trainer says)
     proc: subprocess.Popen | None = field(default=None, repr=False)
+    pump: threading.Thread | None = field(default=None, repr=False)
     log_path: str | None = None
 
     def observed(self) -> planner.ObservedJob:
         return planner.ObservedJob(name=self.name, stage=self.stage, member=self.member,
                                    attempt=self.attempt, state=self.state, start_time=self.start_time,
-                                   finish_time=self.finish_time, reason=self.reason,
+                                   finish_time=self.finish_time, reason=self.reason, message=self.message,
                                    held=self.state == "Suspended")  # only the executor suspends
 
     def to_record(self) -> dict:
@@ -311,6 +313,8 @@ class LocalExecutor:
             if rc is None:
                 continue
             job.finish_time = self.clock()
+            if job.pump is not None:
+                job.pump.join(5)  # the process has exited: its last stdout lines (result) are read
             if rc == 0:
                 job.state = "Succeeded"
             else:
@@ -339,12 +343,14 @@ class LocalExecutor:
         job.proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=log,
                                     stdin=subprocess.DEVNULL, text=True, bufsize=1,
                                     preexec_fn=_die_with_parent)
-        threading.Thread(target=self._pump, args=(job, log), daemon=True).start()
+        job.pump = threading.Thread(target=self._pump, args=(job, log), daemon=True)
+        job.pump.start()
         self.jobs[action.name] = job
         self.on_event("started", {"job": job})
 
     def _pump(self, job: LocalJob, log) -> None:
-        """Copy the trainer's stdout to its log, keeping the latest progress event."""
+        """Copy the trainer's stdout to its log, keeping the latest progress event and why a
+        finished result was trained again (its result event says)."""
         assert job.proc is not None and job.proc.stdout is not None
         for line in job.proc.stdout:
             log.write(line)
@@ -356,6 +362,8 @@ class LocalExecutor:
                     continue
                 if isinstance(event, dict) and event.get("event") == "progress":
                     self.on_event("progress", {"job": job, "progress": event})
+                elif isinstance(event, dict) and event.get("event") == "result" and event.get("retrained"):
+                    job.message = str(event["retrained"])
         log.close()
 
     def _signal(self, job: LocalJob, sig: int) -> None:

@@ -298,6 +298,9 @@ class Reconciler:
         self._create_trouble: dict[tuple[str, str], int] = {}
         # (run uid, Job name) of failed Jobs -> (reason, message) read from their pods.
         self._failure_info: dict[tuple[str, str], tuple[str | None, str | None]] = {}
+        # (run uid, Job name) of succeeded auxiliary Jobs -> why their trainer trained a finished
+        # cache entry again (None: it did not), read once per Job (see _retrained).
+        self._retrain_info: dict[tuple[str, str], str | None] = {}
         # Kueue's served Workload API version: None not looked up yet, False not served.
         self._kueue_version: str | bool | None = None
 
@@ -420,6 +423,7 @@ class Reconciler:
                 observed_jobs[o.name] = o
         if prev_status.get("phase") not in planner.TERMINAL_PHASES:
             observed_jobs.update(self._explain(run, jobs, observed_jobs, prev_status, pods, now))
+            observed_jobs.update(self._retrained(run, observed_jobs, prev_status, pods))
         for jname, (t, owner_uid, o) in list(self._recent.items()):
             if jname in observed_jobs or now - t > 60:
                 self._recent.pop(jname, None)
@@ -566,6 +570,35 @@ class Reconciler:
                 self._failure_info.clear()
             self._failure_info[(run.uid, o.name)] = (reason, message)
             out[o.name] = replace(o, reason=reason, message=message)
+        return out
+
+    def _retrained(self, run: planner.RunRef, observed: Mapping[str, planner.ObservedJob], prev_status: Mapping,
+                   run_pods: "_Once") -> dict[str, planner.ObservedJob]:
+        """Succeeded auxiliary Jobs whose trainer trained a finished cache entry again carry why
+        (the termination message's "retrained": the dataset or the foundation changed, or the
+        entry did not verify), for the status and an AuxiliaryRetrained Event. Read once per Job:
+        from the previous status when it shows the Job succeeded already, else from its pod
+        (the one LIST of the run's pods this reconcile may make)."""
+        before = {e.get("name"): e for e in prev_status.get("jobs") or [] if isinstance(e, Mapping)}
+        out = {}
+        for o in observed.values():
+            if o.state != planner.SUCCEEDED or o.stage != planner.STAGE_AUX:
+                continue
+            key = (run.uid, o.name)
+            if key not in self._retrain_info:
+                entry = before.get(o.name) or {}
+                if entry.get("state") == planner.SUCCEEDED:
+                    why = entry.get("message")
+                else:
+                    data, final = self._termination_message(o.name, run_pods)
+                    if data is None and not final:
+                        continue  # the pods could not be listed: look again next time
+                    why = (data or {}).get("retrained")
+                if len(self._retrain_info) > MAX_REMEMBERED:
+                    self._retrain_info.clear()
+                self._retrain_info[key] = str(why) if why else None
+            if self._retrain_info[key]:
+                out[o.name] = replace(o, message=self._retrain_info[key])
         return out
 
     def _run_pods(self, run: planner.RunRef) -> list[dict] | None:

@@ -3,6 +3,8 @@ status says the spec was refused, RFC 3339 time, the best single member, the sta
 the Events of what is new."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from ratatouille_operator.planning import events as E
@@ -105,6 +107,9 @@ def test_stage_counts(jobs, counts):
     assert S.stage_counts(graph_of(jobs).targets) == counts
 
 
+RETRAINED = replace(aux("pacs-0"), message="the dataset s3://d/pacs changed since it was trained (9 -> 10 objects)")
+
+
 @pytest.mark.parametrize("before, now, reasons", [
     (None, job("target", "0", "Failed"), ["AttemptFailed"]),
     ({"state": "Failed"}, job("target", "0", "Failed"), []),                  # not new
@@ -112,7 +117,18 @@ def test_stage_counts(jobs, counts):
     ({"state": "Pending", "reason": "ErrImagePull"},
      job("target", "0", "Pending", reason="ImagePullBackOff"), []),          # one problem, two names
     (None, job("target", "0", "Pending", reason="ContainerCreating"), []),   # only the way to running
+    ({"state": "Active"}, RETRAINED, ["AuxiliaryRetrained"]),                # an aux entry trained again
+    ({"state": "Succeeded", "message": "x"}, RETRAINED, []),                   # not new
+    ({"state": "Active"}, aux("pacs-0"), []),                                  # trained the first time, or a hit
+    ({"state": "Active"}, replace(tgt(0), message="y"), []),                   # only auxiliaries are cached
 ])
 def test_child_events(before, now, reasons):
     prev = {"jobs": [{"name": now.name, **before}]} if before else {}
     assert [e.reason for e in E.child_events(RUN, prev, [now], [])] == reasons
+
+
+def test_a_retrained_auxiliary_says_why_in_its_event_and_the_status():
+    [event] = E.child_events(RUN, {"jobs": [{"name": RETRAINED.name, "state": "Active"}]}, [RETRAINED], [])
+    assert event.type == "Normal" and "aux/pacs-0" in event.message and RETRAINED.message in event.message
+    [entry] = S.jobs_list(SPEC, Observed(jobs=(RETRAINED,)), {RETRAINED.name})
+    assert entry["message"] == RETRAINED.message

@@ -101,6 +101,33 @@ def test_member_metrics_fall_back_to_the_pod_termination_message(k8s, api):
     assert jobs["r-lp-0-a1"]["valAccuracy"] == "0.750"
 
 
+def test_a_retrained_auxiliary_is_an_event_and_a_status_message_once(k8s, api):
+    body = make_run(k8s, runs=2, parallelism=3, aux=[{"name": "shapes", "dataset": "s3://ratatouille/datasets/shapes"},
+                                      {"name": "glyphs", "dataset": "s3://ratatouille/datasets/glyphs"}])
+    rec = reconciler(api)
+    created = rec.reconcile(body).created
+    retrained, hit = "r-aux-shapes-0-a1", "r-aux-glyphs-0-a1"
+    assert {retrained, hit} <= set(created)
+    why = "the dataset s3://ratatouille/datasets/shapes changed since it was trained (4 -> 5 objects)"
+    k8s.finish_job(retrained, message=json.dumps({"stage": "aux", "member": "shapes-0", "retrained": why}))
+    k8s.finish_job(hit)  # a cache hit: the trainer exits at once and says nothing
+    rec.reconcile(k8s.get(RUNS, "default", "r"))
+
+    def seen():
+        jobs = {j["name"]: j for j in k8s.get(RUNS, "default", "r")["status"]["jobs"]}
+        events = [e for e in k8s.list(EVENTS) if e["reason"] == "AuxiliaryRetrained"]
+        return jobs, events
+    jobs, events = seen()
+    assert jobs[retrained]["message"] == why and "message" not in jobs[hit]
+    assert len(events) == 1 and events[0]["type"] == "Normal" and why in events[0]["message"]
+    assert "aux/shapes-0" in events[0]["message"]
+    # Again, and from a restarted operator that remembers nothing: the same status, no second Event.
+    for r in (rec, reconciler(api)):
+        r.reconcile(k8s.get(RUNS, "default", "r"))
+    jobs, events = seen()
+    assert jobs[retrained]["message"] == why and len(events) == 1
+
+
 def test_resync_reconciles_unfinished_runs_and_sets_the_gauges(k8s, api):
     metrics = OperatorMetrics(version="test")
     rec = reconciler(api, metrics)

@@ -29,6 +29,11 @@ def _aux_job(world, out):
                     weights=str(world["fw"]))
 
 
+def _result(proc) -> dict:
+    """The trainer's result event (its last JSON line on stdout)."""
+    return next(json.loads(ln) for ln in reversed(proc.stdout.splitlines()) if ln.startswith('{"event": "result"'))
+
+
 def _add_image(ds: Path) -> None:
     src = next(iter(sorted(ds.glob("d0/*/*.png"))))
     (src.parent / "added.png").write_bytes(src.read_bytes())
@@ -73,10 +78,16 @@ def test_a_trainer_retrains_an_auxiliary_whose_dataset_was_replaced_at_the_same_
     assert again.returncode == 0 and "already complete" in again.stderr  # same content: a hit
 
     _add_image(world["ds"])
-    third = _cli(job)
+    term = tmp_path / "termination-log"
+    term.write_text("")
+    third = _cli(job, {"RATATOUILLE_TERMINATION_LOG": str(term)})
     assert third.returncode == 0, third.stderr
     assert "already complete" not in third.stderr
     assert "changed since it was trained" in third.stderr and str(world["ds"]) in third.stderr
+    # ... and in its result and termination message, which the operator turns into an Event
+    assert "changed since it was trained" in _result(third)["retrained"]
+    assert json.loads(term.read_text())["retrained"] == _result(third)["retrained"]
+    assert "retrained" not in _result(first)
     assert json.loads((out / "inputs.json").read_text())["dataset"]["objects"] == recorded["dataset"]["objects"] + 1
     assert (out / "DONE").exists()
     fourth = _cli(job)

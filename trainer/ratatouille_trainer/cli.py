@@ -69,7 +69,7 @@ def _termination(payload: dict) -> None:
     text = json.dumps(payload, separators=(",", ":"), sort_keys=True, default=str)
     if len(text) > _TERMINATION_MAX:
         slim = {k: payload[k] for k in ("stage", "member", "valAccuracy", "testAccuracy",
-                                         "sha256", "error", "exitCode", "reason") if k in payload}
+                                         "sha256", "error", "exitCode", "reason", "retrained") if k in payload}
         text = json.dumps(slim, separators=(",", ":"), sort_keys=True, default=str)[:_TERMINATION_MAX]
     try:
         with open(path, "w") as f:
@@ -119,6 +119,7 @@ def _run(desc) -> int:
     ident = inputs.of_description(storage, desc)
 
     def problem() -> str | None:
+        """Why a finished result must be redone (None: current and verified, or unfinished)."""
         why = integrity.problem(storage, desc.output)
         if why is None and ident is not None and storage.is_done(desc.output):
             why = inputs.changed(storage, desc.output, ident)
@@ -131,15 +132,19 @@ def _run(desc) -> int:
     except ValueError as e:  # RATATOUILLE_LEASE_TTL / _WAIT
         return _error(str(e), 2)
     with lease:
-        why = problem()
-        if why is not None:
-            integrity.discard(storage, desc.output, why, what=f"{desc.stage} {desc.member}")
+        redone = problem()
+        if redone is not None:
+            integrity.discard(storage, desc.output, redone, what=f"{desc.stage} {desc.member}")
         elif storage.is_done(desc.output):  # finished by the writer we waited for
             return _complete(desc, ", written by another trainer meanwhile")
         if ident is not None:
             inputs.record(storage, desc.output, ident)
         metrics = stages.run_stage(desc, lease=lease)
     summary = stages.summary(metrics)
+    if redone is not None:
+        # Why a finished result was trained again (its inputs changed, or it did not verify):
+        # the operator turns this into an Event of the run, the local executor prints it.
+        summary["retrained"] = redone[:500]
     print(json.dumps({"event": "result", **summary}, default=str), flush=True)
     _termination(summary)
     return 0

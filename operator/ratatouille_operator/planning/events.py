@@ -12,7 +12,8 @@ from typing import Mapping, Sequence
 from ..spec import RunSpec
 from .vocabulary import (AVERAGE_MEMBER, BENIGN_WAITING, FAILED, MAX_STATUS_JOBS, PENDING, PHASE_AUX,
                          PHASE_AVERAGING, PHASE_FAILED, PHASE_PENDING, PHASE_SUCCEEDED, PHASE_SUSPENDED,
-                         PHASE_TARGET, REASON_CREATE_REJECTED, REASON_POD_START_TIMEOUT, STAGE_AVERAGE, Event,
+                         PHASE_TARGET, REASON_AUX_RETRAINED, REASON_CREATE_REJECTED, REASON_POD_START_TIMEOUT, STAGE_AUX,
+                         STAGE_AVERAGE, SUCCEEDED, Event,
                          Observed, ObservedJob, RunRef, fmt_tree, graph_key, short_message, why)
 
 
@@ -26,8 +27,9 @@ def _family(reason: str | None) -> str | None:
 
 
 def child_events(run: RunRef, prev: Mapping, jobs: Sequence[ObservedJob], expired: Sequence[ObservedJob]) -> list[Event]:
-    """Warning Events for what is new since the previous status: a pod that does not start (its
-    waiting reason), an attempt that failed (with the trainer's error), a refused create."""
+    """Events for what is new since the previous status: a pod that does not start (its waiting
+    reason), an attempt that failed (with the trainer's error), a refused create (Warnings); an
+    auxiliary cache entry trained again, and why (Normal)."""
     prev_jobs = {e.get("name"): e for e in prev.get("jobs") or [] if isinstance(e, Mapping)}
     full = len(prev_jobs) >= MAX_STATUS_JOBS
     expired_names = {j.name for j in expired}
@@ -48,6 +50,10 @@ def child_events(run: RunRef, prev: Mapping, jobs: Sequence[ObservedJob], expire
                 events.append(Event("Warning", REASON_POD_START_TIMEOUT, f"{what} failed: {why(j)}"))
             else:
                 events.append(Event("Warning", "AttemptFailed", f"{what} failed: {why(j)}"))
+        elif j.state == SUCCEEDED and j.stage == STAGE_AUX and j.message \
+                and (before is None or before.get("state") != SUCCEEDED):
+            events.append(Event("Normal", REASON_AUX_RETRAINED,
+                                f"{what} trained its cache entry again: {short_message(j.message)}"))
     return events
 
 

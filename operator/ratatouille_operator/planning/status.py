@@ -234,7 +234,7 @@ def jobs_list(spec: RunSpec, observed: Observed, latest_names: set[str]) -> list
                                                           " run: the operator leaves it to them")
         if reason:
             entry["reason"] = reason
-        if message and (j.state == FAILED or reason == "SuspendedExternally"
+        if message and (j.state in (FAILED, SUCCEEDED) or reason == "SuspendedExternally"
                         or (j.state == PENDING and j.reason not in BENIGN_WAITING)):
             entry["message"] = short_message(message)
         out.append(entry)

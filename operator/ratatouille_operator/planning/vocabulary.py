@@ -53,6 +53,8 @@ REASON_AVG_FAILED = "AveragingFailed"
 REASON_DEADLINE = "DeadlineExceeded"
 REASON_POD_START_TIMEOUT = "PodStartTimeout"
 REASON_CREATE_REJECTED = "CreateRejected"
+#: A finished auxiliary cache entry was trained again (its inputs changed, or it did not verify).
+REASON_AUX_RETRAINED = "AuxiliaryRetrained"
 #: Pod waiting reasons that are only the way to running, not a problem.
 BENIGN_WAITING = frozenset({"ContainerCreating", "PodInitializing"})
 #: Messages kept in status (a termination message may be 4 KiB).
@@ -81,7 +83,8 @@ class ObservedJob:
     finish_time: float | None = None
     reason: str | None = None
     #: What went wrong, in words: a failed trainer's error (termination message), the waiting
-    #: message of a pod that does not start, the API server's answer to a refused create.
+    #: message of a pod that does not start, the API server's answer to a refused create; for a
+    #: succeeded auxiliary Job, why its finished cache entry was trained again.
     message: str | None = None
     #: Pending: since when the attempt has had no running pod (its Job started, its latest pod
     #: was created or ended); the podStartTimeoutSeconds clock. None: not known (no timeout).
