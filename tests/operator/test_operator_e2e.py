@@ -453,6 +453,42 @@ def test_runs_in_two_namespaces_are_independent_and_have_their_own_aux_cache(clu
 
 
 # ------------------------------------------------------------------------------------------------
+# the auxiliary cache is keyed by content: new data at the same S3 URI is trained again, and says so
+
+@pytest.mark.slow
+def test_an_auxiliary_dataset_changed_in_s3_is_trained_again_with_an_event(cluster, operator_process, tmp_path):
+    ns = cluster.namespace("retrain")
+    local = write_datasets(tmp_path)
+    target = cluster.upload_dir(local["target"], "datasets/retrain-target")
+    aux = cluster.upload_dir(local["aux"], "datasets/retrain-aux")
+
+    def run(name: str) -> dict:
+        cluster.apply(run_manifest(name, dataset=target, runs=1, include_foundation=False,
+                                   aux=[{"name": "shapes", "dataset": aux}], extra_spec={"seed": 4}), ns)
+        done = cluster.wait_phase(ns, name, ("Succeeded", "Failed"), timeout=240, operator=operator_process)
+        assert done["status"]["phase"] == "Succeeded", done["status"]
+        return done
+
+    def retrained(name: str) -> list[dict]:
+        return [e for e in cluster.events(ns, name) if e["reason"] == "AuxiliaryRetrained"]
+
+    run("before")
+    assert retrained("before") == []  # trained the first time: nothing to explain
+    one = next(p for p in sorted(local["aux"].rglob("*.png")))
+    cluster.upload_file(one, f"datasets/retrain-aux/{one.parent.relative_to(local['aux']).as_posix()}/added.png")
+    after = run("after")  # the same spec: the same cache entry, now of other content
+    [event] = retrained("after")
+    assert event["type"] == "Normal" and "aux/shapes-0" in event["message"]
+    assert f"the dataset {aux} changed since it was trained" in event["message"]
+    entry = next(j for j in after["status"]["jobs"] if j["name"] == "after-aux-shapes-0-a1")
+    assert "changed since it was trained" in entry["message"]
+    [inputs] = [k for k in cluster.s3_keys("runs/cache/aux/") if k.endswith("/inputs.json")
+                and aux in cluster.s3.client().get_object(Bucket=BUCKET, Key=k)["Body"].read().decode()]
+    recorded = json.loads(cluster.s3.client().get_object(Bucket=BUCKET, Key=inputs)["Body"].read())
+    assert recorded["dataset"]["objects"] == sum(p.is_file() for p in local["aux"].rglob("*")) + 1
+
+
+# ------------------------------------------------------------------------------------------------
 # namespaced mode, through `helm upgrade`
 
 def test_helm_upgrade_to_namespaced_mode_rolls_the_operator_and_it_handles_only_its_namespace(
