@@ -28,6 +28,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import jsonschema
 import yaml
 
+from ratatouille_contract.layout import SCHEME
+
 from .schema import apply_defaults, load_crd, load_crd_schema  # noqa: F401  (re-exported)
 from .planning.graph import NO_SOURCE, has_source
 from .spec import API_GROUP, API_VERSION, KIND, RunSpec, SpecError
@@ -57,7 +59,6 @@ MAX_SCHEDULING_BYTES = 32 << 10
 DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
 HTTP_URL = re.compile(r"https?://[^/\s?#]+(/\S*)?")
-_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 _S3_BUCKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
 _CONTROL_OR_SPACE = re.compile(r"[\x00-\x20\x7f]")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -252,7 +253,7 @@ def _check_uri(value: Any, field: str, weights: bool = False) -> None:
     text = str(value)
     if _CONTROL_OR_SPACE.search(text):
         raise SpecError(field, f"must not contain whitespace or control characters, got {_short(text)}")
-    m = _SCHEME.match(text)
+    m = SCHEME.match(text)
     scheme = m.group(1).lower() if m else None
     if scheme is not None and scheme not in ("s3", "file"):
         raise SpecError(field, f"must be an s3:// or file:// URI or a path, got scheme {m.group(1)}://")

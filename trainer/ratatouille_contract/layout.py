@@ -44,7 +44,8 @@ CHECKPOINT_OPTIMIZER = "optimizer.safetensors"
 STAGE_DIRS = {"prepare": "prepare", "linear-probe": "linear-probe", "target": "target", "average": "average"}
 SINGLE_MEMBER_STAGES = ("linear-probe", "average")   # one member: the stage's folder is its output
 
-_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+#: A URI's "<scheme>://" head, the scheme as group 1 (RFC 3986); what has none is a path.
+SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
 class RunLike(Protocol):
@@ -55,7 +56,7 @@ class RunLike(Protocol):
 
 def join(uri: str, *parts: str) -> str:
     """Join key parts onto a URI with single slashes, keeping the URI's own style."""
-    m = _SCHEME.match(uri)
+    m = SCHEME.match(uri)
     head = m.group(0) if m else ""
     rest = uri[len(head):]
     stripped = rest.rstrip("/")

@@ -34,7 +34,6 @@ import http.client
 import json
 import os
 import random
-import re
 import shutil
 import socket
 import tempfile
@@ -45,7 +44,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 from urllib.parse import unquote
 
-from ratatouille_contract.layout import DONE, join
+from ratatouille_contract.layout import DONE, SCHEME, join
 
 __all__ = [
     "NotFound",
@@ -68,9 +67,6 @@ _TMP_PREFIX = ".ratatouille-tmp-"
 SYNC_MANIFEST = ".ratatouille-sync.json"
 
 T = TypeVar("T")
-_SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-
-
 # --------------------------------------------------------------------------------------- errors
 
 
@@ -112,7 +108,7 @@ def split_uri(uri: str) -> tuple[str, str, str]:
         if host not in ("", "localhost"):
             raise StorageError(f"{uri}: file URIs must be local (file:///path)")
         path = unquote("/" + path) if sep else "/"
-    elif _SCHEME_RE.match(uri):
+    elif SCHEME.match(uri):
         raise StorageError(f"{uri}: unsupported scheme (use file://, s3:// or a path)")
     else:
         path = uri
