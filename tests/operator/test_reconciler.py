@@ -39,7 +39,10 @@ def test_first_reconcile_creates_owned_jobs_and_a_repeat_from_a_stale_body_chang
     assert (ref["uid"], ref["controller"], ref["blockOwnerDeletion"]) == (body["metadata"]["uid"], True, True)
     run = k8s.get(RUNS, "default", "r")
     assert run["status"]["observedGeneration"] == 1
-    # The Job is seen (Pending): the phase moves on from Pending, once.
+    # Its (held) pod runs before the next reconcile, so that the Job's state no longer changes
+    # between the reconciles below: a Job turning Active in between is a real status change.
+    k8s.wait_for(lambda: (k8s.get(JOBS, "default", "r-lp-0-a1").get("status") or {}).get("ready") == 1, 60)
+    # The Job is seen: the phase moves on from Pending, once.
     assert rec.reconcile(k8s.get(RUNS, "default", "r")).phase == "Auxiliary"
     events = run_events(k8s)
     assert events == ["Accepted", "AuxiliaryStage"]
