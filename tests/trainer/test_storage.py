@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 
@@ -158,6 +159,38 @@ def test_upload_download_multipart(store, tmp_path):
     assert s.download(uri, dst) == str(dst)
     assert dst.read_bytes() == data
     assert not [p for p in dst.parent.iterdir() if p.name != "copy.bin"], "no temp files left"
+
+
+def test_sync_saves_its_manifest_by_time_not_per_object_count(store, tmp_path, monkeypatch):
+    """The manifest is rewritten whole: saving it every k objects made a 100,000-image sync
+    quadratic (gigabytes of JSON written and fsynced). Progress is saved every
+    SYNC_PROGRESS_EVERY_S seconds, and a sync stopped part way keeps what it saved."""
+    s, root = store
+    if not root.startswith("s3://"):
+        pytest.skip("a local dataset is used in place: nothing is synced")
+    prefix = join(root, "datasets", "many")
+    for i in range(120):
+        s.write_bytes(join(prefix, f"c/{i:03d}.png"), bytes([i]) * 10)
+    writes = []
+    real = st._write_manifest
+    monkeypatch.setattr(st, "_write_manifest", lambda *a: (writes.append(len(a[2])), real(*a)))
+    s.sync_to_local(prefix, tmp_path / "a")
+    assert writes == [120]  # once, at the end (the old code: at 50, 100 and the end)
+
+    writes.clear()
+    monkeypatch.setattr(st, "SYNC_PROGRESS_EVERY_S", 0.0)  # save after every copy
+    download, copies = s._download, []
+
+    def fail_at_the_fifth(uri, local):
+        if len(copies) == 4:
+            raise st.StorageError("connection lost")
+        copies.append(uri)
+        return download(uri, local)
+    monkeypatch.setattr(s, "_download", fail_at_the_fifth)
+    with pytest.raises(st.StorageError):
+        s.sync_to_local(prefix, tmp_path / "b")
+    saved = json.loads((tmp_path / "b" / st.SYNC_MANIFEST).read_text())["objects"]
+    assert sorted(saved) == ["c/000.png", "c/001.png", "c/002.png", "c/003.png"]
 
 
 def test_sync_to_local_skips_unchanged(store, tmp_path):

@@ -65,6 +65,8 @@ DEFAULT_MULTIPART_CHUNKSIZE = 8 * MiB
 _CHUNK = 1 * MiB
 _TMP_PREFIX = ".ratatouille-tmp-"
 SYNC_MANIFEST = ".ratatouille-sync.json"
+#: Seconds between the progress saves of a sync's manifest (an interrupted sync resumes from the last).
+SYNC_PROGRESS_EVERY_S = 10.0
 
 T = TypeVar("T")
 # --------------------------------------------------------------------------------------- errors
@@ -1096,6 +1098,7 @@ class S3Storage(Storage):
             except (OSError, ValueError):
                 manifest = {}  # a damaged manifest only costs a re-download
         copied = skipped = 0
+        saved = time.monotonic()
         for rel, size, etag in entries:
             local = os.path.join(local_dir, _safe_relpath(rel, join(prefix_uri, rel)))
             recorded = manifest.get(rel) or {}
@@ -1106,8 +1109,11 @@ class S3Storage(Storage):
                 self._download(join(prefix_uri, rel), _ensure_parent(local))
                 copied += 1
             manifest[rel] = {"size": size, "etag": etag}
-            if copied and copied % 50 == 0:  # keep progress across an interrupted sync
+            if copied and time.monotonic() - saved >= SYNC_PROGRESS_EVERY_S:
+                # Keep progress across an interrupted sync, now and then: the manifest is
+                # rewritten whole, so writing it every k objects would make the sync quadratic.
                 _write_manifest(manifest_path, prefix_uri, manifest)
+                saved = time.monotonic()
         # Objects deleted upstream go locally too: the copy mirrors the prefix, no more.
         wanted = {rel for rel, _, _ in entries}
         for rel in [r for r in manifest if r not in wanted]:
