@@ -1,7 +1,7 @@
 """Prepared datasets vs per-Job decoding, side by side in one run (issue 14's figures).
 
     .venv/bin/python benchmarks/bench_prepared.py --images 100000 [--size 32] [--bounded-images 5000]
-        [--out results/prepared.json]
+        [--rounds 5] [--skip-decode] [--out results/prepared.json]
 
 A generated DomainBed-layout dataset of ``--images`` small PNGs (4 domains x 10 classes) in a
 local S3 (moto). Each "Job" is a fresh worker process with an empty local cache, as a new pod:
@@ -13,7 +13,8 @@ Then peak RSS of a worker streaming 30 batches from a prepared dataset above its
 at 1x and 4x the images (``--bounded-images``, default ``--images``: the 4x dataset is generated
 and prepared too, so at 100,000 images that part alone is 400,000 more; with a quarter of
 ``--images``, the dataset above is the 4x one); and data steps per second,
-TrainStream (in memory) vs WindowStream. With ``--out``, the figures measured so far are written
+TrainStream (in memory) vs WindowStream, ``--rounds`` times in ABBA order (medians reported);
+``--skip-decode`` measures only this bounded part. With ``--out``, the figures measured so far are written
 after every phase (``"partial"`` names the last phase done), so a run stopped for time keeps them.
 """
 from __future__ import annotations
@@ -101,11 +102,56 @@ print(json.dumps({"toFirstStep": (t_steps - t1) + (t_end - t_steps) / steps, "lo
 '''
 
 
+def first_step_part(results: dict, job, data: str, cache: str, done) -> str:
+    """Today's per-Job decode against a second Job on the prepared entry; returns the entry."""
+    decode, decode_rss = job("decode", data)
+    results["decodeJob"] = {**decode, "peakRss": decode_rss}
+    done("decode Job")
+    prep, _ = job("prepare", data, 0, 1, cache)
+    entry = prep["info"]["entry"]
+    results["prepareJob"] = {"seconds": prep["seconds"], "requests": prep["requests"],
+                             "shards": prep["info"]["shards"]}
+    done("prepare Job")
+    second, second_rss = job("prepared", entry)
+    results["preparedJob"] = {**second, "peakRss": second_rss}
+    results["firstStepSpeedup"] = decode["toFirstStep"] / second["toFirstStep"]
+    done("prepared Job")
+    return entry
+
+
+def bounded_part(job, small_entry: str, big_entry: str, budget: int, rounds: int) -> dict:
+    """Peak RSS streaming 200 batches at 1x and 4x above the budget, and data steps per second
+    streamed vs in memory at 1x: ``rounds`` pairs in ABBA order (the machine's load drifts, and
+    the later of two back-to-back runs was often the faster), medians and per-round ratios."""
+    import statistics
+
+    x1, x4, mem = [], [], []
+    for r in range(rounds):
+        pair = [("x1", small_entry, budget, x1), ("mem", small_entry, 8 << 30, mem)]
+        for _, entry, b, into in (pair if r % 2 == 0 else pair[::-1]):
+            fig, rss = job("prepared", entry, b, 200)
+            into.append({**fig, "peakRss": rss})
+        fig, rss = job("prepared", big_entry, budget, 200)
+        x4.append({**fig, "peakRss": rss})
+
+    def med(xs: list[dict], key: str) -> float:
+        return statistics.median(x[key] for x in xs)
+    return {"budget": budget, "rounds": rounds, "x1": x1, "x4": x4, "inMemory": mem,
+            "rssRatio": med(x4, "peakRss") / med(x1, "peakRss"),
+            "stepsPerSecondRatio": med(x1, "stepsPerSecond") / med(mem, "stepsPerSecond"),
+            "stepsPerSecondRatioPerRound": [a["stepsPerSecond"] / b["stepsPerSecond"] for a, b in zip(x1, mem)],
+            "x4StepsPerSecondRatio": med(x4, "stepsPerSecond") / med(mem, "stepsPerSecond")}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=100_000)
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--bounded-images", type=int, help="images of the 1x dataset of the RSS-flat part")
+    ap.add_argument("--rounds", type=int, default=1, help="streamed / in-memory pairs of the steps-per-second "
+                    "part, in alternating order (ABBA); medians are reported")
+    ap.add_argument("--skip-decode", action="store_true", help="only the bounded part (RSS flat, steps per "
+                    "second): no per-Job decode and no second-Job comparison")
     ap.add_argument("--out")
     args = ap.parse_args()
     bounded_images = args.bounded_images or args.images
@@ -144,18 +190,10 @@ def main() -> int:
 
         data = "s3://bench/small"
         cache = "s3://bench/cache/data"
-        decode, decode_rss = job("decode", data)
-        results["decodeJob"] = {**decode, "peakRss": decode_rss}
-        done("decode Job")
-        prep, _ = job("prepare", data, 0, 1, cache)
-        entry = prep["info"]["entry"]
-        results["prepareJob"] = {"seconds": prep["seconds"], "requests": prep["requests"],
-                                 "shards": prep["info"]["shards"]}
-        done("prepare Job")
-        second, second_rss = job("prepared", entry)
-        results["preparedJob"] = {**second, "peakRss": second_rss}
-        results["firstStepSpeedup"] = decode["toFirstStep"] / second["toFirstStep"]
-        done("prepared Job")
+        if args.skip_decode:
+            entry = job("prepare", data, 0, 1, cache)[0]["info"]["entry"]
+        else:
+            entry = first_step_part(results, job, data, cache, done)
         # RSS flat above the budget: 1x and 4x the images (the larger one is the small one 4 times)
         row = 3 * args.size * args.size
         budget = max(1 << 20, int(bounded_images * 0.75 * row / 4))   # the 1x training split is 4x the budget
@@ -170,12 +208,7 @@ def main() -> int:
             generate(ep, "bench", "large", 4 * bounded_images, args.size)
             big_entry = job("prepare", "s3://bench/large", 0, 1, cache)[0]["info"]["entry"]
         done("1x and 4x datasets prepared")
-        s1, rss1 = job("prepared", small_entry, budget, 200)
-        s4, rss4 = job("prepared", big_entry, budget, 200)
-        mem_ref, rss_mem = job("prepared", small_entry, 8 << 30, 200)
-        results["bounded"] = {"budget": budget, "x1": {**s1, "peakRss": rss1}, "x4": {**s4, "peakRss": rss4},
-                              "rssRatio": rss4 / rss1, "inMemory": {**mem_ref, "peakRss": rss_mem},
-                              "stepsPerSecondRatio": s1["stepsPerSecond"] / mem_ref["stepsPerSecond"]}
+        results["bounded"] = bounded_part(job, small_entry, big_entry, budget, args.rounds)
         results.pop("partial", None)
     results["machineAfter"] = machine()
     print(describe_machine(m))

@@ -133,6 +133,24 @@ def test_above_the_budget_batches_stream_through_bounded_windows(ds, tmp_path):
     stream.close(), resumed.close()
 
 
+def test_lazy_rows_across_shards_in_any_order_and_a_short_shard_is_an_error(ds, tmp_path):
+    store = open_storage(str(tmp_path / "store"))
+    row = 3 * INPUT * INPUT
+    info = prepare_dataset(str(ds), INPUT, str(tmp_path / "cache"), storage=store, shard_bytes=5 * row)
+    ref = load_prepared(info["entry"], test_domains=("d2",), storage=store)
+    got = load_prepared(info["entry"], test_domains=("d2",), storage=store, budget=1)
+    for d_ref, d_got in zip(ref.domains, got.domains):
+        assert len(d_got.images.chunks) > 2                     # the domain spans several shards
+        rows = np.random.RandomState(0).permutation(len(d_ref.images))[:len(d_ref.images) - 1]
+        rows = np.concatenate([rows, rows[:3]])                 # repeats, across shards, unordered
+        assert torch.equal(torch.from_numpy(d_got.images.read_rows(rows)), d_ref.images[torch.from_numpy(rows)])
+    lazy = got.domains[0].images
+    last = lazy.chunks[-1][0]
+    os.truncate(last, os.path.getsize(last) - 1)
+    with pytest.raises(Exception, match="shorter than its index"):
+        lazy.read_rows(np.array([len(lazy) - 1]))
+
+
 def test_parse_bytes():
     assert parse_bytes("8Gi") == 8 << 30 and parse_bytes("512Mi") == 512 << 20
     assert parse_bytes("2G") == 2_000_000_000 and parse_bytes("1000") == 1000
