@@ -113,6 +113,51 @@ def test_prefetched_batches_and_checkpoint_state_equal_the_plain_ones():
     assert torch.equal(x, got[4][0]) and torch.equal(y, got[4][1])
 
 
+def test_launched_ahead_batches_and_checkpoint_state_equal_the_plain_ones(tmp_path, monkeypatch):
+    """CUDA's launch-ahead (here on the CPU: the same bookkeeping): batch s+1 made right after
+    step s's backward gives the plain batches, the state a checkpoint takes between steps is the
+    one before the batch already made, and whole trainings (with a resume from a checkpoint
+    taken while a batch was made ahead) end with the same model."""
+    import pytest
+    from ratatouille_trainer.models import build_network, freeze_bn
+    from ratatouille_trainer.storage import open_storage
+    from ratatouille_trainer.training import Checkpointer, Evaluator, Phase, SimulatedCrash, train
+
+    plain = DeviceContext(device=torch.device("cpu"))
+    ahead = DeviceContext(device=torch.device("cpu"), launch_ahead=True)
+    assert select_device({"RATATOUILLE_DEVICE": "cpu"}).launch_ahead is False   # CUDA only
+    ds = _dataset()
+    src = BatchSource(D.TrainStream(ds, 4, seed=3), ahead, 6)
+    got, state = [], None
+    for i in range(6):
+        if i == 4:
+            state = src.state()
+        got.append(src.next())
+        src.launch_next()
+        assert (src._ready is not None) == (i < 5)          # nothing made past the last step
+    ref, ref_state, _, _ = _batches(plain, 6, take_state_at=4)
+    assert all(torch.equal(x, rx) and torch.equal(y, ry) for (x, y), (rx, ry) in zip(got, ref))
+    assert state == ref_state
+
+    def run(ctx, steps, ckpt=None):
+        torch.manual_seed(0)
+        net = freeze_bn(build_network("test_resnet", 4, 0.1, 16))
+        return train(net, D.TrainStream(ds, 4, 1), Evaluator(ds.validation_sets(), ctx), steps=steps,
+                     eval_every=2, phases=[Phase(0, "head", 1e-3, 0.0), Phase(2, "all", 1e-4, 0.0)],
+                     ctx=ctx, keep="last", seed=1, checkpointer=ckpt)
+
+    want = run(plain, 6).state
+    assert all(torch.equal(want[k], v) for k, v in run(ahead, 6).state.items())
+    store = open_storage(str(tmp_path))
+    monkeypatch.setenv("RATATOUILLE_ABORT_AT_STEP", "3")   # stops after step 2's checkpoint, taken
+    with pytest.raises(SimulatedCrash):                    # with step 3's batch already made
+        run(ahead, 6, Checkpointer(store, str(tmp_path / "ck"), "fp"))
+    monkeypatch.delenv("RATATOUILLE_ABORT_AT_STEP")
+    resumed = run(ahead, 6, Checkpointer(store, str(tmp_path / "ck"), "fp"))
+    assert resumed.resumed_from == 2
+    assert all(torch.equal(want[k], v) for k, v in resumed.state.items())
+
+
 def test_train_with_prefetch_matches_train_without(tmp_path):
     """Whole loop in a one-thread process: prefetching on and off give the same model."""
     code = textwrap.dedent("""

@@ -40,6 +40,9 @@ class DeviceContext:
     data_threads: int | None = None
     # CPU with one intra-op thread: make the next batch in a background thread (another core)
     prefetch: bool = False
+    # CUDA: launch the next batch's sampling and augmentation after the step's backward and
+    # before waiting for its loss, so the CPU's work for it overlaps the GPU's for the step
+    launch_ahead: bool = False
 
     @property
     def is_cuda(self) -> bool:
@@ -167,4 +170,5 @@ def select_device(env: dict | None = None) -> DeviceContext:
         pin_memory=True,
         non_blocking=True,
         compile=env.get("RATATOUILLE_COMPILE", "") in ("1", "true", "yes"),
+        launch_ahead=env.get("RATATOUILLE_PREFETCH", "1").lower() not in ("0", "false", "no"),
     )
