@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import PY, S3_ENV, MotoServer, bench_env, describe_machine, emit, machine, run_child  # noqa: E402
+from benchmarks.common import PY, S3_ENV, MotoServer, bench_env, finish, machine, run_child  # noqa: E402
 
 DOMAINS, CLASSES = 4, 10
 
@@ -210,10 +210,7 @@ def main() -> int:
         done("1x and 4x datasets prepared")
         results["bounded"] = bounded_part(job, small_entry, big_entry, budget, args.rounds)
         results.pop("partial", None)
-    results["machineAfter"] = machine()
-    print(describe_machine(m))
-    emit("bench_prepared", results, args.out)
-    return 0
+    return finish("bench_prepared", results, m, args.out)
 
 
 if __name__ == "__main__":

@@ -149,3 +149,11 @@ def emit(title: str, payload: dict, out: str | None) -> None:
     if out:
         Path(out).write_text(json.dumps(payload, indent=2, default=str) + "\n")
         print(f"{title}: figures written to {out}")
+
+
+def finish(title: str, payload: dict, before: dict, out: str | None) -> int:
+    """Close a benchmark: the machine's state now beside its state at the start, then emit."""
+    payload["machineAfter"] = machine()
+    print(describe_machine(before))
+    emit(title, payload, out)
+    return 0
