@@ -222,6 +222,7 @@ def test_sync_fetches_small_objects_in_one_request_each(store, tmp_path, monkeyp
     assert stats.copied == 40
     assert sorted(set(calls)) == ["GetObject", "ListObjectsV2"] and calls.count("GetObject") == 40
     assert all((tmp_path / "a" / f"d/c/{i:02d}.png").read_bytes() == bytes([i]) * (100 + i) for i in range(40))
+    assert (os.stat(tmp_path / "a" / "d/c/00.png").st_mode & 0o777) == st.new_file_mode()  # not mkstemp's 0600
     listed = s.entries(prefix)
     s.write_bytes(join(prefix, "d/c/07.png"), b"x" * 107)      # same size, other content
     with pytest.raises(StorageError, match="07.png") as err:

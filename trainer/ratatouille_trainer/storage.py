@@ -393,7 +393,9 @@ def new_file_mode() -> int:
     return 0o666 & ~mask
 
 
-def atomic_write(path: str, write: Callable[[Any], None]) -> None:
+def atomic_write(path: str, write: Callable[[Any], None], *, durable: bool = True) -> None:
+    """Write ``path`` through a temporary file renamed into place (with the umask's mode);
+    ``durable=False`` skips the fsync, for local copies that a later sync can fetch again."""
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=directory)
@@ -401,8 +403,9 @@ def atomic_write(path: str, write: Callable[[Any], None]) -> None:
         with os.fdopen(fd, "wb") as fh:
             os.fchmod(fh.fileno(), new_file_mode())  # mkstemp made it 0600: honour the umask
             write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -1180,14 +1183,7 @@ class S3Storage(Storage):
                 data = body.read()
             if len(data) != size:
                 raise _Truncated(f"read {len(data)} of the {size} bytes listed")
-            fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=os.path.dirname(os.path.abspath(local_path)))
-            try:
-                with os.fdopen(fd, "wb") as fh:
-                    fh.write(data)
-                os.replace(tmp, local_path)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            atomic_write(local_path, lambda fh: fh.write(data), durable=False)
         self._call("download", uri, get)
 
 
