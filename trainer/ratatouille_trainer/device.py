@@ -149,6 +149,7 @@ def select_device(env: dict | None = None) -> DeviceContext:
             f"device (torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}, "
             f"CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', 'unset')}); refusing to train on the CPU")
     use_cuda = torch.cuda.is_available() and want in ("auto", "cuda", "gpu")
+    prefetch = env.get("RATATOUILLE_PREFETCH", "1").lower() not in ("0", "false", "no")
     if not use_cuda:
         if "OMP_NUM_THREADS" not in env:  # an explicit setting wins over the quota
             apply_cpu_quota()
@@ -157,7 +158,6 @@ def select_device(env: dict | None = None) -> DeviceContext:
             threads = max(1, int(raw)) if raw else None
         except ValueError:
             threads = 1
-        prefetch = env.get("RATATOUILLE_PREFETCH", "1").lower() not in ("0", "false", "no")
         return DeviceContext(device=torch.device("cpu"), data_threads=threads, prefetch=prefetch)
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -170,5 +170,5 @@ def select_device(env: dict | None = None) -> DeviceContext:
         pin_memory=True,
         non_blocking=True,
         compile=env.get("RATATOUILLE_COMPILE", "") in ("1", "true", "yes"),
-        launch_ahead=env.get("RATATOUILLE_PREFETCH", "1").lower() not in ("0", "false", "no"),
+        launch_ahead=prefetch,
     )

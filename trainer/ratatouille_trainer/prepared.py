@@ -23,8 +23,8 @@ Reading (:func:`load_prepared`): the shards are copied once to the pod's local d
 checked against the sha256 that ``DONE`` records) and memory-mapped. When the training domains'
 in-splits fit in the memory budget (``data.memoryBudget``, ``RATATOUILLE_MEMORY_BUDGET``,
 default 8 GiB), the dataset is used exactly like the in-memory one. Above it, images are read on
-demand from short-lived mappings of the shards (evaluation in slices, training from :class:`WindowStream`), so memory
-stays bounded by the budget whatever the dataset's size.
+demand from short-lived mappings of the shards (evaluation in slices, training from
+:class:`WindowStream`), so memory stays bounded by the budget whatever the dataset's size.
 
 Nothing here unpickles: shards are raw bytes, labels a plain integer array, the index JSON.
 """
@@ -261,7 +261,7 @@ class LazyImages:
         self.chunks = list(chunks)          # (path, rows) in order
         self.row_shape = tuple(shape)
         self.row_bytes = int(np.prod(shape))
-        self.starts = np.cumsum([0] + [n for _, n in self.chunks])[:-1].tolist()
+        self.starts = np.cumsum([0] + [n for _, n in self.chunks], dtype=np.int64)[:-1]
         total = sum(n for _, n in self.chunks)
         self.idx = np.arange(total, dtype=np.int64) if idx is None else np.asarray(idx, dtype=np.int64)
 
@@ -282,7 +282,7 @@ class LazyImages:
         window refill several milliseconds of the training thread's GIL)."""
         rows = np.asarray(rows, dtype=np.int64)
         out = np.empty((len(rows),) + self.row_shape, dtype=np.uint8)
-        chunk_of = np.searchsorted(np.asarray(self.starts, dtype=np.int64), rows, side="right") - 1
+        chunk_of = np.searchsorted(self.starts, rows, side="right") - 1
         for c in np.unique(chunk_of).tolist():
             where = np.flatnonzero(chunk_of == c)
             local = rows[where] - self.starts[c]

@@ -435,13 +435,12 @@ class BatchSource:
         self.stream = stream
         self.ctx = ctx
         self.horizontal_flip = bool(horizontal_flip)
-        self.remaining = int(remaining)
         self.wait_seconds = 0.0
         self._pool = None
         self._pending = None
         self._ready = None                  # launch-ahead: (state before it, x, y)
-        self._left = self.remaining         # batches next() has still to give
-        if (ctx.prefetch and not ctx.is_cuda and self.remaining > 0
+        self._left = int(remaining)         # batches next() has still to give
+        if (ctx.prefetch and not ctx.is_cuda and self._left > 0
                 and torch.get_num_threads() == 1):
             from concurrent.futures import ThreadPoolExecutor
 
@@ -475,8 +474,7 @@ class BatchSource:
             _, x, y = self._make(False)
         else:
             _, x, y = self._pending.result()
-            self.remaining -= 1
-            self._pending = self._pool.submit(self._make, True) if self.remaining > 0 else None
+            self._pending = self._pool.submit(self._make, True) if self._left > 0 else None
         self.wait_seconds += time.perf_counter() - t0
         return x, y
 
