@@ -489,6 +489,56 @@ def test_an_auxiliary_dataset_changed_in_s3_is_trained_again_with_an_event(clust
 
 
 # ------------------------------------------------------------------------------------------------
+# dataPreparation: a prepare Job (real trainer, moto S3) decodes the target once; the next run reuses it
+
+@pytest.mark.slow
+def test_a_prepared_dataset_is_a_job_of_the_graph_and_the_next_run_reuses_its_entry(
+        cluster, operator_process, tmp_path):
+    ns = cluster.namespace("prep")
+    local = write_datasets(tmp_path)
+    target = cluster.upload_dir(local["target"], "datasets/prep-target")
+
+    def run(name: str, seed: int) -> tuple[dict, dict, dict]:
+        cluster.apply(run_manifest(name, dataset=target, runs=1, extra_spec={
+            "seed": seed, "dataPreparation": {"enabled": True}}), ns)
+        done = cluster.wait_phase(ns, name, ("Succeeded", "Failed"), timeout=240, operator=operator_process)
+        assert done["status"]["phase"] == "Succeeded", done["status"]
+        [prep] = [j for j in done["status"]["jobs"] if j["stage"] == "prepare"]
+        assert prep["member"] == "target" and prep["state"] == "Succeeded", prep
+
+        def read(suffix: str) -> dict:
+            [key] = [k for k in cluster.s3_keys(f"runs/{ns}/{name}/") if k.endswith(suffix)]
+            return json.loads(cluster.s3.client().get_object(Bucket=BUCKET, Key=key)["Body"].read())
+        return read("/prepare/target/metrics.json"), read("/target/0/metrics.json"), done
+
+    first, first_member, _ = run("first", 1)
+    second, second_member, _ = run("second", 2)
+    assert first["reused"] is False and second["reused"] is True     # decoded once, then reused
+    entry = first["prepared"]["entry"]
+    assert second["prepared"]["entry"] == entry and entry.startswith(f"s3://{BUCKET}/runs/cache/data/")
+    # the one entry, complete, and the members of both runs trained from it (their lineage says so)
+    assert {k.split("/")[3] for k in cluster.s3_keys("runs/cache/data/")} == {entry.rstrip("/").rsplit("/", 1)[1]}
+    assert f"{entry.split(BUCKET + '/', 1)[1].rstrip('/')}/DONE" in cluster.s3_keys("runs/cache/data/")
+    assert first_member["preparedData"]["entry"] == second_member["preparedData"]["entry"] == entry
+
+
+@pytest.mark.slow
+def test_a_prepare_job_that_fails_fails_the_run_with_its_reason(cluster, operator_process):
+    ns = cluster.namespace("prep-bad")
+    missing = f"s3://{BUCKET}/datasets/prep-nothing-here"
+    cluster.apply(run_manifest("nodata", dataset=missing, runs=1, max_attempts=1, extra_spec={
+        "dataPreparation": {"enabled": True}}), ns)
+    done = cluster.wait_phase(ns, "nodata", ("Succeeded", "Failed"), timeout=180, operator=operator_process)
+    status = done["status"]
+    assert status["phase"] == "Failed", status
+    [prep] = [j for j in status["jobs"] if j["stage"] == "prepare"]
+    assert prep["state"] == "Failed" and missing in prep.get("message", ""), prep
+    assert not [j for j in status["jobs"] if j["stage"] == "target"]   # nothing read the missing data
+    warnings = [e for e in cluster.events(ns, "nodata") if e["type"] == "Warning"]
+    assert any(missing in e["message"] for e in warnings), warnings
+
+
+# ------------------------------------------------------------------------------------------------
 # namespaced mode, through `helm upgrade`
 
 def test_helm_upgrade_to_namespaced_mode_rolls_the_operator_and_it_handles_only_its_namespace(
